@@ -1,0 +1,119 @@
+"""RAR's reward: how well generated attributes make a query retrieve its own product.
+
+For each generated text: parse it strictly (unparseable -> ``invalid_reward``), append the
+attributes to the query's title, embed that text with the frozen text tower, fuse with the
+query's image features through the frozen Stage-1 head, search the gallery exactly (the
+query's own listing excluded) and score the fraction of the query's positives in the top k
+(method.md: Recall@50).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..attributes.format import listing_text, parse_attributes
+from ..encoders.dual_tower import DualTowerHead
+from ..encoders.towers import TextFeaturizer
+from .metrics import top_indices
+
+
+class RetrievalReward:
+    """``reward_fn(query_indices, texts) -> float32 [Q, G]`` for GRPO; ``texts[q][g]`` is raw generated text."""
+
+    def __init__(
+        self,
+        head: DualTowerHead,
+        text_featurizer: TextFeaturizer,
+        query_titles: list[str],
+        query_image: np.ndarray,
+        query_image_mask: np.ndarray,
+        query_product_ids: Sequence[str],
+        query_listing_ids: Sequence[str],
+        gallery_embeddings: np.ndarray,
+        gallery_product_ids: Sequence[str],
+        gallery_listing_ids: Sequence[str],
+        k: int = 50,
+        invalid_reward: float = -0.1,
+        vocabulary: set[str] | None = None,
+    ):
+        n = len(query_titles)
+        if not (len(query_image) == len(query_image_mask) == len(query_product_ids) == len(query_listing_ids) == n):
+            raise ValueError("query titles, image features, image mask, product ids and listing ids must align")
+        if not (len(gallery_embeddings) == len(gallery_product_ids) == len(gallery_listing_ids)):
+            raise ValueError("gallery embeddings, product ids and listing ids must align")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.head = head.eval()
+        self.device = next(head.parameters()).device
+        self.text_featurizer = text_featurizer
+        self.query_titles = list(query_titles)
+        self.query_image = torch.as_tensor(np.asarray(query_image, dtype=np.float32))
+        self.query_image_mask = torch.as_tensor(np.asarray(query_image_mask, dtype=bool))
+        self.k = k
+        self.invalid_reward = float(invalid_reward)
+        self.vocabulary = vocabulary
+        self.gallery = torch.as_tensor(np.asarray(gallery_embeddings, dtype=np.float32)).to(self.device)
+        products = {product: code for code, product in enumerate(dict.fromkeys(map(str, gallery_product_ids)))}
+        self.gallery_products = torch.tensor([products[str(p)] for p in gallery_product_ids], dtype=torch.int64)
+        self.query_products = torch.tensor([products.get(str(p), -1) for p in query_product_ids], dtype=torch.int64)
+        gallery_row = {str(listing): row for row, listing in enumerate(gallery_listing_ids)}
+        self.query_gallery_row = torch.tensor([gallery_row.get(str(listing), -1) for listing in query_listing_ids], dtype=torch.int64)
+        counts = torch.bincount(self.gallery_products, minlength=len(products))
+        known = self.query_products >= 0
+        own_row = self.query_gallery_row
+        own_is_positive = (own_row >= 0) & known & (self.gallery_products[own_row.clamp_min(0)] == self.query_products)
+        self.num_positives = torch.where(known, counts[self.query_products.clamp_min(0)], 0) - own_is_positive.long()
+        self.has_positives = (self.num_positives > 0).numpy()
+        self.last_stats: dict[str, float] = {}
+
+    def _recall(self, embeddings: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Fraction of each query's positives in its top k, for ``embeddings`` of those ``queries``."""
+        scores = embeddings @ self.gallery.T
+        own = self.query_gallery_row[queries]
+        has_own = own >= 0
+        scores[has_own.nonzero()[:, 0].to(self.device), own[has_own].to(self.device)] = float("-inf")
+        depth = min(self.k, len(self.gallery))
+        top = top_indices(scores.cpu(), depth)
+        hits = (self.gallery_products[top] == self.query_products[queries].unsqueeze(1)).sum(1).float()
+        relevant = self.num_positives[queries]
+        return torch.where(relevant > 0, hits / relevant.clamp(1, self.k).float(), torch.zeros_like(hits))
+
+    def __call__(self, query_indices: np.ndarray, texts: list[list[str]]) -> np.ndarray:
+        """Rewards ``float32 [len(query_indices), G]``; all valid texts are embedded in one featurizer call."""
+        query_indices = np.asarray(query_indices, dtype=np.int64).reshape(-1)
+        if len(texts) != len(query_indices):
+            raise ValueError(f"{len(query_indices)} queries but {len(texts)} groups of texts")
+        group = len(texts[0]) if len(texts) else 0
+        if any(len(outputs) != group for outputs in texts):
+            raise ValueError("every query must have the same number G of generated texts")
+        rewards = np.full((len(query_indices), group), self.invalid_reward, dtype=np.float32)
+        cells, strings = [], []
+        for position, (query, outputs) in enumerate(zip(query_indices, texts)):
+            for g, text in enumerate(outputs):
+                parsed = parse_attributes(text, self.vocabulary)
+                if parsed.is_valid:
+                    cells.append((position, g, query))
+                    strings.append(listing_text(self.query_titles[query], parsed.attributes))
+        recall = np.zeros(0, dtype=np.float32)
+        if cells:
+            queries = torch.tensor([cell[2] for cell in cells], dtype=torch.int64)
+            text_features = torch.from_numpy(self.text_featurizer.encode(strings))
+            with torch.inference_mode():
+                embeddings = self.head(
+                    self.query_image[queries].to(self.device),
+                    self.query_image_mask[queries].to(self.device),
+                    text_features.to(self.device),
+                )
+                recall = self._recall(embeddings, queries).numpy()
+            rows = np.array([cell[0] for cell in cells])
+            columns = np.array([cell[1] for cell in cells])
+            rewards[rows, columns] = recall
+        total = max(rewards.size, 1)
+        self.last_stats = {
+            "valid_fraction": len(cells) / total,
+            "mean_valid_reward": float(recall.mean()) if cells else 0.0,
+        }
+        return rewards

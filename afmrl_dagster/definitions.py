@@ -1,0 +1,86 @@
+"""The single code location: every asset, check, job, schedule, sensor and resource.
+
+Heavy libraries (torch, transformers, mlflow, GX) are imported inside asset bodies, so
+loading these definitions stays fast for the webserver, the daemon and every CLI call.
+Resources read their settings from environment variables when set (see the README), so one
+definition serves a laptop, CI and production.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from .assets import attributes, automation, catalog, encoder, features, rar, retrieval
+from .resources.catalog_source import CatalogSource
+from .resources.compute import TorchCompute
+from .resources.io_manager import TableIOManager
+from .resources.models import EvaluationSplit, FeatureTowers
+from .resources.storage import ArtifactStore
+from .resources.tracking import MlflowTracking
+
+
+def _env(name: str, default=None):
+    """A setting from the environment, resolved at run time (secrets never enter run config)."""
+    return dg.EnvVar(name) if name in os.environ else default
+
+
+def build_resources() -> dict:
+    store = ArtifactStore(
+        location=_env("AFMRL_STORE", ".afmrl/store"),
+        endpoint_url=_env("AFMRL_S3_ENDPOINT_URL"),
+        region_name=_env("AWS_REGION"),
+        access_key_id=_env("AWS_ACCESS_KEY_ID"),
+        secret_access_key=_env("AWS_SECRET_ACCESS_KEY"),
+    )
+    return {
+        "artifact_store": store,
+        "io_manager": TableIOManager(store=store),
+        "catalog_source": CatalogSource(spec=_env("AFMRL_CATALOG", "builtin"), store=store),
+        "mlflow_tracking": MlflowTracking(tracking_uri=_env("MLFLOW_TRACKING_URI", "sqlite:///.afmrl/mlflow.db")),
+        "torch_compute": TorchCompute(device=_env("AFMRL_DEVICE", "auto")),
+        "feature_towers": FeatureTowers(
+            image_model=_env("AFMRL_IMAGE_TOWER", "efficientnet-lite0"), text_model=_env("AFMRL_TEXT_TOWER", "all-MiniLM-L6-v2")
+        ),
+        "evaluation_split": EvaluationSplit(),
+    }
+
+
+ASSETS = [
+    catalog.raw_catalog,
+    attributes.teacher_attributes,
+    features.listing_features,
+    attributes.attribute_generator,
+    attributes.generated_attributes,
+    encoder.agcl_encoder,
+    retrieval.catalog_embeddings,
+    retrieval.retrieval_index,
+    retrieval.retrieval_evaluation,
+    rar.rar_generator,
+]
+JOBS = [automation.catalog_refresh_job, automation.model_training_job, automation.catalog_embedding_job, automation.retrieval_job]
+
+
+# Which assets each job materialises, in the order the whole graph must run.
+PIPELINE_ORDER: list[tuple[str, bool]] = [  # (job name, partitioned by product line)
+    ("catalog_refresh_job", True),
+    ("model_training_job", False),
+    ("catalog_embedding_job", True),
+    ("retrieval_job", False),
+]
+
+
+def build_definitions(resources: dict | None = None) -> dg.Definitions:
+    return dg.Definitions(
+        assets=ASSETS,
+        jobs=JOBS,
+        schedules=[automation.catalog_refresh_schedule],
+        sensors=[automation.new_product_line_sensor],
+        resources=resources if resources is not None else build_resources(),
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_definitions()

@@ -1,0 +1,105 @@
+"""Frozen-tower features of listings, stored as a table so that they are computed once.
+
+The image tower is the expensive part of every stage on CPU; its features (and those of the
+bare title) are computed once per listing and reused by the generator, the encoder and the
+evaluation. Text features of title + attributes depend on which attributes are appended, so
+they are computed where needed (the text tower caches repeated strings).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import polars as pl
+
+from .attributes.format import Attributes, listing_text
+from .encoders.dual_tower import ListingFeatures
+from .encoders.towers import ImageFeaturizer, TextFeaturizer, decode_image
+
+
+def compute_listing_features(
+    catalog: pl.DataFrame,
+    image_featurizer: ImageFeaturizer,
+    text_featurizer: TextFeaturizer,
+    read_bytes: Callable[[str], bytes],
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> pl.DataFrame:
+    """Table ``listing_id, has_image, image_features, title_features`` for every listing of ``catalog``."""
+    image_chunks, mask_chunks = [], []
+    uris = catalog["image_uri"].to_list()
+    for start in range(0, len(uris), batch_size):
+        images = [decode_image(read_bytes(uri)) if uri else None for uri in uris[start : start + batch_size]]
+        features, mask = image_featurizer.encode(images)
+        image_chunks.append(features)
+        mask_chunks.append(mask)
+        if progress:
+            progress(min(start + batch_size, len(uris)), len(uris))
+    image = np.concatenate(image_chunks) if image_chunks else np.zeros((0, image_featurizer.dim), np.float32)
+    mask = np.concatenate(mask_chunks) if mask_chunks else np.zeros(0, bool)
+    title = text_featurizer.encode(catalog["title"].to_list())
+    return pl.DataFrame(
+        {
+            "listing_id": catalog["listing_id"],
+            "has_image": pl.Series(mask, dtype=pl.Boolean),
+            "image_features": pl.Series(image.astype(np.float32)),
+            "title_features": pl.Series(np.asarray(title, dtype=np.float32)),
+        }
+    )
+
+
+def align(frame: pl.DataFrame, listing_ids: Sequence[str]) -> pl.DataFrame:
+    """Rows of ``frame`` in the order of ``listing_ids``; fails naming the ids it lacks."""
+    order = pl.DataFrame({"listing_id": list(listing_ids)})
+    aligned = order.join(frame, on="listing_id", how="left", maintain_order="left")
+    missing = set(listing_ids) - set(frame["listing_id"].to_list())
+    if missing:
+        raise KeyError(f"{len(missing)} listing(s) have no row, e.g. {sorted(missing)[:5]}")
+    return aligned
+
+
+def listing_features(
+    features_table: pl.DataFrame,
+    listing_ids: Sequence[str],
+    text_featurizer: TextFeaturizer | None = None,
+    titles: Sequence[str] | None = None,
+    attributes: Sequence[Attributes | None] | None = None,
+) -> ListingFeatures:
+    """Features of ``listing_ids`` in that order.
+
+    Without ``text_featurizer`` the text part is the bare title's features; with it, the text
+    part is recomputed for ``listing_text(title, attributes)``.
+    """
+    rows = align(features_table, listing_ids)
+    image = rows["image_features"].to_numpy().astype(np.float32)
+    if text_featurizer is None:
+        text = rows["title_features"].to_numpy().astype(np.float32)
+    else:
+        texts = [listing_text(title, attrs) for title, attrs in zip(titles, attributes or [None] * len(titles))]
+        text = text_featurizer.encode(texts)
+    return ListingFeatures(
+        listing_ids=list(listing_ids), image=image, image_mask=rows["has_image"].to_numpy().astype(bool), text=text
+    )
+
+
+def embeddings_table(listing_ids: Sequence[str], product_ids: Sequence[str], embeddings: np.ndarray) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "listing_id": list(listing_ids),
+            "product_id": list(product_ids),
+            "embedding": pl.Series(np.asarray(embeddings, dtype=np.float32)),
+        }
+    )
+
+
+def embedding_health(table: pl.DataFrame) -> pl.DataFrame:
+    """Per-embedding ``norm`` and ``is_finite``, the input of the embedding quality suite."""
+    matrix = table["embedding"].to_numpy()
+    return pl.DataFrame(
+        {
+            "listing_id": table["listing_id"],
+            "norm": np.linalg.norm(np.nan_to_num(matrix), axis=1),
+            "is_finite": np.isfinite(matrix).all(axis=1),
+        }
+    )

@@ -1,0 +1,92 @@
+"""MLflow model flavours for the trained encoder and attribute generator.
+
+Both are logged as pyfunc models whose artefacts are the project's own safetensors folders,
+so ``mlflow.pyfunc.load_model("models:/afmrl-encoder@champion")`` gives a model that embeds
+listings (and the generator one that writes attributes) wherever this package is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+ENCODER_MODEL_NAME = "afmrl-encoder"
+GENERATOR_MODEL_NAME = "afmrl-attribute-generator"
+
+
+def pip_requirements() -> list[str]:
+    """The runtime pins of this package, without the orchestration-only ones."""
+    requirements = importlib.metadata.requires("afmrl-dagster") or []
+    return [r for r in requirements if "extra ==" not in r and not r.startswith("dagster")]
+
+
+def _read_image(uri):
+    from .encoders.towers import decode_image
+    from .storage import read_uri_bytes
+
+    return decode_image(read_uri_bytes(uri)) if isinstance(uri, str) and uri else None
+
+
+class EncoderPyfunc(mlflow.pyfunc.PythonModel):
+    """Input: a frame with ``title``, optional ``attributes_json`` and ``image_uri``. Output: embeddings."""
+
+    def load_context(self, context):
+        from .encoders.dual_tower import load_head
+        from .encoders.towers import ImageFeaturizer, TextFeaturizer
+
+        self.head = load_head(context.artifacts["head"])
+        self.image_featurizer = ImageFeaturizer(self.head.config.image_tower)
+        self.text_featurizer = TextFeaturizer(self.head.config.text_tower)
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
+        from .attributes.format import listing_text
+        from .encoders.dual_tower import ListingFeatures, embed_features
+
+        attributes = model_input.get("attributes_json", pd.Series([None] * len(model_input)))
+        texts = [
+            listing_text(title, json.loads(attrs) if isinstance(attrs, str) and attrs else None)
+            for title, attrs in zip(model_input["title"], attributes)
+        ]
+        uris = model_input.get("image_uri", pd.Series([None] * len(model_input)))
+        image, mask = self.image_featurizer.encode([_read_image(uri) for uri in uris])
+        features = ListingFeatures(
+            listing_ids=[str(i) for i in range(len(texts))], image=image, image_mask=mask, text=self.text_featurizer.encode(texts)
+        )
+        return embed_features(self.head, features)
+
+
+class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
+    """Input: a frame with ``title`` and optional ``image_uri``. Output: attribute JSON texts."""
+
+    def load_context(self, context):
+        from .attributes.generator import load_generator
+        from .encoders.towers import ImageFeaturizer, TextFeaturizer
+
+        self.model, self.vocabulary = load_generator(context.artifacts["generator"])
+        settings = json.loads(open(f"{context.artifacts['generator']}/towers.json").read())
+        self.image_featurizer = ImageFeaturizer(settings["image_tower"])
+        self.text_featurizer = TextFeaturizer(settings["text_tower"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
+        from .attributes.generator import generate_attribute_texts
+
+        uris = model_input.get("image_uri", pd.Series([None] * len(model_input)))
+        image, mask = self.image_featurizer.encode([_read_image(uri) for uri in uris])
+        text = self.text_featurizer.encode(list(model_input["title"]))
+        return generate_attribute_texts(self.model, self.vocabulary, image, mask, text)
+
+
+def log_model(kind: str, local_dir: str, registered_model_name: str):
+    """Log a trained folder as a pyfunc model in the active run and register a new version."""
+    python_model, artifact = {"encoder": (EncoderPyfunc(), "head"), "generator": (GeneratorPyfunc(), "generator")}[kind]
+    return mlflow.pyfunc.log_model(
+        name=kind,
+        python_model=python_model,
+        artifacts={artifact: str(local_dir)},
+        pip_requirements=pip_requirements(),
+        registered_model_name=registered_model_name,
+    )

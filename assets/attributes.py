@@ -1,0 +1,233 @@
+"""Stage 2: attributes. A teacher writes them for every listing; a compact student generator
+is distilled from the teacher (SFT) and writes them for every listing, as it would for a
+query at search time."""
+
+
+import json
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from afmrl_dagster.fingerprint import fingerprint
+
+from ..resources.compute import GPU_POOL, TorchCompute
+from ..resources.models import EvaluationSplit, FeatureTowers
+from ..resources.storage import ArtifactStore
+from ..resources.tracking import MlflowTracking, flat_metrics
+from .partitions import product_lines
+
+MAX_KEYS_PER_LINE = 40
+
+
+class AttributeQualityConfig(dg.Config):
+    min_valid_share: float = Field(default=0.95, description="Blocking gate: share of listings whose attributes parse.")
+
+
+def _attribute_checks(asset: str) -> list[dg.AssetCheckSpec]:
+    return [
+        dg.AssetCheckSpec("attribute_parse_rate", asset=asset, blocking=True, description="Share of listings with parseable attributes (Great Expectations)."),
+        dg.AssetCheckSpec("attribute_key_vocabulary", asset=asset, description="Keys stay within a small vocabulary per line."),
+    ]
+
+
+def _attribute_check_results(table: pl.DataFrame, min_valid_share: float, vocabulary: set[str] | None) -> list[dg.AssetCheckResult]:
+    from afmrl_dagster.quality import attribute_expectations, attribute_key_expectations, validate_frame
+
+    parse = validate_frame(table, "attributes", attribute_expectations(min_valid_share))
+    keys = pl.DataFrame(
+        {"key": [key for text in table.filter(pl.col("is_valid"))["attributes_json"].to_list() for key in json.loads(text)]},
+        schema={"key": pl.Utf8},
+    )
+    if vocabulary is None:
+        vocabulary_ok, details = keys["key"].n_unique() <= MAX_KEYS_PER_LINE, {"distinct_keys": keys["key"].n_unique()}
+    else:
+        report = validate_frame(keys, "attribute_keys", attribute_key_expectations(vocabulary))
+        vocabulary_ok, details = report.passed, report.as_metadata()
+    return [
+        dg.AssetCheckResult(
+            check_name="attribute_parse_rate",
+            passed=parse.passed,
+            metadata={"valid_share": float(table["is_valid"].mean() or 0.0), **parse.as_metadata()},
+        ),
+        dg.AssetCheckResult(
+            check_name="attribute_key_vocabulary", passed=vocabulary_ok, severity=dg.AssetCheckSeverity.WARN, metadata=details
+        ),
+    ]
+
+
+def _table_metadata(table: pl.DataFrame) -> dict:
+    return {
+        "dagster/row_count": table.height,
+        "valid_share": float(table["is_valid"].mean() or 0.0),
+        "mean_attributes": float(table["num_attributes"].mean() or 0.0),
+        "examples": dg.MetadataValue.md(
+            table.select("listing_id", "raw_text").head(5).to_pandas().to_markdown(index=False)
+        ),
+    }
+
+
+@dg.asset(partitions_def=product_lines, group_name="attributes", kinds={"polars", "parquet"}, check_specs=_attribute_checks("teacher_attributes"))
+def teacher_attributes(
+    context: dg.AssetExecutionContext, config: AttributeQualityConfig, raw_catalog: pl.DataFrame, artifact_store: ArtifactStore
+):
+    """Key attributes written by the teacher for every listing of the line, as strict JSON.
+
+    Offline, the listing's seller attributes (normalised) stand in for the large MLLM
+    teacher, behind the same interface an MLLM backend implements. Outputs are cached by the
+    listings' content and the teacher version: unchanged lines are not annotated again.
+    """
+    from afmrl_dagster.attributes.teacher import SellerAttributeTeacher, annotate_listings
+
+    teacher = SellerAttributeTeacher()
+    store = artifact_store.open()
+    key = fingerprint("teacher_attributes", raw_catalog, teacher.name, teacher.version)
+    cache_key = f"cache/teacher_attributes/{context.partition_key}/{key}.parquet"
+    if store.exists(cache_key):
+        table, status = store.read_parquet(cache_key), "cached"
+    else:
+        table, status = annotate_listings(teacher, raw_catalog), "computed"
+        store.write_parquet(cache_key, table)
+    return dg.MaterializeResult(
+        value=table,
+        metadata={"status": status, "teacher": f"{teacher.name}@{teacher.version}", **_table_metadata(table)},
+        check_results=_attribute_check_results(table, config.min_valid_share, None),
+    )
+
+
+class AttributeGeneratorConfig(dg.Config):
+    epochs: int = Field(default=60, description="SFT epochs over the training listings.")
+    batch_size: int = Field(default=64, description="Listings per SFT step.")
+    learning_rate: float = Field(default=2e-3, description="Peak learning rate (warmup + cosine).")
+    d_model: int = Field(default=128, description="Width of the decoder.")
+    n_layers: int = Field(default=2, description="Decoder layers.")
+    seed: int = Field(default=0, description="Seed of initialisation and shuffling.")
+
+
+def _load_manifest(store, prefix: str) -> dict | None:
+    if store.is_complete_directory(prefix):
+        return json.loads(store.get_bytes(f"{prefix}/manifest.json"))
+    return None
+
+
+@dg.asset(group_name="attributes", kinds={"pytorch", "mlflow"}, pool=GPU_POOL)
+def attribute_generator(
+    context: dg.AssetExecutionContext,
+    config: AttributeGeneratorConfig,
+    raw_catalog: pl.DataFrame,
+    teacher_attributes: pl.DataFrame,
+    listing_features: pl.DataFrame,
+    feature_towers: FeatureTowers,
+    evaluation_split: EvaluationSplit,
+    torch_compute: TorchCompute,
+    artifact_store: ArtifactStore,
+    mlflow_tracking: MlflowTracking,
+):
+    """The compact student generator distilled from the teacher (SFT).
+
+    Image and title features of the frozen towers form the prefix of a small transformer
+    decoder that writes attribute JSON. Trained on the listings of training products,
+    scored on held-out products against the teacher, logged to MLflow and registered as
+    ``afmrl-attribute-generator``.
+    """
+    from afmrl_dagster.attributes.generator import AttributeGenerator, GeneratorConfig, generate_attribute_texts, save_generator
+    from afmrl_dagster.attributes.vocabulary import AttributeVocabulary
+    from afmrl_dagster.features import align, listing_features as features_of
+    from afmrl_dagster.registry import GENERATOR_MODEL_NAME, log_model
+    from afmrl_dagster.training.generator_sft import SFTConfig, attribute_accuracy, train_generator_sft
+    import torch
+
+    store = artifact_store.open()
+    split = evaluation_split.split()
+    key = fingerprint("attribute_generator", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split)
+    prefix = f"models/attribute_generator/{key}"
+    cached = _load_manifest(store, prefix)
+    if cached:
+        return dg.MaterializeResult(value=cached, metadata={"status": "cached", "uri": cached["uri"]})
+
+    teacher = align(teacher_attributes, raw_catalog["listing_id"].to_list())
+    held_out = split.query_mask(raw_catalog)
+    valid = teacher["is_valid"].to_numpy()
+    train_ids = [lid for lid, h, v in zip(raw_catalog["listing_id"], held_out, valid) if v and not h]
+    test_ids = [lid for lid, h, v in zip(raw_catalog["listing_id"], held_out, valid) if v and h]
+    targets = {lid: json.loads(text) for lid, text in teacher.filter(pl.col("is_valid")).select("listing_id", "attributes_json").iter_rows()}
+
+    torch.manual_seed(config.seed)
+    device = torch_compute.torch_device()
+    vocabulary = AttributeVocabulary.from_attribute_sets([targets[lid] for lid in train_ids])
+    train = features_of(listing_features, train_ids)
+    model = AttributeGenerator(
+        len(vocabulary), train.image.shape[1], train.text.shape[1], GeneratorConfig(d_model=config.d_model, n_layers=config.n_layers)
+    )
+    sft = SFTConfig(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate, seed=config.seed, device=device)
+    with mlflow_tracking.start_run(context, "attribute_generator_sft", params={**config.model_dump(), "train_listings": len(train_ids), "vocabulary_size": len(vocabulary)}) as run:
+        history = train_generator_sft(
+            model, vocabulary, train.image, train.image_mask, train.text, [targets[lid] for lid in train_ids], sft,
+            on_epoch=lambda row: (mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
+                                  context.log.info(f"SFT epoch {row['epoch']}: {row}")),
+        )
+        test = features_of(listing_features, test_ids)
+        predicted = generate_attribute_texts(model, vocabulary, test.image, test.image_mask, test.text)
+        accuracy = attribute_accuracy(predicted, [targets[lid] for lid in test_ids], vocabulary.keys)
+        mlflow_tracking.log_metrics({f"heldout_{k}": v for k, v in accuracy.items()})
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "generator"
+            save_generator(model, vocabulary, folder, extra_json={"towers.json": feature_towers.as_json()})
+            info = log_model("generator", folder, GENERATOR_MODEL_NAME)
+            manifest = {
+                "uri": store.uri(prefix),
+                "fingerprint": key,
+                "mlflow_run_id": run.info.run_id,
+                "model_name": GENERATOR_MODEL_NAME,
+                "model_version": str(info.registered_model_version),
+                "heldout_accuracy": accuracy,
+                "final_loss": history[-1]["loss"] if history else None,
+            }
+            (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            store.upload_directory(folder, prefix)
+    mlflow_tracking.client().set_registered_model_alias(GENERATOR_MODEL_NAME, "sft", manifest["model_version"])
+    return dg.MaterializeResult(
+        value=manifest,
+        metadata={
+            "status": "trained",
+            "uri": manifest["uri"],
+            "mlflow_run_id": manifest["mlflow_run_id"],
+            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run.info.run_id)) if mlflow_tracking.tracking_uri.startswith("http") else mlflow_tracking.run_url(run.info.run_id),
+            "model_version": manifest["model_version"],
+            "train_listings": len(train_ids),
+            **flat_metrics(accuracy, "heldout_"),
+        },
+    )
+
+
+@dg.asset(partitions_def=product_lines, group_name="attributes", kinds={"pytorch", "parquet"}, pool=GPU_POOL, check_specs=_attribute_checks("generated_attributes"))
+def generated_attributes(
+    context: dg.AssetExecutionContext,
+    config: AttributeQualityConfig,
+    attribute_generator: dict,
+    listing_features: pl.DataFrame,
+    artifact_store: ArtifactStore,
+):
+    """Attributes the student generator writes for every listing of the line (greedy decoding).
+
+    These are what the encoder sees at search time, for the gallery and for a query alike.
+    Unparseable generations are recorded as invalid with their raw text, never fatal.
+    """
+    from afmrl_dagster.attributes.generator import generate_attribute_texts, load_generator
+    from afmrl_dagster.attributes.teacher import attribute_table
+    from afmrl_dagster.features import listing_features as features_of
+
+    store = artifact_store.open()
+    with tempfile.TemporaryDirectory() as tmp:
+        model, vocabulary = load_generator(store.download_directory(f"models/attribute_generator/{attribute_generator['fingerprint']}", Path(tmp) / "g"))
+    ids = listing_features["listing_id"].to_list()
+    features = features_of(listing_features, ids)
+    texts = generate_attribute_texts(model, vocabulary, features.image, features.image_mask, features.text)
+    table = attribute_table(ids, texts, f"{attribute_generator['model_name']}@{attribute_generator['model_version']}", vocabulary.keys)
+    return dg.MaterializeResult(
+        value=table,
+        metadata={"generator_version": attribute_generator["model_version"], **_table_metadata(table)},
+        check_results=_attribute_check_results(table, config.min_valid_share, set(vocabulary.keys)),
+    )

@@ -1,0 +1,60 @@
+"""Jobs, the catalog refresh schedule and the new-product-line sensor."""
+
+
+import json
+
+import dagster as dg
+
+from ..resources.catalog_source import CatalogSource
+from .partitions import product_lines
+
+# Per product line: ingest, annotate with the teacher, compute tower features.
+catalog_refresh_job = dg.define_asset_job(
+    "catalog_refresh_job",
+    selection=dg.AssetSelection.assets("raw_catalog", "teacher_attributes", "listing_features"),
+    partitions_def=product_lines,
+    description="Ingest one product line and prepare its attributes and features.",
+)
+# Across all lines: distil the generator and train the encoder.
+model_training_job = dg.define_asset_job(
+    "model_training_job",
+    selection=dg.AssetSelection.assets("attribute_generator", "agcl_encoder"),
+    description="Train the student attribute generator (SFT) and the AGCL encoder on every product line.",
+)
+# Per product line: generated attributes and embeddings with the current models.
+catalog_embedding_job = dg.define_asset_job(
+    "catalog_embedding_job",
+    selection=dg.AssetSelection.assets("generated_attributes", "catalog_embeddings"),
+    partitions_def=product_lines,
+    description="Generate attributes for and embed one product line with the current models.",
+)
+# Across all lines: index, evaluate and promote, then refine the generator with RAR.
+retrieval_job = dg.define_asset_job(
+    "retrieval_job",
+    selection=dg.AssetSelection.assets("retrieval_index", "retrieval_evaluation", "rar_generator"),
+    description="Build the index, evaluate and promote the encoder, and refine the generator with RAR.",
+)
+
+
+@dg.schedule(cron_schedule="0 3 * * *", job=catalog_refresh_job, execution_timezone="UTC")
+def catalog_refresh_schedule(context: dg.ScheduleEvaluationContext):
+    """Nightly: re-ingest every known product line (unchanged lines reuse their cached work)."""
+    lines = context.instance.get_dynamic_partitions(product_lines.name)
+    if not lines:
+        return dg.SkipReason("no product lines registered yet: the new_product_line_sensor adds them")
+    return [dg.RunRequest(run_key=f"{line}-{context.scheduled_execution_time:%Y%m%d}", partition_key=line) for line in lines]
+
+
+@dg.sensor(job=catalog_refresh_job, minimum_interval_seconds=300)
+def new_product_line_sensor(context: dg.SensorEvaluationContext, catalog_source: CatalogSource):
+    """Adds a partition and requests an ingestion run for each product line that appears in the source."""
+    seen = set(json.loads(context.cursor)) if context.cursor else set()
+    known = set(context.instance.get_dynamic_partitions(product_lines.name))
+    new_lines = sorted(set(catalog_source.product_lines()) - seen - known)
+    if not new_lines:
+        return dg.SkipReason("no new product lines in the catalog source")
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=f"new-line-{line}", partition_key=line) for line in new_lines],
+        dynamic_partitions_requests=[product_lines.build_add_request(new_lines)],
+        cursor=json.dumps(sorted(seen | set(new_lines))),
+    )

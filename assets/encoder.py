@@ -1,0 +1,147 @@
+"""Stage 3: the encoder, trained with attribute-guided contrastive learning (AGCL)."""
+
+
+import json
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from afmrl_dagster.fingerprint import fingerprint
+
+from ..resources.compute import GPU_POOL, TorchCompute
+from ..resources.models import EvaluationSplit, FeatureTowers
+from ..resources.storage import ArtifactStore
+from ..resources.tracking import MlflowTracking
+from .attributes import _load_manifest
+
+
+class EncoderTrainingRunConfig(dg.Config):
+    epochs: int = Field(default=40, description="Passes over the training products.")
+    batch_size: int = Field(default=32, description="(anchor, positive) pairs per batch.")
+    learning_rate: float = Field(default=1e-3, description="Peak learning rate (warmup + cosine).")
+    embed_dim: int = Field(default=256, description="Embedding size.")
+    use_attribute_weights: bool = Field(default=True, description="AGCL weights exp(1 + tanh(BM25)) on negatives; off = plain InfoNCE weights.")
+    use_false_negative_mask: bool = Field(default=True, description="Drop negatives with s_ij > s_ii + delta.")
+    delta: float = Field(default=0.1, description="Margin of the false-negative mask.")
+    sampler: str = Field(default="product_line", description="'product_line' (siblings as hard negatives) or 'random'.")
+    seed: int = Field(default=0, description="Seed of initialisation and batching.")
+
+
+@dg.asset(group_name="encoder", kinds={"pytorch", "mlflow"}, pool=GPU_POOL)
+def agcl_encoder(
+    context: dg.AssetExecutionContext,
+    config: EncoderTrainingRunConfig,
+    raw_catalog: pl.DataFrame,
+    teacher_attributes: pl.DataFrame,
+    listing_features: pl.DataFrame,
+    feature_towers: FeatureTowers,
+    evaluation_split: EvaluationSplit,
+    torch_compute: TorchCompute,
+    artifact_store: ArtifactStore,
+    mlflow_tracking: MlflowTracking,
+):
+    """The retrieval encoder: projections over the frozen towers, trained with AGCL.
+
+    Input text is the title with the teacher's attributes appended; BM25 between attribute
+    texts weights hard negatives and a similarity margin drops likely false negatives
+    (``use_attribute_weights`` and ``use_false_negative_mask`` off give plain InfoNCE through
+    the same code). Trained on training products only; logged to MLflow with a loss curve
+    and registered as ``afmrl-encoder``.
+    """
+    import torch
+
+    from afmrl_dagster.attributes.format import attributes_to_text
+    from afmrl_dagster.encoders.dual_tower import DualTowerConfig, save_head
+    from afmrl_dagster.features import align, listing_features as features_of
+    from afmrl_dagster.plots import curve_png
+    from afmrl_dagster.registry import ENCODER_MODEL_NAME, log_model
+    from afmrl_dagster.training.agcl import AGCLConfig
+    from afmrl_dagster.training.encoder_training import EncoderTrainingConfig, train_encoder
+
+    store = artifact_store.open()
+    split = evaluation_split.split()
+    key = fingerprint("agcl_encoder", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split)
+    prefix = f"models/agcl_encoder/{key}"
+    cached = _load_manifest(store, prefix)
+    if cached:
+        return dg.MaterializeResult(value=cached, metadata={"status": "cached", "uri": cached["uri"]})
+
+    device = torch_compute.torch_device()
+    train_rows = raw_catalog.filter(~pl.Series(split.query_mask(raw_catalog)))
+    teacher = align(teacher_attributes, train_rows["listing_id"].to_list())
+    attributes = [json.loads(text) if text else None for text in teacher["attributes_json"].to_list()]
+    features = features_of(
+        listing_features, train_rows["listing_id"].to_list(), feature_towers.text_featurizer(device), train_rows["title"].to_list(), attributes
+    )
+    training = EncoderTrainingConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        sampler=config.sampler,
+        seed=config.seed,
+        device=device,
+        agcl=AGCLConfig(use_weights=config.use_attribute_weights, use_false_negative_mask=config.use_false_negative_mask, delta=config.delta),
+        head=DualTowerConfig(
+            embed_dim=config.embed_dim,
+            image_dim=features.image.shape[1],
+            text_dim=features.text.shape[1],
+            image_tower=feature_towers.image_model,
+            text_tower=feature_towers.text_model,
+        ),
+    )
+    torch.manual_seed(config.seed)
+    with mlflow_tracking.start_run(context, "agcl_encoder", params={**config.model_dump(), "train_listings": train_rows.height}) as run:
+        def on_epoch(row: dict) -> None:
+            mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            context.log.info(f"encoder epoch {row['epoch']}: loss {row['loss']:.4f}")
+
+        result = train_encoder(
+            features,
+            train_rows["product_id"].to_list(),
+            train_rows["product_line"].to_list(),
+            [attributes_to_text(a or {}) for a in attributes],
+            training,
+            on_epoch=on_epoch,
+        )
+        import mlflow
+
+        mlflow.log_image(_png_image(curve_png(result.history, ["loss", "temperature", "mean_negative_weight", "masked_fraction"], "epoch", "AGCL training")), "training_curve.png")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "encoder"
+            save_head(result.head, folder)
+            info = log_model("encoder", folder, ENCODER_MODEL_NAME)
+            manifest = {
+                "uri": store.uri(prefix),
+                "fingerprint": key,
+                "mlflow_run_id": run.info.run_id,
+                "model_name": ENCODER_MODEL_NAME,
+                "model_version": str(info.registered_model_version),
+                "final_loss": result.history[-1]["loss"],
+                "loss": "plain InfoNCE" if not (config.use_attribute_weights or config.use_false_negative_mask) else "AGCL",
+            }
+            (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            store.upload_directory(folder, prefix)
+    return dg.MaterializeResult(
+        value=manifest,
+        metadata={
+            "status": "trained",
+            "uri": manifest["uri"],
+            "mlflow_run_id": manifest["mlflow_run_id"],
+            "mlflow_run": mlflow_tracking.run_url(run.info.run_id),
+            "model_version": manifest["model_version"],
+            "train_listings": train_rows.height,
+            "first_loss": float(result.history[0]["loss"]),
+            "final_loss": float(result.history[-1]["loss"]),
+        },
+    )
+
+
+def _png_image(data: bytes):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))

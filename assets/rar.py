@@ -1,0 +1,173 @@
+"""Stage 6: retrieval-aware attribute reinforcement (RAR): the generator trained with GRPO,
+rewarded by how well its attributes make the frozen encoder retrieve the query's product."""
+
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from afmrl_dagster.fingerprint import fingerprint
+
+from ..resources.compute import GPU_POOL, TorchCompute
+from ..resources.models import EvaluationSplit, FeatureTowers
+from ..resources.storage import ArtifactStore
+from ..resources.tracking import MlflowTracking
+from .attributes import _load_manifest
+from .retrieval import load_encoder_head
+
+
+class RARConfig(dg.Config):
+    steps: int = Field(default=30, description="GRPO steps.")
+    queries_per_step: int = Field(default=16, description="Training queries per step.")
+    group_size: int = Field(default=8, description="G: attribute outputs sampled per query.")
+    learning_rate: float = Field(default=1e-4, description="Policy learning rate.")
+    kl_beta: float = Field(default=0.04, description="Weight of the KL penalty to the SFT generator.")
+    clip_epsilon: float = Field(default=0.2, description="Clipping of the importance ratio.")
+    temperature: float = Field(default=1.0, description="Sampling temperature of the group.")
+    reward_k: int = Field(default=50, description="Reward = Recall@k of the query's true matches (k = 50 in the paper; use a k well below the gallery size).")
+    invalid_reward: float = Field(default=-0.1, description="Reward of output that does not parse.")
+    seed: int = Field(default=0, description="Seed of query sampling and generation.")
+
+
+@dg.asset(group_name="rar", kinds={"pytorch", "mlflow"}, pool=GPU_POOL)
+def rar_generator(
+    context: dg.AssetExecutionContext,
+    config: RARConfig,
+    raw_catalog: pl.DataFrame,
+    listing_features: pl.DataFrame,
+    catalog_embeddings: pl.DataFrame,
+    attribute_generator: dict,
+    agcl_encoder: dict,
+    feature_towers: FeatureTowers,
+    evaluation_split: EvaluationSplit,
+    torch_compute: TorchCompute,
+    artifact_store: ArtifactStore,
+    mlflow_tracking: MlflowTracking,
+):
+    """The attribute generator refined with GRPO against the frozen AGCL encoder and the catalog.
+
+    Each training query samples a group of attribute outputs; each is appended to the query,
+    embedded and searched; its reward is Recall@k of the query's product (``invalid_reward``
+    when it does not parse). Group-normalised advantages, a clipped ratio and a KL penalty to
+    the SFT generator. Held-out queries then compare SFT and RAR attributes; the new version
+    is registered with alias ``rar`` and becomes the generator ``champion`` unless it lowers R@1.
+    """
+    import torch
+
+    from afmrl_dagster.attributes.format import parse_attributes
+    from afmrl_dagster.attributes.generator import generate_attribute_texts, load_generator, save_generator
+    from afmrl_dagster.encoders.dual_tower import embed_features
+    from afmrl_dagster.evaluation import REPORTED_METRICS
+    from afmrl_dagster.features import align, listing_features as features_of
+    from afmrl_dagster.registry import GENERATOR_MODEL_NAME, log_model
+    from afmrl_dagster.retrieval.metrics import retrieval_metrics
+    from afmrl_dagster.retrieval.reward import RetrievalReward
+    from afmrl_dagster.training.grpo import GRPOConfig, train_grpo
+
+    store = artifact_store.open()
+    split = evaluation_split.split()
+    key = fingerprint("rar_generator", attribute_generator["fingerprint"], agcl_encoder["fingerprint"], catalog_embeddings, config.model_dump(), split)
+    prefix = f"models/rar_generator/{key}"
+    cached = _load_manifest(store, prefix)
+    if cached:
+        return dg.MaterializeResult(value=cached, metadata={"status": "cached", "uri": cached["uri"]})
+
+    device = torch_compute.torch_device()
+    text_featurizer = feature_towers.text_featurizer(device)
+    head = load_encoder_head(store, agcl_encoder)
+    with tempfile.TemporaryDirectory() as tmp:
+        reference, vocabulary = load_generator(store.download_directory(f"models/attribute_generator/{attribute_generator['fingerprint']}", Path(tmp) / "g"))
+    policy = copy.deepcopy(reference)
+
+    ids = raw_catalog["listing_id"].to_list()
+    gallery = align(catalog_embeddings, ids)
+    gallery_embeddings = gallery["embedding"].to_numpy().astype(np.float32)
+    product_ids = raw_catalog["product_id"].to_list()
+    titles = raw_catalog["title"].to_list()
+    held_out = split.query_mask(raw_catalog)
+    base = features_of(listing_features, ids)
+
+    def reward_for(rows: np.ndarray) -> RetrievalReward:
+        return RetrievalReward(
+            head, text_featurizer, [titles[i] for i in rows], base.image[rows], base.image_mask[rows],
+            [product_ids[i] for i in rows], [ids[i] for i in rows], gallery_embeddings, product_ids, ids,
+            k=config.reward_k, invalid_reward=config.invalid_reward,
+        )
+
+    train_rows = np.flatnonzero(~held_out)
+    grpo = GRPOConfig(
+        steps=config.steps, queries_per_step=config.queries_per_step, group_size=config.group_size, learning_rate=config.learning_rate,
+        kl_beta=config.kl_beta, clip_epsilon=config.clip_epsilon, temperature=config.temperature, seed=config.seed, device=device,
+    )
+    with mlflow_tracking.start_run(context, "rar_generator", params={**config.model_dump(), "train_queries": len(train_rows), "sft_version": attribute_generator["model_version"], "encoder_version": agcl_encoder["model_version"]}) as run:
+        import mlflow
+
+        samples: list[dict] = []
+
+        def on_step(row: dict) -> None:
+            mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            samples.extend({"step": row["step"], "query": ids[train_rows[q]], "attributes": text, "reward": float(r)} for q, text, r in row.get("samples", []))
+            context.log.info(f"GRPO step {row['step']}: reward {row['reward_mean']:.3f} ± {row['reward_std']:.3f}, valid {row['validity_rate']:.2f}, KL {row['kl']:.4f}")
+
+        train = base.subset(train_rows)
+        history = train_grpo(policy, reference, vocabulary, train.image, train.image_mask, train.text, reward_for(train_rows), grpo, on_step=on_step)
+        mlflow.log_table(pl.DataFrame(samples).to_pandas() if samples else {"step": []}, "sampled_generations.json")
+
+        # Held-out comparison: the same encoder and gallery, queries carrying SFT vs RAR attributes.
+        query_rows = np.flatnonzero(held_out)
+        queries = base.subset(query_rows)
+        comparison = {}
+        for name, model in [("sft", reference), ("rar", policy)]:
+            texts = generate_attribute_texts(model, vocabulary, queries.image, queries.image_mask, queries.text)
+            parsed = [parse_attributes(t, set(vocabulary.keys)) for t in texts]
+            with_attrs = features_of(listing_features, [ids[i] for i in query_rows], text_featurizer, [titles[i] for i in query_rows],
+                                     [p.attributes for p in parsed])
+            metrics = retrieval_metrics(
+                embed_features(head, with_attrs, device=device), gallery_embeddings, [product_ids[i] for i in query_rows], product_ids,
+                query_listing_ids=[ids[i] for i in query_rows], gallery_listing_ids=ids,
+            )
+            comparison[name] = {**{m: float(metrics[m]) for m in REPORTED_METRICS}, "validity_rate": float(np.mean([p.is_valid for p in parsed]))}
+            mlflow_tracking.log_metrics({f"heldout_{name}_{m}": v for m, v in comparison[name].items()})
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "generator"
+            save_generator(policy, vocabulary, folder, extra_json={"towers.json": feature_towers.as_json()})
+            info = log_model("generator", folder, GENERATOR_MODEL_NAME)
+            manifest = {
+                "uri": store.uri(prefix),
+                "fingerprint": key,
+                "mlflow_run_id": run.info.run_id,
+                "model_name": GENERATOR_MODEL_NAME,
+                "model_version": str(info.registered_model_version),
+                "reward_first_steps": float(np.mean([h["reward_mean"] for h in history[: max(1, len(history) // 5)]])),
+                "reward_last_steps": float(np.mean([h["reward_mean"] for h in history[-max(1, len(history) // 5):]])),
+                "heldout": comparison,
+            }
+            (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            store.upload_directory(folder, prefix)
+    client = mlflow_tracking.client()
+    client.set_registered_model_alias(GENERATOR_MODEL_NAME, "rar", manifest["model_version"])
+    keeps_recall = comparison["rar"]["recall@1"] >= comparison["sft"]["recall@1"]
+    client.set_registered_model_alias(GENERATOR_MODEL_NAME, "champion", manifest["model_version"] if keeps_recall else attribute_generator["model_version"])
+    return dg.MaterializeResult(
+        value=manifest,
+        metadata={
+            "status": "trained",
+            "uri": manifest["uri"],
+            "mlflow_run_id": run.info.run_id,
+            "mlflow_run": mlflow_tracking.run_url(run.info.run_id),
+            "model_version": manifest["model_version"],
+            "reward_first_steps": manifest["reward_first_steps"],
+            "reward_last_steps": manifest["reward_last_steps"],
+            "heldout_sft_recall@1": comparison["sft"]["recall@1"],
+            "heldout_rar_recall@1": comparison["rar"]["recall@1"],
+            "heldout_rar_validity": comparison["rar"]["validity_rate"],
+            "generator_champion": "rar" if keeps_recall else "sft",
+        },
+    )

@@ -1,0 +1,1 @@
+"""Dagster resources and the IO manager (installed as ``afmrl_dagster.resources``)."""

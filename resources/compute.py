@@ -1,0 +1,37 @@
+"""Where torch work runs: CUDA when present, else CPU."""
+
+
+import dagster as dg
+from pydantic import Field
+
+GPU_POOL = "gpu"  # concurrency pool shared by every asset that runs torch models (limit in dagster.yaml)
+
+
+class TorchCompute(dg.ConfigurableResource):
+    """Resolves the torch device and dtype for every torch asset."""
+
+    device: str = Field(default="auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: str = Field(default="auto", description="'auto' (bfloat16 on CUDA, float32 on CPU), 'float32' or 'bfloat16'.")
+    num_threads: int = Field(default=0, description="CPU threads for torch; 0 keeps torch's default.")
+
+    def torch_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"TorchCompute.device is {self.device!r} but torch sees no CUDA device")
+        return self.device
+
+    def torch_dtype(self):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().startswith("cuda") else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+
+    def setup_for_execution(self, context) -> None:
+        if self.num_threads:
+            import torch
+
+            torch.set_num_threads(self.num_threads)

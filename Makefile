@@ -1,0 +1,52 @@
+# Two commands set everything up: `make demo` and `make test` (see README).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+FAISS ?= cpu
+CATALOG ?= builtin
+BIN := $(VENV)/bin
+
+# Telemetry off and no hub lookups, for every command this Makefile runs.
+export DAGSTER_DISABLE_TELEMETRY := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export AWS_EC2_METADATA_DISABLED := true
+export PYTHONUNBUFFERED := 1
+export DAGSTER_HOME := $(CURDIR)/.afmrl/dagster_home
+export AFMRL_CATALOG := $(CATALOG)
+
+.PHONY: install demo test dev mlflow-ui clean
+
+$(BIN)/.installed: pyproject.toml
+	@echo "==> creating virtualenv $(VENV) and installing pinned dependencies (faiss: $(FAISS))"
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --progress-bar off -q -U pip setuptools wheel
+	$(BIN)/pip install --progress-bar off -e '.[$(FAISS),dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+demo: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/afmrl demo
+
+test: install
+	$(BIN)/python -m pytest
+
+dev: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///.afmrl/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf .afmrl

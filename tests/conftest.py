@@ -1,0 +1,59 @@
+"""Shared fixtures. Telemetry and hub lookups are off for every test."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+for _name, _value in {
+    "DAGSTER_DISABLE_TELEMETRY": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Helper modules (s3_server.py, pipeline_fixtures.py) live beside this file; with
+# --import-mode=importlib the tests folder is not on sys.path by itself.
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+from s3_server import S3ServerInfo, running_s3_server  # noqa: E402
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("AFMRL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets beside the project; tests using it skip when it is absent."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path} (set AFMRL_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3ServerInfo]:
+    """A running SeaweedFS S3 endpoint (loopback, one admin key pair), stopped by PID after the session.
+
+    Buckets are not auto-created: make yours with ``s3_server.client().create_bucket(Bucket=...)``
+    (names: 3-63 lowercase letters, digits, '-'). ``s3_server.store_options()`` gives the
+    keyword arguments for ``open_store`` / ``S3ObjectStore``.
+    """
+    with running_s3_server(tmp_path_factory.mktemp("s3-server")) as server:
+        yield server

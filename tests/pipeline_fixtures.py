@@ -1,0 +1,37 @@
+"""Resources and configs for running the real pipeline small and fast in tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from afmrl_dagster.assets.attributes import AttributeGeneratorConfig
+from afmrl_dagster.assets.encoder import EncoderTrainingRunConfig
+from afmrl_dagster.assets.rar import RARConfig
+from afmrl_dagster.resources.catalog_source import CatalogSource
+from afmrl_dagster.resources.compute import TorchCompute
+from afmrl_dagster.resources.io_manager import TableIOManager
+from afmrl_dagster.resources.models import EvaluationSplit, FeatureTowers
+from afmrl_dagster.resources.storage import ArtifactStore
+from afmrl_dagster.resources.tracking import MlflowTracking
+
+
+def tiny_resources(root: Path, catalog_spec: str = "builtin", store: ArtifactStore | None = None) -> dict:
+    store = store or ArtifactStore(location=str(root / "store"))
+    return {
+        "artifact_store": store,
+        "io_manager": TableIOManager(store=store),
+        "catalog_source": CatalogSource(
+            spec=catalog_spec, builtin_families_per_line=2, builtin_siblings_per_family=2, builtin_listings_per_product=3, store=store
+        ),
+        "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", experiment_name="afmrl-test"),
+        "torch_compute": TorchCompute(device="cpu"),
+        "feature_towers": FeatureTowers(),
+        "evaluation_split": EvaluationSplit(holdout_fraction=0.5),
+    }
+
+
+TINY_CONFIG = {
+    "attribute_generator": AttributeGeneratorConfig(epochs=60, batch_size=8),
+    "agcl_encoder": EncoderTrainingRunConfig(epochs=4, batch_size=8),
+    "rar_generator": RARConfig(steps=3, queries_per_step=4, group_size=4, reward_k=5),
+}

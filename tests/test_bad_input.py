@@ -1,0 +1,96 @@
+"""Bad listings are named and quarantined; too many fail the run; stored data survives."""
+
+from __future__ import annotations
+
+import io
+
+import dagster as dg
+import polars as pl
+import pytest
+from PIL import Image
+
+from afmrl_dagster.assets.catalog import RawCatalogConfig, raw_catalog
+from afmrl_dagster.catalog.schema import make_catalog
+
+from afmrl_dagster.demo import failure_messages
+
+from pipeline_fixtures import tiny_resources
+
+
+def jpeg(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_line(source_dir, rows) -> None:
+    make_catalog(rows).write_parquet(source_dir / "mugs.parquet")
+
+
+def good_rows(images_dir, count=8) -> list[dict]:
+    rows = []
+    for i in range(count):
+        path = images_dir / f"mug-{i}.jpg"
+        path.write_bytes(jpeg((20 * i, 80, 120)))
+        rows.append({
+            "listing_id": f"mug-{i}", "product_id": f"mug-p{i // 2}", "product_line": "mugs", "title": f"Blue mug {i}",
+            "image_uri": str(path), "seller_attributes": {"colour": "blue"}, "source": "test",
+        })
+    return rows
+
+
+def run_raw_catalog(resources, instance, max_bad_share):
+    return dg.materialize(
+        [raw_catalog], partition_key="mugs", resources=resources, instance=instance, raise_on_error=False,
+        run_config=dg.RunConfig(ops={"raw_catalog": RawCatalogConfig(max_bad_share=max_bad_share)}),
+    )
+
+
+@pytest.fixture
+def setup(tmp_path):
+    source, images = tmp_path / "source", tmp_path / "images"
+    source.mkdir()
+    images.mkdir()
+    resources = tiny_resources(tmp_path, catalog_spec=f"parquet:{source}")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("product_lines", ["mugs"])
+        yield source, images, resources, instance
+
+
+def bad_rows(images, rows):
+    corrupt = images / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows[1]["image_uri"] = str(corrupt)
+    rows[2]["title"] = None
+    rows[3]["listing_id"] = "mug-0"  # duplicate
+    rows[4]["title"] = b"caf\xe9 mug".decode("utf-8", errors="replace")  # was not UTF-8
+    return rows
+
+
+def test_bad_listings_are_quarantined_with_listing_and_field(setup):
+    source, images, resources, instance = setup
+    write_line(source, bad_rows(images, good_rows(images)))
+    result = run_raw_catalog(resources, instance, max_bad_share=0.6)
+    assert result.success
+    stored = resources["artifact_store"].open()
+    quarantine = stored.read_parquet("quarantine/raw_catalog/mugs.parquet")
+    problems = {(r["listing_id"], r["field"]) for r in quarantine.iter_rows(named=True)}
+    assert problems == {("mug-1", "image_uri"), ("mug-2", "title"), ("mug-0", "listing_id"), ("mug-4", "title")}
+    catalog = stored.read_parquet("tables/raw_catalog/mugs.parquet")
+    assert catalog.height == 4 and "mug-1" not in catalog["listing_id"].to_list()
+
+
+def test_too_many_bad_listings_fail_the_run_and_keep_stored_data(setup):
+    source, images, resources, instance = setup
+    write_line(source, good_rows(images))
+    assert run_raw_catalog(resources, instance, max_bad_share=0.0).success
+    stored = resources["artifact_store"].open()
+    before = stored.get_bytes("tables/raw_catalog/mugs.parquet")
+
+    write_line(source, bad_rows(images, good_rows(images)))
+    result = run_raw_catalog(resources, instance, max_bad_share=0.1)
+    assert not result.success
+    message = failure_messages(result)
+    assert "listing_id='mug-1'" in message and "'image_uri'" in message
+    assert stored.get_bytes("tables/raw_catalog/mugs.parquet") == before
+    assert pl.read_parquet(io.BytesIO(before)).height == 8

@@ -1,0 +1,90 @@
+"""The whole asset chain, materialised in process on a tiny built-in catalog with a real
+Dagster instance, a real MLflow store and the real pretrained towers."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+from mlflow.tracking import MlflowClient
+
+from afmrl_dagster.definitions import build_definitions
+from afmrl_dagster.demo import materialize_pipeline
+from afmrl_dagster.registry import ENCODER_MODEL_NAME, GENERATOR_MODEL_NAME
+
+from conftest import REPO_ROOT
+from pipeline_fixtures import TINY_CONFIG, tiny_resources
+
+
+def latest_metadata(instance, asset: str, partition: str | None = None) -> dict:
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset)) if partition is None else next(
+        record.event_log_entry
+        for record in instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+    )
+    return {key: value.value for key, value in event.asset_materialization.metadata.items()}
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    definitions = build_definitions(tiny_resources(root))
+    (root / "dagster_home").mkdir()
+    (root / "dagster_home" / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
+    with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
+        outcome = materialize_pipeline(definitions, instance, TINY_CONFIG, log=lambda _: None)
+        yield definitions, instance, outcome, root
+
+
+def test_whole_chain_produces_results_for_every_encoder(pipeline_run):
+    _, _, outcome, _ = pipeline_run
+    results = outcome["results"]
+    assert results["encoder"].to_list() == [
+        "zero-shot towers (title)",
+        "zero-shot towers (title + attributes)",
+        "AGCL encoder (title + attributes)",
+    ]
+    for metric in ("recall@1", "recall@5", "recall@10", "map@10"):
+        assert all(0.0 <= value <= 1.0 for value in results[metric])
+    assert results["recall@10"][2] >= results["recall@1"][2]
+    assert results["num_queries"][0] > 0
+
+
+def test_every_asset_materialised_and_blocking_checks_passed(pipeline_run):
+    definitions, instance, _, _ = pipeline_run
+    graph = definitions.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        assert instance.get_latest_materialization_event(key) is not None, key
+    check_keys = [check for key in graph.get_all_asset_keys() for check in graph.get(key).check_keys]
+    assert len(check_keys) >= 9
+    evaluations = instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)
+    for check_key in check_keys:
+        record = evaluations.get(check_key)
+        assert record is not None, f"{check_key} never ran"
+        evaluation = record.event.dagster_event.event_specific_data
+        blocking = check_key.name not in {"attribute_key_vocabulary", "images_decodable", "trained_beats_zero_shot"}
+        if blocking:
+            assert evaluation.passed, f"{check_key} failed: {evaluation.metadata}"
+
+
+def test_models_are_registered_and_champion_is_set(pipeline_run):
+    _, _, outcome, root = pipeline_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias(ENCODER_MODEL_NAME, "champion")
+    assert float(champion.tags["recall_at_1"]) == pytest.approx(outcome["results"]["recall@1"][2], abs=1e-5)
+    assert client.get_model_version_by_alias(GENERATOR_MODEL_NAME, "sft") is not None
+    assert str(client.get_model_version_by_alias(GENERATOR_MODEL_NAME, "rar").version) == outcome["rar"]["model_version"]
+    runs = client.search_runs([client.get_experiment_by_name("afmrl-test").experiment_id])
+    assert {run.info.run_name for run in runs} >= {"attribute_generator_sft", "agcl_encoder", "retrieval_evaluation", "rar_generator"}
+    assert all("dagster.run_id" in run.data.tags for run in runs)
+
+
+def test_rerun_with_unchanged_inputs_reuses_outputs(pipeline_run):
+    definitions, instance, _, _ = pipeline_run
+    line = "bags"
+    result = definitions.resolve_job_def("catalog_refresh_job").execute_in_process(instance=instance, partition_key=line)
+    assert result.success
+    assert latest_metadata(instance, "listing_features", line)["status"] == "cached"
+    assert latest_metadata(instance, "teacher_attributes", line)["status"] == "cached"
+    config = {"ops": {name: {"config": TINY_CONFIG[name].model_dump()} for name in ("attribute_generator", "agcl_encoder")}}
+    assert definitions.resolve_job_def("model_training_job").execute_in_process(instance=instance, run_config=config).success
+    assert latest_metadata(instance, "attribute_generator")["status"] == "cached"
+    assert latest_metadata(instance, "agcl_encoder")["status"] == "cached"

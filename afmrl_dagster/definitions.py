@@ -3,7 +3,7 @@
 Heavy libraries (torch, transformers, mlflow, GX) are imported inside asset bodies, so
 loading these definitions stays fast for the webserver, the daemon and every CLI call.
 Resources read their settings from environment variables when set (see the README), so one
-definition serves a laptop, CI and production.
+definition serves a laptop, CI and production; secrets stay ``dg.EnvVar`` references.
 """
 
 from __future__ import annotations
@@ -21,27 +21,28 @@ from .resources.storage import ArtifactStore
 from .resources.tracking import MlflowTracking
 
 
-def _env(name: str, default=None):
-    """A setting from the environment, resolved at run time (secrets never enter run config)."""
-    return dg.EnvVar(name) if name in os.environ else default
+def _secret(name: str):
+    """A secret from the environment, resolved only at run time: it never enters run config."""
+    return dg.EnvVar(name) if name in os.environ else None
 
 
 def build_resources() -> dict:
+    env = os.environ.get
     store = ArtifactStore(
-        location=_env("AFMRL_STORE", ".afmrl/store"),
-        endpoint_url=_env("AFMRL_S3_ENDPOINT_URL"),
-        region_name=_env("AWS_REGION"),
-        access_key_id=_env("AWS_ACCESS_KEY_ID"),
-        secret_access_key=_env("AWS_SECRET_ACCESS_KEY"),
+        location=env("AFMRL_STORE", ".afmrl/store"),
+        endpoint_url=env("AFMRL_S3_ENDPOINT_URL"),
+        region_name=env("AWS_REGION"),
+        access_key_id=_secret("AWS_ACCESS_KEY_ID"),
+        secret_access_key=_secret("AWS_SECRET_ACCESS_KEY"),
     )
     return {
         "artifact_store": store,
         "io_manager": TableIOManager(store=store),
-        "catalog_source": CatalogSource(spec=_env("AFMRL_CATALOG", "builtin"), store=store),
-        "mlflow_tracking": MlflowTracking(tracking_uri=_env("MLFLOW_TRACKING_URI", "sqlite:///.afmrl/mlflow.db")),
-        "torch_compute": TorchCompute(device=_env("AFMRL_DEVICE", "auto")),
+        "catalog_source": CatalogSource(spec=env("AFMRL_CATALOG", "builtin"), store=store),
+        "mlflow_tracking": MlflowTracking(tracking_uri=env("MLFLOW_TRACKING_URI", "sqlite:///.afmrl/mlflow.db")),
+        "torch_compute": TorchCompute(device=env("AFMRL_DEVICE", "auto")),
         "feature_towers": FeatureTowers(
-            image_model=_env("AFMRL_IMAGE_TOWER", "efficientnet-lite0"), text_model=_env("AFMRL_TEXT_TOWER", "all-MiniLM-L6-v2")
+            image_model=env("AFMRL_IMAGE_TOWER", "efficientnet-lite0"), text_model=env("AFMRL_TEXT_TOWER", "all-MiniLM-L6-v2")
         ),
         "evaluation_split": EvaluationSplit(),
     }

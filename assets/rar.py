@@ -30,7 +30,11 @@ class RARConfig(dg.Config):
     kl_beta: float = Field(default=0.04, description="Weight of the KL penalty to the SFT generator.")
     clip_epsilon: float = Field(default=0.2, description="Clipping of the importance ratio.")
     temperature: float = Field(default=1.0, description="Sampling temperature of the group.")
-    reward_k: int = Field(default=50, description="Reward = Recall@k of the query's true matches (k = 50 in the paper; use a k well below the gallery size).")
+    reward_k: int = Field(
+        default=0,
+        description="Reward = Recall@k of the query's true matches. 0 = auto: 50 as in the paper, capped at 2% of the gallery "
+        "(at least 5), since on a small catalog Recall@50 is 1 for nearly every output and GRPO would get no signal.",
+    )
     invalid_reward: float = Field(default=-0.1, description="Reward of output that does not parse.")
     seed: int = Field(default=0, description="Seed of query sampling and generation.")
 
@@ -97,15 +101,16 @@ def rar_generator(
         return RetrievalReward(
             head, text_featurizer, [titles[i] for i in rows], base.image[rows], base.image_mask[rows],
             [product_ids[i] for i in rows], [ids[i] for i in rows], gallery_embeddings, product_ids, ids,
-            k=config.reward_k, invalid_reward=config.invalid_reward,
+            k=reward_k, invalid_reward=config.invalid_reward,
         )
 
+    reward_k = config.reward_k or min(50, max(5, len(ids) // 50))
     train_rows = np.flatnonzero(~held_out)
     grpo = GRPOConfig(
         steps=config.steps, queries_per_step=config.queries_per_step, group_size=config.group_size, learning_rate=config.learning_rate,
         kl_beta=config.kl_beta, clip_epsilon=config.clip_epsilon, temperature=config.temperature, seed=config.seed, device=device,
     )
-    with mlflow_tracking.start_run(context, "rar_generator", params={**config.model_dump(), "train_queries": len(train_rows), "sft_version": attribute_generator["model_version"], "encoder_version": agcl_encoder["model_version"]}) as run:
+    with mlflow_tracking.start_run(context, "rar_generator", params={**config.model_dump(), "reward_k_used": reward_k, "train_queries": len(train_rows), "sft_version": attribute_generator["model_version"], "encoder_version": agcl_encoder["model_version"]}) as run:
         import mlflow
 
         samples: list[dict] = []
@@ -148,6 +153,7 @@ def rar_generator(
                 "reward_first_steps": float(np.mean([h["reward_mean"] for h in history[: max(1, len(history) // 5)]])),
                 "reward_last_steps": float(np.mean([h["reward_mean"] for h in history[-max(1, len(history) // 5):]])),
                 "heldout": comparison,
+                "reward_k": reward_k,
             }
             (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
             store.upload_directory(folder, prefix)
@@ -169,5 +175,6 @@ def rar_generator(
             "heldout_rar_recall@1": comparison["rar"]["recall@1"],
             "heldout_rar_validity": comparison["rar"]["validity_rate"],
             "generator_champion": "rar" if keeps_recall else "sft",
+            "reward_k": reward_k,
         },
     )

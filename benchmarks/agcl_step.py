@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import statistics
 import sys
 import time
@@ -21,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from afmrl_dagster.readme import write_block
 from afmrl_dagster.encoders.dual_tower import DualTowerConfig, DualTowerHead, ListingFeatures
 from afmrl_dagster.training.agcl import AGCLConfig, AGCLLoss
 from afmrl_dagster.training.bm25 import BM25Scorer
 from afmrl_dagster.training.encoder_training import FeatureTensors, ProductBatchSampler, batch_loss, make_optimizer
 
-START, END = "<!-- agcl-step:start -->", "<!-- agcl-step:end -->"
+START, END = "<!-- agcl-step:start -->", "<!-- agcl-step:end -->"  # see afmrl_dagster.readme
 
 VOCABULARY = {
     "colour": ["red", "blue", "navy", "black", "white", "green", "beige", "pink", "gray", "burgundy", "olive", "mustard"],
@@ -132,16 +132,6 @@ def table(result: dict, args: argparse.Namespace) -> str:
     )
 
 
-def write_readme(path: Path, block: str) -> bool:
-    """Replace the text between the agcl-step markers; leaves the file alone when they are absent."""
-    text = path.read_text()
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if not pattern.search(text):
-        return False
-    path.write_text(pattern.sub(lambda _: f"{START}\n{block}\n{END}", text, count=1))
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=256)
@@ -160,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     block = table(result, args)
     print(block)
     if args.write_readme is not None:
-        if write_readme(args.write_readme, block):
+        if write_block(args.write_readme, "agcl-step", block):
             print(f"\nwrote the table into {args.write_readme}")
         else:
             print(f"\n{args.write_readme} has no {START} ... {END} markers; nothing written")

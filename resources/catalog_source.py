@@ -16,8 +16,8 @@ class CatalogSource(dg.ConfigurableResource):
 
     spec: str = Field(default="builtin", description="Catalog source spec, e.g. builtin, grocery:/data/grocery_store, parquet:s3://bucket/catalog")
     builtin_seed: int = Field(default=0, description="Seed of the built-in catalog.")
-    builtin_families_per_line: int = Field(default=4, description="Built-in catalog: design families per product line.")
-    builtin_siblings_per_family: int = Field(default=4, description="Built-in catalog: near-identical products per family.")
+    builtin_families_per_line: int = Field(default=6, description="Built-in catalog: design families per product line.")
+    builtin_siblings_per_family: int = Field(default=5, description="Built-in catalog: near-identical products per family.")
     builtin_listings_per_product: int = Field(default=5, description="Built-in catalog: listings (photos + titles) per product.")
     store: ArtifactStore = Field(description="Gives the S3 endpoint and credentials for parquet:s3://... sources.")
 

@@ -56,8 +56,9 @@ def test_default_sizes(default_catalog):
     assert set(catalog) == set(DEFAULT.product_lines)
     for line, batch in catalog.items():
         frame = batch.listings
-        assert frame.height == 4 * 4 * 5 and frame["product_id"].n_unique() == 16
-        assert frame.group_by("product_id").len()["len"].to_list() == [5] * 16
+        products = DEFAULT.families_per_line * DEFAULT.siblings_per_family
+        assert frame.height == products * DEFAULT.listings_per_product and frame["product_id"].n_unique() == products
+        assert frame.group_by("product_id").len()["len"].to_list() == [DEFAULT.listings_per_product] * products
         assert set(batch.images) == set(frame["listing_id"])
         assert frame["product_line"].unique().to_list() == [line]
 
@@ -117,7 +118,7 @@ def test_colour_siblings_mostly_switch_to_a_look_alike():
 def test_ground_truth_is_normalised_and_complete():
     for line in BUILTIN_PRODUCT_LINES:
         truth = product_attributes(line, DEFAULT)
-        assert len(truth) == 16
+        assert len(truth) == DEFAULT.families_per_line * DEFAULT.siblings_per_family
         for attributes in truth.values():
             assert normalize_attributes(attributes) == attributes
             assert {"colour", "brand", "pattern"} <= set(attributes)

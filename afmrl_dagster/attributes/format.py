@@ -26,6 +26,8 @@ KEY_SYNONYMS = {
     "neck": "neckline",
     "neck_line": "neckline",
     "size_name": "size",
+    "sleeve_length": "sleeve",
+    "sleeves": "sleeve",
     "brand_name": "brand",
     "manufacturer": "brand",
     "print": "pattern",

@@ -79,8 +79,8 @@ class BuiltinCatalogConfig:
 
     seed: int = 0
     product_lines: tuple[str, ...] = ("tops", "bags", "mugs")
-    families_per_line: int = 4
-    siblings_per_family: int = 4
+    families_per_line: int = 6
+    siblings_per_family: int = 5
     listings_per_product: int = 5
     image_size: int = 224
     jpeg_quality_range: tuple[int, int] = (35, 92)

@@ -18,6 +18,7 @@ from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking, flat_metrics
 from .partitions import product_lines
+from .publishing import cached_manifest, cached_result, model_metadata, publish_model, tag_model_version
 
 MAX_KEYS_PER_LINE = 40
 
@@ -106,12 +107,6 @@ class AttributeGeneratorConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of initialisation and shuffling.")
 
 
-def _load_manifest(store, prefix: str) -> dict | None:
-    if store.is_complete_directory(prefix):
-        return json.loads(store.get_bytes(f"{prefix}/manifest.json"))
-    return None
-
-
 @dg.asset(group_name="attributes", kinds={"pytorch", "mlflow"}, pool=GPU_POOL)
 def attribute_generator(
     context: dg.AssetExecutionContext,
@@ -135,7 +130,7 @@ def attribute_generator(
     from afmrl_dagster.attributes.generator import AttributeGenerator, GeneratorConfig, generate_attribute_texts, save_generator
     from afmrl_dagster.attributes.vocabulary import AttributeVocabulary
     from afmrl_dagster.features import align, listing_features as features_of
-    from afmrl_dagster.registry import GENERATOR_MODEL_NAME, log_model
+    from afmrl_dagster.registry import GENERATOR_MODEL_NAME
     from afmrl_dagster.training.generator_sft import SFTConfig, attribute_accuracy, train_generator_sft
     import torch
 
@@ -143,9 +138,9 @@ def attribute_generator(
     split = evaluation_split.split()
     key = fingerprint("attribute_generator", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split)
     prefix = f"models/attribute_generator/{key}"
-    cached = _load_manifest(store, prefix)
+    cached = cached_manifest(store, prefix)
     if cached:
-        return dg.MaterializeResult(value=cached, metadata={"status": "cached", "uri": cached["uri"]})
+        return cached_result(cached)
 
     teacher = align(teacher_attributes, raw_catalog["listing_id"].to_list())
     held_out = split.query_mask(raw_catalog)
@@ -172,30 +167,18 @@ def attribute_generator(
         predicted = generate_attribute_texts(model, vocabulary, test.image, test.image_mask, test.text)
         accuracy = attribute_accuracy(predicted, [targets[lid] for lid in test_ids], vocabulary.keys)
         mlflow_tracking.log_metrics({f"heldout_{k}": v for k, v in accuracy.items()})
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "generator"
-            save_generator(model, vocabulary, folder, extra_json={"towers.json": feature_towers.as_json()})
-            info = log_model("generator", folder, GENERATOR_MODEL_NAME)
-            manifest = {
-                "uri": store.uri(prefix),
-                "fingerprint": key,
-                "mlflow_run_id": run.info.run_id,
-                "model_name": GENERATOR_MODEL_NAME,
-                "model_version": str(info.registered_model_version),
-                "heldout_accuracy": accuracy,
-                "final_loss": history[-1]["loss"] if history else None,
-            }
-            (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            store.upload_directory(folder, prefix)
+        manifest = publish_model(
+            context, "generator",
+            lambda folder: save_generator(model, vocabulary, folder, extra_json={"towers.json": feature_towers.as_json()}),
+            store, prefix, GENERATOR_MODEL_NAME, run,
+            {"fingerprint": key, "heldout_accuracy": accuracy, "final_loss": history[-1]["loss"] if history else None},
+        )
+    tag_model_version(mlflow_tracking, context, manifest, {"heldout_pair_f1": accuracy["pair_f1"], "heldout_validity_rate": accuracy["validity_rate"]})
     mlflow_tracking.client().set_registered_model_alias(GENERATOR_MODEL_NAME, "sft", manifest["model_version"])
     return dg.MaterializeResult(
         value=manifest,
         metadata={
-            "status": "trained",
-            "uri": manifest["uri"],
-            "mlflow_run_id": manifest["mlflow_run_id"],
-            "mlflow_run": dg.MetadataValue.url(mlflow_tracking.run_url(run.info.run_id)) if mlflow_tracking.tracking_uri.startswith("http") else mlflow_tracking.run_url(run.info.run_id),
-            "model_version": manifest["model_version"],
+            **model_metadata(manifest, mlflow_tracking),
             "train_listings": len(train_ids),
             **flat_metrics(accuracy, "heldout_"),
         },

@@ -2,8 +2,6 @@
 
 
 import json
-import tempfile
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -15,7 +13,7 @@ from ..resources.compute import GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
-from .attributes import _load_manifest
+from .publishing import cached_manifest, cached_result, model_metadata, publish_model, tag_model_version
 
 
 class EncoderTrainingRunConfig(dg.Config):
@@ -57,7 +55,7 @@ def agcl_encoder(
     from afmrl_dagster.encoders.dual_tower import DualTowerConfig, save_head
     from afmrl_dagster.features import align, listing_features as features_of
     from afmrl_dagster.plots import curve_png
-    from afmrl_dagster.registry import ENCODER_MODEL_NAME, log_model
+    from afmrl_dagster.registry import ENCODER_MODEL_NAME
     from afmrl_dagster.training.agcl import AGCLConfig
     from afmrl_dagster.training.encoder_training import EncoderTrainingConfig, train_encoder
 
@@ -65,9 +63,9 @@ def agcl_encoder(
     split = evaluation_split.split()
     key = fingerprint("agcl_encoder", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split)
     prefix = f"models/agcl_encoder/{key}"
-    cached = _load_manifest(store, prefix)
+    cached = cached_manifest(store, prefix)
     if cached:
-        return dg.MaterializeResult(value=cached, metadata={"status": "cached", "uri": cached["uri"]})
+        return cached_result(cached)
 
     device = torch_compute.torch_device()
     train_rows = raw_catalog.filter(~pl.Series(split.query_mask(raw_catalog)))
@@ -109,29 +107,19 @@ def agcl_encoder(
         import mlflow
 
         mlflow.log_image(_png_image(curve_png(result.history, ["loss", "temperature", "mean_negative_weight", "masked_fraction"], "epoch", "AGCL training")), "training_curve.png")
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "encoder"
-            save_head(result.head, folder)
-            info = log_model("encoder", folder, ENCODER_MODEL_NAME)
-            manifest = {
-                "uri": store.uri(prefix),
+        manifest = publish_model(
+            context, "encoder", lambda folder: save_head(result.head, folder), store, prefix, ENCODER_MODEL_NAME, run,
+            {
                 "fingerprint": key,
-                "mlflow_run_id": run.info.run_id,
-                "model_name": ENCODER_MODEL_NAME,
-                "model_version": str(info.registered_model_version),
                 "final_loss": result.history[-1]["loss"],
                 "loss": "plain InfoNCE" if not (config.use_attribute_weights or config.use_false_negative_mask) else "AGCL",
-            }
-            (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            store.upload_directory(folder, prefix)
+            },
+        )
+    tag_model_version(mlflow_tracking, context, manifest, {"final_loss": result.history[-1]["loss"]})
     return dg.MaterializeResult(
         value=manifest,
         metadata={
-            "status": "trained",
-            "uri": manifest["uri"],
-            "mlflow_run_id": manifest["mlflow_run_id"],
-            "mlflow_run": mlflow_tracking.run_url(run.info.run_id),
-            "model_version": manifest["model_version"],
+            **model_metadata(manifest, mlflow_tracking),
             "train_listings": train_rows.height,
             "first_loss": float(result.history[0]["loss"]),
             "final_loss": float(result.history[-1]["loss"]),

@@ -3,7 +3,6 @@ rewarded by how well its attributes make the frozen encoder retrieve the query's
 
 
 import copy
-import json
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from ..resources.compute import GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
-from .attributes import _load_manifest
+from .publishing import cached_manifest, cached_result, model_metadata, publish_model, tag_model_version
 from .retrieval import load_encoder_head
 
 
@@ -62,14 +61,13 @@ def rar_generator(
     the SFT generator. Held-out queries then compare SFT and RAR attributes; the new version
     is registered with alias ``rar`` and becomes the generator ``champion`` unless it lowers R@1.
     """
-    import torch
 
     from afmrl_dagster.attributes.format import parse_attributes
     from afmrl_dagster.attributes.generator import generate_attribute_texts, load_generator, save_generator
     from afmrl_dagster.encoders.dual_tower import embed_features
     from afmrl_dagster.evaluation import REPORTED_METRICS
     from afmrl_dagster.features import align, listing_features as features_of
-    from afmrl_dagster.registry import GENERATOR_MODEL_NAME, log_model
+    from afmrl_dagster.registry import GENERATOR_MODEL_NAME
     from afmrl_dagster.retrieval.metrics import retrieval_metrics
     from afmrl_dagster.retrieval.reward import RetrievalReward
     from afmrl_dagster.training.grpo import GRPOConfig, train_grpo
@@ -78,9 +76,9 @@ def rar_generator(
     split = evaluation_split.split()
     key = fingerprint("rar_generator", attribute_generator["fingerprint"], agcl_encoder["fingerprint"], catalog_embeddings, config.model_dump(), split)
     prefix = f"models/rar_generator/{key}"
-    cached = _load_manifest(store, prefix)
+    cached = cached_manifest(store, prefix)
     if cached:
-        return dg.MaterializeResult(value=cached, metadata={"status": "cached", "uri": cached["uri"]})
+        return cached_result(cached)
 
     device = torch_compute.torch_device()
     text_featurizer = feature_towers.text_featurizer(device)
@@ -140,23 +138,19 @@ def rar_generator(
             comparison[name] = {**{m: float(metrics[m]) for m in REPORTED_METRICS}, "validity_rate": float(np.mean([p.is_valid for p in parsed]))}
             mlflow_tracking.log_metrics({f"heldout_{name}_{m}": v for m, v in comparison[name].items()})
 
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "generator"
-            save_generator(policy, vocabulary, folder, extra_json={"towers.json": feature_towers.as_json()})
-            info = log_model("generator", folder, GENERATOR_MODEL_NAME)
-            manifest = {
-                "uri": store.uri(prefix),
+        manifest = publish_model(
+            context, "generator",
+            lambda folder: save_generator(policy, vocabulary, folder, extra_json={"towers.json": feature_towers.as_json()}),
+            store, prefix, GENERATOR_MODEL_NAME, run,
+            {
                 "fingerprint": key,
-                "mlflow_run_id": run.info.run_id,
-                "model_name": GENERATOR_MODEL_NAME,
-                "model_version": str(info.registered_model_version),
                 "reward_first_steps": float(np.mean([h["reward_mean"] for h in history[: max(1, len(history) // 5)]])),
                 "reward_last_steps": float(np.mean([h["reward_mean"] for h in history[-max(1, len(history) // 5):]])),
                 "heldout": comparison,
                 "reward_k": reward_k,
-            }
-            (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            store.upload_directory(folder, prefix)
+            },
+        )
+    tag_model_version(mlflow_tracking, context, manifest, {f"heldout_{k}": v for k, v in comparison["rar"].items()})
     client = mlflow_tracking.client()
     client.set_registered_model_alias(GENERATOR_MODEL_NAME, "rar", manifest["model_version"])
     keeps_recall = comparison["rar"]["recall@1"] >= comparison["sft"]["recall@1"]
@@ -164,11 +158,7 @@ def rar_generator(
     return dg.MaterializeResult(
         value=manifest,
         metadata={
-            "status": "trained",
-            "uri": manifest["uri"],
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_run": mlflow_tracking.run_url(run.info.run_id),
-            "model_version": manifest["model_version"],
+            **model_metadata(manifest, mlflow_tracking),
             "reward_first_steps": manifest["reward_first_steps"],
             "reward_last_steps": manifest["reward_last_steps"],
             "heldout_sft_recall@1": comparison["sft"]["recall@1"],

@@ -158,7 +158,7 @@ def test_grocery_malformed_input_names_file_and_line(tmp_path, split_text, probl
 def test_wdc_products(shared_data):
     root = _dataset(shared_data, "wdc_products")
     frame = load_wdc_products(root)
-    offers, clusters = {}, set()
+    offers = {}
     for path in root.glob("*.json.gz"):
         for line in gzip.open(path, "rt", encoding="utf-8"):
             pair = json.loads(line)

@@ -18,6 +18,7 @@ import torch
 from ..encoders.dual_tower import DualTowerConfig, DualTowerHead, ListingFeatures
 from .agcl import AGCLConfig, AGCLLoss
 from .bm25 import TOKENIZERS, BM25Scorer
+from .schedules import warmup_cosine
 
 SAMPLERS = ("product_line", "random")
 
@@ -165,17 +166,6 @@ def batch_loss(
     return loss_fn(queries, candidates, head.temperature, bm25, same_product, bm25_reverse)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then cosine decay to 0 at ``total_steps``."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return multiplier
-
 
 def make_optimizer(head: DualTowerHead, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with decay on weight matrices only (not biases nor the temperature)."""
@@ -223,7 +213,7 @@ def train_encoder(
         head.to(config.device).train()
         optimizer = make_optimizer(head, config.learning_rate, config.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(total_steps, int(round(config.warmup_fraction * total_steps)))
+            optimizer, warmup_cosine(total_steps, config.warmup_fraction)
         )
         for epoch in range(config.epochs):
             started = time.perf_counter()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..attributes.format import normalize_attributes, parse_attributes
 from ..attributes.generator import AttributeGenerator, feature_tensor
 from ..attributes.vocabulary import BOS_ID, EOS_ID, PAD_ID, AttributeVocabulary
+from .schedules import warmup_cosine
 
 
 @dataclass
@@ -54,18 +55,6 @@ def encode_targets(vocab: AttributeVocabulary, targets: list[dict], max_new_toke
         padded[index, : len(row)] = torch.tensor(row)
     return padded, skipped
 
-
-def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
-    """Learning-rate multiplier: linear warmup, then cosine decay to zero."""
-    warmup = max(1, int(round(total_steps * warmup_fraction))) if warmup_fraction > 0 else 0
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return multiplier
 
 
 def train_generator_sft(

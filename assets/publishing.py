@@ -1,0 +1,72 @@
+"""How a trained model leaves an asset: a registered MLflow version plus a content-addressed
+folder in the artefact store whose manifest (written last) is what downstream assets receive."""
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import dagster as dg
+
+from ..resources.tracking import MlflowTracking, flat_metrics, mlflow_metric_name
+
+
+def cached_manifest(store, prefix: str) -> dict | None:
+    """The manifest of a complete artefact folder at ``prefix``, or None (never a half-written one)."""
+    if store.is_complete_directory(prefix):
+        return json.loads(store.get_bytes(f"{prefix}/manifest.json"))
+    return None
+
+
+def cached_result(manifest: dict) -> dg.MaterializeResult:
+    return dg.MaterializeResult(value=manifest, metadata={"status": "cached", "uri": manifest["uri"], "model_version": manifest["model_version"]})
+
+
+def publish_model(
+    context: dg.AssetExecutionContext,
+    kind: str,
+    save: Callable[[Path], None],
+    store,
+    prefix: str,
+    model_name: str,
+    run,
+    extra: dict,
+) -> dict:
+    """Save the model with ``save(folder)``, log and register it in MLflow, upload the folder to
+    ``prefix`` and return its manifest (uri, MLflow ids, ``extra``)."""
+    import tempfile
+
+    from afmrl_dagster.registry import log_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / kind
+        save(folder)
+        info = log_model(kind, folder, model_name)
+        manifest = {
+            "uri": store.uri(prefix),
+            "mlflow_run_id": run.info.run_id,
+            "model_name": model_name,
+            "model_version": str(info.registered_model_version),
+            **extra,
+        }
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        store.upload_directory(folder, prefix)
+    return manifest
+
+
+def tag_model_version(mlflow_tracking: MlflowTracking, context: dg.AssetExecutionContext, manifest: dict, metrics: dict) -> None:
+    """Record where a version came from and how it scored, on the version itself."""
+    client = mlflow_tracking.client()
+    tags = {"dagster_run_id": context.run.run_id, "fingerprint": manifest.get("fingerprint", ""), **{mlflow_metric_name(k): f"{v:.6f}" for k, v in flat_metrics(metrics).items()}}
+    for key, value in tags.items():
+        client.set_model_version_tag(manifest["model_name"], manifest["model_version"], key, value)
+
+
+def model_metadata(manifest: dict, mlflow_tracking: MlflowTracking) -> dict:
+    """What the UI shows for a freshly trained model."""
+    return {
+        "status": "trained",
+        "uri": manifest["uri"],
+        "mlflow_run_id": manifest["mlflow_run_id"],
+        "mlflow_run": mlflow_tracking.run_url(manifest["mlflow_run_id"]),
+        "model_version": manifest["model_version"],
+    }

@@ -98,7 +98,7 @@ def find_weed_binary() -> Path:
     )
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     # Hold every socket open until all are chosen, so the same port is never handed out twice.
     sockets = []
     try:
@@ -112,7 +112,7 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _log_tail(path: Path, lines: int = 40) -> str:
+def log_tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -127,7 +127,7 @@ def _wait_ready(info: S3ServerInfo, process: subprocess.Popen, log_path: Path, t
         if process.poll() is not None:
             raise RuntimeError(
                 f"SeaweedFS exited with code {process.returncode} before serving S3 at {info.endpoint_url}; "
-                f"log tail:\n{_log_tail(log_path)}"
+                f"log tail:\n{log_tail(log_path)}"
             )
         try:
             client.list_buckets()
@@ -137,7 +137,7 @@ def _wait_ready(info: S3ServerInfo, process: subprocess.Popen, log_path: Path, t
             time.sleep(0.1)
     raise RuntimeError(
         f"SeaweedFS did not answer list_buckets at {info.endpoint_url} within {timeout:.0f} s "
-        f"(last error: {last_error!r}); log tail:\n{_log_tail(log_path)}"
+        f"(last error: {last_error!r}); log tail:\n{log_tail(log_path)}"
     )
 
 
@@ -188,7 +188,7 @@ def running_s3_server(
             }
         )
     )
-    ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
+    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
     command = [
         "env",
         "--default-signal=INT,TERM",

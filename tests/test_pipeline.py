@@ -88,3 +88,30 @@ def test_rerun_with_unchanged_inputs_reuses_outputs(pipeline_run):
     assert definitions.resolve_job_def("model_training_job").execute_in_process(instance=instance, run_config=config).success
     assert latest_metadata(instance, "attribute_generator")["status"] == "cached"
     assert latest_metadata(instance, "agcl_encoder")["status"] == "cached"
+
+
+ASSET_QUERY = """
+{ assetNodes { assetKey { path } groupName description kinds isPartitioned
+    assetChecksOrError { ... on AssetChecks { checks { name } } } } }
+"""
+MATERIALIZATION_QUERY = """
+query ($path: [String!]!) { assetOrError(assetKey: {path: $path}) { ... on Asset {
+    assetMaterializations(limit: 1) { metadataEntries { label } } } } }
+"""
+
+
+def test_dagster_dev_shows_the_chain_with_groups_checks_and_metadata(pipeline_run, tmp_path):
+    from dagster_server import running_dagster_dev
+
+    definitions, _, _, root = pipeline_run
+    env = {"AFMRL_STORE": str(root / "store"), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    with running_dagster_dev(root / "dagster_home", env, tmp_path) as server:
+        nodes = {tuple(node["assetKey"]["path"]): node for node in server.graphql(ASSET_QUERY)["assetNodes"]}
+        expected = {key.to_user_string() for key in definitions.resolve_asset_graph().get_all_asset_keys()}
+        assert {"/".join(path) for path in nodes} == expected
+        for node in nodes.values():
+            assert node["groupName"] != "default" and node["description"] and node["kinds"]
+        assert {check["name"] for check in nodes[("raw_catalog",)]["assetChecksOrError"]["checks"]} == {"catalog_schema", "images_decodable"}
+        evaluation = server.graphql(MATERIALIZATION_QUERY, {"path": ["retrieval_evaluation"]})["assetOrError"]
+        labels = {entry["label"] for entry in evaluation["assetMaterializations"][0]["metadataEntries"]}
+        assert {"results", "recall@1", "mlflow_run", "promotion"} <= labels

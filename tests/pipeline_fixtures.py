@@ -15,14 +15,15 @@ from afmrl_dagster.resources.storage import ArtifactStore
 from afmrl_dagster.resources.tracking import MlflowTracking
 
 
-def tiny_resources(root: Path, catalog_spec: str = "builtin", store: ArtifactStore | None = None) -> dict:
+TINY_CATALOG = "builtin:families=2,siblings=2,listings=3"
+
+
+def tiny_resources(root: Path, catalog_spec: str = TINY_CATALOG, store: ArtifactStore | None = None) -> dict:
     store = store or ArtifactStore(location=str(root / "store"))
     return {
         "artifact_store": store,
         "io_manager": TableIOManager(store=store),
-        "catalog_source": CatalogSource(
-            spec=catalog_spec, builtin_families_per_line=2, builtin_siblings_per_family=2, builtin_listings_per_product=3, store=store
-        ),
+        "catalog_source": CatalogSource(spec=catalog_spec, store=store),
         "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", experiment_name="afmrl-test"),
         "torch_compute": TorchCompute(device="cpu"),
         "feature_towers": FeatureTowers(),

@@ -12,7 +12,7 @@ from afmrl_dagster.demo import materialize_pipeline
 from afmrl_dagster.registry import ENCODER_MODEL_NAME, GENERATOR_MODEL_NAME
 
 from conftest import REPO_ROOT
-from pipeline_fixtures import TINY_CONFIG, tiny_resources
+from pipeline_fixtures import TINY_CATALOG, TINY_CONFIG, tiny_resources
 
 
 def latest_metadata(instance, asset: str, partition: str | None = None) -> dict:
@@ -100,18 +100,62 @@ query ($path: [String!]!) { assetOrError(assetKey: {path: $path}) { ... on Asset
 """
 
 
-def test_dagster_dev_shows_the_chain_with_groups_checks_and_metadata(pipeline_run, tmp_path):
+@pytest.fixture(scope="module")
+def dagster_dev(pipeline_run, tmp_path_factory):
+    """The real webserver + daemon over the instance, store and MLflow store of the pipeline run."""
     from dagster_server import running_dagster_dev
 
-    definitions, _, _, root = pipeline_run
-    env = {"AFMRL_STORE": str(root / "store"), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    with running_dagster_dev(root / "dagster_home", env, tmp_path) as server:
-        nodes = {tuple(node["assetKey"]["path"]): node for node in server.graphql(ASSET_QUERY)["assetNodes"]}
-        expected = {key.to_user_string() for key in definitions.resolve_asset_graph().get_all_asset_keys()}
-        assert {"/".join(path) for path in nodes} == expected
-        for node in nodes.values():
-            assert node["groupName"] != "default" and node["description"] and node["kinds"]
-        assert {check["name"] for check in nodes[("raw_catalog",)]["assetChecksOrError"]["checks"]} == {"catalog_schema", "images_decodable"}
-        evaluation = server.graphql(MATERIALIZATION_QUERY, {"path": ["retrieval_evaluation"]})["assetOrError"]
-        labels = {entry["label"] for entry in evaluation["assetMaterializations"][0]["metadataEntries"]}
-        assert {"results", "recall@1", "mlflow_run", "promotion"} <= labels
+    _, _, _, root = pipeline_run
+    env = {"AFMRL_STORE": str(root / "store"), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "AFMRL_CATALOG": TINY_CATALOG}
+    with running_dagster_dev(root / "dagster_home", env, tmp_path_factory.mktemp("dagster-dev")) as server:
+        yield server
+
+
+def test_dagster_dev_shows_the_chain_with_groups_checks_and_metadata(pipeline_run, dagster_dev):
+    definitions = pipeline_run[0]
+    server = dagster_dev
+    nodes = {tuple(node["assetKey"]["path"]): node for node in server.graphql(ASSET_QUERY)["assetNodes"]}
+    expected = {key.to_user_string() for key in definitions.resolve_asset_graph().get_all_asset_keys()}
+    assert {"/".join(path) for path in nodes} == expected
+    for node in nodes.values():
+        assert node["groupName"] != "default" and node["description"] and node["kinds"]
+    assert {check["name"] for check in nodes[("raw_catalog",)]["assetChecksOrError"]["checks"]} == {"catalog_schema", "images_decodable"}
+    evaluation = server.graphql(MATERIALIZATION_QUERY, {"path": ["retrieval_evaluation"]})["assetOrError"]
+    labels = {entry["label"] for entry in evaluation["assetMaterializations"][0]["metadataEntries"]}
+    assert {"results", "recall@1", "mlflow_run", "promotion"} <= labels
+
+
+BACKFILL_MUTATION = """
+mutation ($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
+    __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }
+"""
+RUNS_QUERY = """
+query ($tag: String!) { runsOrError(filter: {tags: [{key: "dagster/backfill", value: $tag}]}) {
+    ... on Runs { results { runId status tags { key value } } } } }
+"""
+
+
+def test_backfill_over_product_lines_runs_through_the_daemon(dagster_dev):
+    """A backfill of the per-line job over two product lines, launched as the UI does and run by the daemon."""
+    import time
+
+    params = {
+        "selector": {
+            "partitionSetName": "catalog_refresh_job_partition_set",
+            "repositorySelector": {"repositoryName": "__repository__", "repositoryLocationName": "afmrl"},
+        },
+        "partitionNames": ["bags", "mugs"],
+    }
+    launched = dagster_dev.graphql(BACKFILL_MUTATION, {"params": params})["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    deadline = time.monotonic() + 240
+    while True:
+        runs = dagster_dev.graphql(RUNS_QUERY, {"tag": launched["backfillId"]})["runsOrError"]["results"]
+        statuses = {run["status"] for run in runs}
+        if len(runs) == 2 and statuses <= {"SUCCESS", "FAILURE", "CANCELED"}:
+            break
+        assert time.monotonic() < deadline, f"backfill runs not finished: {runs}"
+        time.sleep(2)
+    assert statuses == {"SUCCESS"}, runs
+    partitions = {tag["value"] for run in runs for tag in run["tags"] if tag["key"] == "dagster/partition"}
+    assert partitions == {"bags", "mugs"}

@@ -31,7 +31,7 @@ class RARConfig(dg.Config):
     temperature: float = Field(default=1.0, description="Sampling temperature of the group.")
     reward_k: int = Field(
         default=0,
-        description="Reward = Recall@k of the query's true matches. 0 = auto: 50 as in the paper, capped at 2% of the gallery "
+        description="Reward = Recall@k of the query's true matches. 0 = auto: 50 as in the paper, capped at 1% of the gallery "
         "(at least 5), since on a small catalog Recall@50 is 1 for nearly every output and GRPO would get no signal.",
     )
     invalid_reward: float = Field(default=-0.1, description="Reward of output that does not parse.")
@@ -102,7 +102,7 @@ def rar_generator(
             k=reward_k, invalid_reward=config.invalid_reward,
         )
 
-    reward_k = config.reward_k or min(50, max(5, len(ids) // 50))
+    reward_k = config.reward_k or min(50, max(5, len(ids) // 100))
     train_rows = np.flatnonzero(~held_out)
     grpo = GRPOConfig(
         steps=config.steps, queries_per_step=config.queries_per_step, group_size=config.group_size, learning_rate=config.learning_rate,

@@ -1,0 +1,36 @@
+"""Assets called directly as functions, with a built asset context and real resources."""
+
+import dagster as dg
+import polars as pl
+
+from afmrl_dagster.assets.attributes import AttributeQualityConfig, teacher_attributes
+from afmrl_dagster.catalog.schema import make_catalog
+from afmrl_dagster.resources.storage import ArtifactStore
+
+
+def catalog() -> pl.DataFrame:
+    return make_catalog([
+        {"listing_id": "mug-1", "product_id": "p1", "product_line": "mugs", "title": "Red mug", "source": "test",
+         "seller_attributes": {"Color": "Red", "Size": "400ML"}},
+        {"listing_id": "mug-2", "product_id": "p1", "product_line": "mugs", "title": "Mug, red, 400 ml", "source": "test",
+         "seller_attributes": {"colour": "red"}},
+        {"listing_id": "mug-3", "product_id": "p2", "product_line": "mugs", "title": "Blue mug", "source": "test"},
+    ])
+
+
+def invoke(tmp_path, min_valid_share: float):
+    store = ArtifactStore(location=str(tmp_path))
+    with dg.build_asset_context(partition_key="mugs") as context:
+        return teacher_attributes(context, AttributeQualityConfig(min_valid_share=min_valid_share), catalog(), store)
+
+
+def test_teacher_attributes_normalise_and_report_checks(tmp_path):
+    result = invoke(tmp_path, min_valid_share=0.9)
+    table = result.value
+    assert table["listing_id"].to_list() == ["mug-1", "mug-2", "mug-3"]
+    assert table["attributes_json"][0] == '{"colour": "red", "size": "400 ml"}'
+    assert table["is_valid"].all()
+    checks = {check.check_name: check.passed for check in result.check_results}
+    assert checks == {"attribute_parse_rate": True, "attribute_key_vocabulary": True}
+    assert result.metadata["status"] == "computed"
+    assert invoke(tmp_path, min_valid_share=0.9).metadata["status"] == "cached"

@@ -24,10 +24,12 @@ def promotion_decision(
     if metric not in candidate_metrics:
         raise KeyError(f"promotion metric {metric!r} not among the candidate's metrics {sorted(candidate_metrics)}")
     candidate = candidate_metrics[metric]
-    if champion_version is None or champion_metrics is None:
-        return PromotionDecision(True, f"no champion yet: version {candidate_version} becomes champion ({metric}={candidate:.4f})")
-    if champion_version == candidate_version:
+    if champion_version is not None and champion_version == candidate_version:
         return PromotionDecision(False, f"version {candidate_version} is already the champion")
+    if champion_version is None:
+        return PromotionDecision(True, f"no champion yet: version {candidate_version} becomes champion ({metric}={candidate:.4f})")
+    if champion_metrics is None:
+        raise ValueError(f"champion version {champion_version} must be scored on the same evaluation set before comparing")
     champion = champion_metrics[metric]
     if candidate > champion + margin:
         return PromotionDecision(True, f"version {candidate_version} {metric}={candidate:.4f} beats champion {champion_version} ({champion:.4f}) by more than {margin}")

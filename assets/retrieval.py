@@ -18,6 +18,7 @@ from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
 from .partitions import product_lines
+from .publishing import tag_model_version
 
 
 def load_encoder_head(store, manifest: dict):
@@ -146,7 +147,7 @@ def retrieval_evaluation(
     from afmrl_dagster.features import align, listing_features as features_of
     from afmrl_dagster.quality import metric_expectations, validate_frame
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
-    from afmrl_dagster.promotion import promotion_decision
+    from afmrl_dagster.promotion import PromotionDecision, promotion_decision
 
     device = torch_compute.torch_device()
     ids = raw_catalog["listing_id"].to_list()
@@ -169,25 +170,26 @@ def retrieval_evaluation(
             prefix = row["encoder"].split(" (")[0].replace(" ", "_").replace("-", "_")
             suffix = "attrs" if "attributes" in row["encoder"] else "title"
             mlflow_tracking.log_metrics({f"{prefix}_{suffix}_{m}": row[m] for m in REPORTED_METRICS})
-    client = mlflow_tracking.client()
+    # The gate first: metrics that fail it never move the champion.
+    quality = validate_frame(results.select(REPORTED_METRICS), "retrieval_metrics", metric_expectations({m: (0.0, 1.0) for m in REPORTED_METRICS}))
     version = agcl_encoder["model_version"]
-    for metric in REPORTED_METRICS:
-        client.set_model_version_tag(ENCODER_MODEL_NAME, version, metric.replace("@", "_at_"), f"{candidate[metric]:.6f}")
-    client.set_model_version_tag(ENCODER_MODEL_NAME, version, "evaluation_set", evaluation_set)
-    client.set_model_version_tag(ENCODER_MODEL_NAME, version, "dagster_run_id", context.run.run_id)
+    tag_model_version(mlflow_tracking, context, agcl_encoder, {**{m: candidate[m] for m in REPORTED_METRICS}})
+    mlflow_tracking.client().set_model_version_tag(ENCODER_MODEL_NAME, version, "evaluation_set", evaluation_set)
     champion = mlflow_tracking.champion_version(ENCODER_MODEL_NAME)
     champion_version = str(champion.version) if champion else None
-    champion_metrics = None
-    if champion_version is not None and champion_version != version:
-        # Re-score the champion on this very evaluation set, so the comparison is like for like.
-        champion_head = _registered_head(ENCODER_MODEL_NAME, champion_version)
-        champion_metrics = evaluate_embeddings(raw_catalog, embed_features(champion_head, with_attributes, device=device), query_mask)
-    decision = promotion_decision(version, candidate, champion_version, champion_metrics, config.promotion_metric, config.promotion_margin)
+    if not quality.passed:
+        decision = PromotionDecision(False, f"metrics failed their quality gate: {quality.as_metadata()['failed']}")
+    else:
+        champion_metrics = None
+        if champion_version is not None and champion_version != version:
+            # Re-score the champion on this very evaluation set, so the comparison is like for like.
+            champion_head = _registered_head(ENCODER_MODEL_NAME, champion_version)
+            champion_metrics = evaluate_embeddings(raw_catalog, embed_features(champion_head, with_attributes, device=device), query_mask)
+        decision = promotion_decision(version, candidate, champion_version, champion_metrics, config.promotion_metric, config.promotion_margin)
     if decision.promote:
         mlflow_tracking.promote(ENCODER_MODEL_NAME, version)
     context.log.info(f"promotion: {decision.reason}")
 
-    quality = validate_frame(results.select(REPORTED_METRICS), "retrieval_metrics", metric_expectations({m: (0.0, 1.0) for m in REPORTED_METRICS}))
     table = results_markdown(results)
     beats = candidate["recall@1"] > rows[0]["recall@1"]
     return dg.MaterializeResult(

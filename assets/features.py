@@ -48,7 +48,7 @@ def listing_features(
             "status": "computed",
             "fingerprint": key,
             "dagster/row_count": features.height,
-            "towers": json.dumps({"image": feature_towers.image_model, "text": feature_towers.text_model}),
+            "towers": json.dumps(feature_towers.as_json()),
             "device": device,
         },
     )

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,10 +237,10 @@ def running_s3_server(
         yield info
     finally:
         stop_server(process, stop_grace_seconds)
-        # SeaweedFS names its other sockets /tmp/seaweedfs-<role>-<port>.sock and sometimes
-        # leaves them behind; the ports were ours, so the leftovers are too.
+        # SeaweedFS puts its other sockets in the system temp folder as seaweedfs-<role>-<port>.sock
+        # and sometimes leaves them behind; the ports were ours, so the leftovers are too.
         for port in ports.values():
-            for leftover in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            for leftover in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
                 with contextlib.suppress(OSError):
                     leftover.unlink()
 

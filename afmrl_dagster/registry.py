@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -81,12 +82,28 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def log_model(kind: str, local_dir: str, registered_model_name: str):
-    """Log a trained folder as a pyfunc model in the active run and register a new version."""
-    python_model, artifact = {"encoder": (EncoderPyfunc(), "head"), "generator": (GeneratorPyfunc(), "generator")}[kind]
+    """Log a trained folder as a pyfunc model in the active run and register a new version.
+
+    The model is logged "from code" (the small modules in ``mlflow_models``), so the registry
+    holds safetensors, JSON and source, never a pickled Python object.
+    """
+    artifact = {"encoder": "head", "generator": "generator"}[kind]
     return mlflow.pyfunc.log_model(
         name=kind,
-        python_model=python_model,
+        python_model=str(Path(__file__).parent / "mlflow_models" / f"{kind}.py"),
         artifacts={artifact: str(local_dir)},
         pip_requirements=pip_requirements(),
         registered_model_name=registered_model_name,
     )
+
+
+def download_model_artifact(model_uri: str, artifact: str, destination: str | Path) -> Path:
+    """Fetch a registered pyfunc model and return the local folder of one of its artefacts
+    (``head`` of an encoder, ``generator`` of a generator), as recorded in its MLmodel file."""
+    from mlflow.models import Model
+
+    root = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(destination)))
+    artifacts = Model.load(str(root / "MLmodel")).flavors["python_function"].get("artifacts", {})
+    if artifact not in artifacts:
+        raise KeyError(f"{model_uri} has no artefact {artifact!r}; it has {sorted(artifacts)}")
+    return root / artifacts[artifact]["path"]

@@ -217,10 +217,8 @@ def retrieval_evaluation(
 
 def _registered_head(model_name: str, version: str):
     """The encoder head of a registered model version, fetched from the MLflow artefact store."""
-    import mlflow
-
     from afmrl_dagster.encoders.dual_tower import load_head
+    from afmrl_dagster.registry import download_model_artifact
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}", dst_path=tmp)
-        return load_head(Path(path) / "artifacts" / "head")
+        return load_head(download_model_artifact(f"models:/{model_name}/{version}", "head", tmp))

@@ -159,3 +159,33 @@ def test_backfill_over_product_lines_runs_through_the_daemon(dagster_dev):
     assert statuses == {"SUCCESS"}, runs
     partitions = {tag["value"] for run in runs for tag in run["tags"] if tag["key"] == "dagster/partition"}
     assert partitions == {"bags", "mugs"}
+
+
+def test_registered_encoder_embeds_listings_from_the_registry(pipeline_run):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    _, _, _, root = pipeline_run
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(f"models:/{ENCODER_MODEL_NAME}@champion")
+    embeddings = np.asarray(model.predict(pd.DataFrame({"title": ["red mug", "navy tote"], "attributes_json": ['{"colour": "red"}', None]})))
+    assert embeddings.shape == (2, 256)
+    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-4)
+
+
+def test_new_encoder_is_compared_with_the_champion_on_the_same_set(pipeline_run):
+    """A second encoder version: the evaluation re-scores the registered champion before deciding."""
+    from afmrl_dagster.assets.encoder import EncoderTrainingRunConfig
+
+    definitions, instance, _, _ = pipeline_run
+    config = {"ops": {"agcl_encoder": {"config": EncoderTrainingRunConfig(epochs=2, batch_size=8, seed=1).model_dump()},
+                      "attribute_generator": {"config": TINY_CONFIG["attribute_generator"].model_dump()}}}
+    assert definitions.resolve_job_def("model_training_job").execute_in_process(instance=instance, run_config=config).success
+    for line in instance.get_dynamic_partitions("product_lines"):
+        assert definitions.resolve_job_def("catalog_embedding_job").execute_in_process(instance=instance, partition_key=line).success
+    retrieval = {"ops": {"rar_generator": {"config": TINY_CONFIG["rar_generator"].model_dump()}}}
+    assert definitions.resolve_job_def("retrieval_job").execute_in_process(instance=instance, run_config=retrieval).success
+    metadata = latest_metadata(instance, "retrieval_evaluation")
+    assert metadata["champion_before"] == "1"
+    assert "champion 1" in metadata["promotion"]

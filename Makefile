@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 FAISS ?= cpu
 CATALOG ?= builtin
+DEMO_ARGS ?=
 BIN := $(VENV)/bin
 
 # Telemetry off and no hub lookups, for every command this Makefile runs.
@@ -37,7 +38,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	cp dagster.yaml $@
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/afmrl demo
+	$(BIN)/afmrl demo $(DEMO_ARGS)
 
 test: install
 	$(BIN)/python -m pytest

@@ -22,11 +22,11 @@ from .retrieval import load_encoder_head
 
 
 class RARConfig(dg.Config):
-    steps: int = Field(default=30, description="GRPO steps.")
+    steps: int = Field(default=60, description="GRPO steps.")
     queries_per_step: int = Field(default=16, description="Training queries per step.")
     group_size: int = Field(default=8, description="G: attribute outputs sampled per query.")
-    learning_rate: float = Field(default=1e-4, description="Policy learning rate.")
-    kl_beta: float = Field(default=0.04, description="Weight of the KL penalty to the SFT generator.")
+    learning_rate: float = Field(default=3e-4, description="Policy learning rate.")
+    kl_beta: float = Field(default=0.01, description="Weight of the KL penalty to the SFT generator.")
     clip_epsilon: float = Field(default=0.2, description="Clipping of the importance ratio.")
     temperature: float = Field(default=1.0, description="Sampling temperature of the group.")
     reward_k: int = Field(

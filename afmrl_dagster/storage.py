@@ -281,13 +281,7 @@ class LocalObjectStore(ObjectStore):
         return str(path)
 
     def get_bytes(self, key: str) -> bytes:
-        path = self.path(key)
-        try:
-            return path.read_bytes()
-        except FileNotFoundError as error:
-            raise StorageError(f"no object at key {key!r} in {self.root_uri} ({path} does not exist)") from error
-        except OSError as error:
-            raise StorageError(f"cannot read {path}: {error}") from error
+        return _read_local_file(self.path(key), f"key {key!r} in {self.root_uri}")
 
     def list_keys(self, prefix: str = "") -> list[str]:
         _validate_prefix(prefix)
@@ -620,11 +614,15 @@ def read_uri_bytes(uri: str, s3_client=None) -> bytes:
             raise ValueError(f"S3 URI {uri!r} names a bucket but no object key")
         # The raw key is used as is: images referenced by a catalog may not follow our key rules.
         return S3ObjectStore(bucket, client=s3_client or make_s3_client())._get_object_bytes(key)
-    path = _local_path(uri)
+    return _read_local_file(_local_path(uri), repr(uri))
+
+
+def _read_local_file(path: Path, what: str) -> bytes:
+    """Bytes of a local file, or a StorageError naming ``what`` was asked for and the path."""
     try:
         return path.read_bytes()
     except FileNotFoundError as error:
-        raise StorageError(f"no file at {uri!r} ({path} does not exist)") from error
+        raise StorageError(f"nothing at {what} ({path} does not exist)") from error
     except OSError as error:
-        raise StorageError(f"cannot read {uri!r}: {error}") from error
+        raise StorageError(f"cannot read {what} ({path}): {error}") from error
 

@@ -18,7 +18,16 @@ from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking, flat_metrics
 from .partitions import product_lines
-from .publishing import cached_manifest, cached_result, model_metadata, publish_model, tag_model_version
+from .publishing import (
+    cached_manifest,
+    cached_result,
+    check_results,
+    model_check,
+    model_metadata,
+    publish_model,
+    tag_model_version,
+    weights_finite,
+)
 
 MAX_KEYS_PER_LINE = 40
 
@@ -99,6 +108,7 @@ def teacher_attributes(
 
 
 class AttributeGeneratorConfig(dg.Config):
+    min_heldout_validity: float = Field(default=0.9, description="Blocking gate: share of parseable outputs on held-out listings.")
     epochs: int = Field(default=60, description="SFT epochs over the training listings.")
     batch_size: int = Field(default=64, description="Listings per SFT step.")
     learning_rate: float = Field(default=2e-3, description="Peak learning rate (warmup + cosine).")
@@ -107,7 +117,16 @@ class AttributeGeneratorConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of initialisation and shuffling.")
 
 
-@dg.asset(group_name="attributes", kinds={"pytorch", "mlflow"}, pool=GPU_POOL)
+@dg.asset(
+    group_name="attributes",
+    kinds={"pytorch", "mlflow"},
+    pool=GPU_POOL,
+    check_specs=[
+        dg.AssetCheckSpec("generator_weights_finite", asset="attribute_generator", blocking=True, description="No NaN or inf in the trained weights."),
+        dg.AssetCheckSpec("generator_heldout_validity", asset="attribute_generator", blocking=True,
+                          description="Share of parseable outputs on held-out listings is at least min_heldout_validity."),
+    ],
+)
 def attribute_generator(
     context: dg.AssetExecutionContext,
     config: AttributeGeneratorConfig,
@@ -171,7 +190,18 @@ def attribute_generator(
             context, "generator",
             lambda folder: save_generator(model, vocabulary, folder, extra_json={"towers.json": feature_towers.as_json()}),
             store, prefix, GENERATOR_MODEL_NAME, run,
-            {"fingerprint": key, "heldout_accuracy": accuracy, "final_loss": history[-1]["loss"] if history else None},
+            {
+                "fingerprint": key,
+                "heldout_accuracy": accuracy,
+                "final_loss": history[-1]["loss"] if history else None,
+                "checks": {
+                    "generator_weights_finite": model_check(weights_finite(model), blocking=True),
+                    "generator_heldout_validity": model_check(
+                        accuracy["validity_rate"] >= config.min_heldout_validity, blocking=True,
+                        validity_rate=accuracy["validity_rate"], threshold=config.min_heldout_validity,
+                    ),
+                },
+            },
         )
     tag_model_version(mlflow_tracking, context, manifest, {"heldout_pair_f1": accuracy["pair_f1"], "heldout_validity_rate": accuracy["validity_rate"]})
     mlflow_tracking.client().set_registered_model_alias(GENERATOR_MODEL_NAME, "sft", manifest["model_version"])
@@ -182,6 +212,7 @@ def attribute_generator(
             "train_listings": len(train_ids),
             **flat_metrics(accuracy, "heldout_"),
         },
+        check_results=check_results(manifest),
     )
 
 

@@ -13,7 +13,16 @@ from ..resources.compute import GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
-from .publishing import cached_manifest, cached_result, model_metadata, publish_model, tag_model_version
+from .publishing import (
+    cached_manifest,
+    cached_result,
+    check_results,
+    model_check,
+    model_metadata,
+    publish_model,
+    tag_model_version,
+    weights_finite,
+)
 
 
 class EncoderTrainingRunConfig(dg.Config):
@@ -28,7 +37,15 @@ class EncoderTrainingRunConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of initialisation and batching.")
 
 
-@dg.asset(group_name="encoder", kinds={"pytorch", "mlflow"}, pool=GPU_POOL)
+@dg.asset(
+    group_name="encoder",
+    kinds={"pytorch", "mlflow"},
+    pool=GPU_POOL,
+    check_specs=[
+        dg.AssetCheckSpec("encoder_weights_finite", asset="agcl_encoder", blocking=True, description="No NaN or inf in the trained head."),
+        dg.AssetCheckSpec("encoder_loss_decreased", asset="agcl_encoder", description="The last epoch's loss is below the first's."),
+    ],
+)
 def agcl_encoder(
     context: dg.AssetExecutionContext,
     config: EncoderTrainingRunConfig,
@@ -113,6 +130,13 @@ def agcl_encoder(
                 "fingerprint": key,
                 "final_loss": result.history[-1]["loss"],
                 "loss": "plain InfoNCE" if not (config.use_attribute_weights or config.use_false_negative_mask) else "AGCL",
+                "checks": {
+                    "encoder_weights_finite": model_check(weights_finite(result.head), blocking=True),
+                    "encoder_loss_decreased": model_check(
+                        result.history[-1]["loss"] < result.history[0]["loss"], blocking=False,
+                        first_loss=float(result.history[0]["loss"]), final_loss=float(result.history[-1]["loss"]),
+                    ),
+                },
             },
         )
     tag_model_version(mlflow_tracking, context, manifest, {"final_loss": result.history[-1]["loss"]})
@@ -124,6 +148,7 @@ def agcl_encoder(
             "first_loss": float(result.history[0]["loss"]),
             "final_loss": float(result.history[-1]["loss"]),
         },
+        check_results=check_results(manifest),
     )
 
 

@@ -18,7 +18,34 @@ def cached_manifest(store, prefix: str) -> dict | None:
 
 
 def cached_result(manifest: dict) -> dg.MaterializeResult:
-    return dg.MaterializeResult(value=manifest, metadata={"status": "cached", "uri": manifest["uri"], "model_version": manifest["model_version"]})
+    return dg.MaterializeResult(
+        value=manifest,
+        metadata={"status": "cached", "uri": manifest["uri"], "model_version": manifest["model_version"]},
+        check_results=check_results(manifest),
+    )
+
+
+def model_check(passed: bool, blocking: bool, **metadata) -> dict:
+    """One check outcome, stored in the manifest so a cached rerun reports the same result."""
+    return {"passed": bool(passed), "blocking": blocking, "metadata": metadata}
+
+
+def check_results(manifest: dict) -> list[dg.AssetCheckResult]:
+    return [
+        dg.AssetCheckResult(
+            check_name=name,
+            passed=check["passed"],
+            severity=dg.AssetCheckSeverity.ERROR if check["blocking"] else dg.AssetCheckSeverity.WARN,
+            metadata=check["metadata"],
+        )
+        for name, check in manifest.get("checks", {}).items()
+    ]
+
+
+def weights_finite(module) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(parameter).all()) for parameter in module.parameters())
 
 
 def publish_model(

@@ -17,7 +17,7 @@ from ..resources.compute import GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
-from .publishing import cached_manifest, cached_result, model_metadata, publish_model, tag_model_version
+from .publishing import cached_manifest, cached_result, check_results, model_check, model_metadata, publish_model, tag_model_version
 from .retrieval import load_encoder_head
 
 
@@ -38,7 +38,15 @@ class RARConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of query sampling and generation.")
 
 
-@dg.asset(group_name="rar", kinds={"pytorch", "mlflow"}, pool=GPU_POOL)
+@dg.asset(
+    group_name="rar",
+    kinds={"pytorch", "mlflow"},
+    pool=GPU_POOL,
+    check_specs=[
+        dg.AssetCheckSpec("rar_heldout_validity", asset="rar_generator", description="At least 99% of held-out outputs parse."),
+        dg.AssetCheckSpec("rar_keeps_recall", asset="rar_generator", description="RAR attributes do not lower held-out R@1 against SFT attributes."),
+    ],
+)
 def rar_generator(
     context: dg.AssetExecutionContext,
     config: RARConfig,
@@ -148,6 +156,13 @@ def rar_generator(
                 "reward_last_steps": float(np.mean([h["reward_mean"] for h in history[-max(1, len(history) // 5):]])),
                 "heldout": comparison,
                 "reward_k": reward_k,
+                "checks": {
+                    "rar_heldout_validity": model_check(comparison["rar"]["validity_rate"] >= 0.99, blocking=False, validity_rate=comparison["rar"]["validity_rate"]),
+                    "rar_keeps_recall": model_check(
+                        comparison["rar"]["recall@1"] >= comparison["sft"]["recall@1"], blocking=False,
+                        rar_recall_at_1=comparison["rar"]["recall@1"], sft_recall_at_1=comparison["sft"]["recall@1"],
+                    ),
+                },
             },
         )
     tag_model_version(mlflow_tracking, context, manifest, {f"heldout_{k}": v for k, v in comparison["rar"].items()})
@@ -167,4 +182,5 @@ def rar_generator(
             "generator_champion": "rar" if keeps_recall else "sft",
             "reward_k": reward_k,
         },
+        check_results=check_results(manifest),
     )

@@ -3,14 +3,22 @@
 A batch is B (anchor, positive) pairs: two listings of each of B distinct products. Products
 are drawn preferably from the same product line, so that in-batch negatives are the hard
 near-identical siblings AGCL is built for.
+
+With ``checkpoint_dir`` set, training writes checkpoints (see :mod:`.checkpoints`) and a
+later call resumes exactly where the last one stopped: on CPU a resumed run ends with the
+same weights and history, bit for bit, as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import random
 import time
-from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -18,9 +26,23 @@ import torch
 from ..encoders.dual_tower import DualTowerConfig, DualTowerHead, ListingFeatures
 from .agcl import AGCLConfig, AGCLLoss
 from .bm25 import TOKENIZERS, BM25Scorer
+from .checkpoints import (
+    check_fingerprint,
+    config_fingerprint,
+    flatten_tensors,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_tensors,
+)
 from .schedules import warmup_cosine
 
 SAMPLERS = ("product_line", "random")
+MIXED_PRECISION = ("auto", "bf16", "no")
+CHECKPOINT_FORMAT = 1
+# Where and when to checkpoint or stop, and the device, do not change what is computed, so a
+# run may resume with other values for them; every other field must match the checkpoint.
+NOT_FINGERPRINTED = ("device", "checkpoint_dir", "checkpoint_every_steps", "max_steps")
 
 
 @dataclass
@@ -41,6 +63,13 @@ class EncoderTrainingConfig:
     bm25_tokenizer: str = "words"
     max_grad_norm: float = 1.0
     pca_init: bool = True
+    # "auto": bf16 autocast of the head's forward pass on CUDA, full precision on CPU.
+    mixed_precision: str = "auto"
+    checkpoint_dir: str | None = None
+    # Checkpoint every this many optimizer steps; 0 = at the end of every epoch.
+    checkpoint_every_steps: int = 0
+    # Stop after this many optimizer steps in all (leaving a checkpoint); None = train to the end.
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.agcl, dict):
@@ -60,14 +89,34 @@ class EncoderTrainingConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.bm25_tokenizer not in TOKENIZERS:
             raise ValueError(f"bm25_tokenizer must be one of {sorted(TOKENIZERS)}, got {self.bm25_tokenizer!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.mixed_precision == "bf16" and torch.device(self.device).type != "cuda":
+            raise ValueError(f"mixed_precision='bf16' needs a CUDA device, got device={self.device!r}")
+        if self.checkpoint_every_steps < 0:
+            raise ValueError(f"checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of the head's forward pass; None (full precision) off CUDA or with "no"."""
+        on_cuda = torch.device(self.device).type == "cuda"
+        return torch.bfloat16 if on_cuda and self.mixed_precision in ("auto", "bf16") else None
 
 
 @dataclass
 class TrainingResult:
-    """The trained head (on CPU, eval mode) and one history dict per epoch."""
+    """The trained head (on CPU, eval mode) and one history dict per epoch.
+
+    ``completed`` is False when ``max_steps`` stopped training early; ``global_step`` counts
+    optimizer steps, those before a resumed checkpoint included.
+    """
 
     head: DualTowerHead
     history: list[dict]
+    global_step: int = 0
+    completed: bool = True
 
 
 class ProductBatchSampler:
@@ -137,7 +186,7 @@ class FeatureTensors:
     text: torch.Tensor
 
     @classmethod
-    def from_features(cls, features: ListingFeatures) -> "FeatureTensors":
+    def from_features(cls, features: ListingFeatures) -> FeatureTensors:
         return cls(torch.from_numpy(features.image), torch.from_numpy(features.image_mask), torch.from_numpy(features.text))
 
 
@@ -149,11 +198,19 @@ def batch_loss(
     positives: np.ndarray,
     product_codes: np.ndarray,
     scorer: BM25Scorer | None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """AGCL loss of one batch of (anchor, positive) pairs: BM25 matrices, one head pass, loss."""
+    """AGCL loss of one batch of (anchor, positive) pairs: BM25 matrices, one head pass, loss.
+
+    With ``autocast_dtype`` (CUDA only) the head's forward pass runs under autocast; the
+    similarities and the loss are always computed in float32.
+    """
     both = torch.from_numpy(np.concatenate([anchors, positives]))
-    embeddings = head(tensors.image[both].to(device), tensors.image_mask[both].to(device), tensors.text[both].to(device))
+    precision = torch.autocast(device_type="cuda", dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    with precision:
+        embeddings = head(tensors.image[both].to(device), tensors.image_mask[both].to(device), tensors.text[both].to(device))
+    embeddings = embeddings.float()
     queries, candidates = embeddings[: len(anchors)], embeddings[len(anchors) :]
     bm25 = bm25_reverse = None
     if loss_fn.config.use_weights:
@@ -163,8 +220,7 @@ def batch_loss(
         if loss_fn.config.symmetric:
             bm25_reverse = scorer.batch_matrix(positives, anchors).to(device)
     same_product = torch.from_numpy(product_codes[anchors][:, None] == product_codes[positives][None, :]).to(device)
-    return loss_fn(queries, candidates, head.temperature, bm25, same_product, bm25_reverse)
-
+    return loss_fn(queries, candidates, head.temperature.float(), bm25, same_product, bm25_reverse)
 
 
 def make_optimizer(head: DualTowerHead, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
@@ -177,6 +233,94 @@ def make_optimizer(head: DualTowerHead, learning_rate: float, weight_decay: floa
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
 
 
+SUMMED = ("loss", "mean_negative_weight", "masked_fraction")
+
+
+@dataclass
+class TrainingProgress:
+    """Where a run stands between optimizer steps: what a checkpoint stores besides tensors."""
+
+    global_step: int = 0
+    epoch: int = 0  # index of the epoch in progress
+    position: int = 0  # batches of that epoch already trained on
+    sums: dict = field(default_factory=lambda: dict.fromkeys(SUMMED, 0.0))
+    seconds: float = 0.0  # time spent on that epoch so far
+    history: list = field(default_factory=list)
+
+
+def data_fingerprint(features: ListingFeatures, product_ids: Sequence[str], product_lines: Sequence[str], attribute_texts: Sequence[str]) -> dict:
+    """Shape and content digest of the training data, so a checkpoint resumes on the same data only."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (features.image, features.image_mask, features.text):
+        digest.update(np.ascontiguousarray(array).data)
+    for values in (features.listing_ids, product_ids, product_lines, attribute_texts):
+        digest.update(json.dumps([str(value) for value in values]).encode())
+    return {
+        "data.listings": len(features),
+        "data.image_dim": int(features.image.shape[1]),
+        "data.text_dim": int(features.text.shape[1]),
+        "data.digest": digest.hexdigest(),
+    }
+
+
+def _rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every random generator training might draw from: torch (CPU, CUDA), numpy and python globals."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return tensors, {
+        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    name, keys, position, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _save_training_checkpoint(
+    directory: str, head: DualTowerHead, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
+    progress: TrainingProgress, fingerprint: dict, device: torch.device,
+) -> None:
+    optimizer_structure, optimizer_tensors = flatten_tensors(optimizer.state_dict(), "optimizer")
+    schedule_structure, schedule_tensors = flatten_tensors(schedule.state_dict(), "schedule")
+    rng_tensors, rng_meta = _rng_state(device)
+    head_tensors = {f"head.{name}": tensor for name, tensor in head.state_dict().items()}
+    state = {**head_tensors, **optimizer_tensors, **schedule_tensors, **rng_tensors}
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "fingerprint": fingerprint,
+        "progress": asdict(progress),
+        "optimizer": optimizer_structure,
+        "schedule": schedule_structure,
+        "rng": rng_meta,
+    }
+    save_checkpoint(directory, state, meta)
+
+
+def _load_training_checkpoint(
+    directory: str, head: DualTowerHead, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
+    fingerprint: dict, device: torch.device,
+) -> TrainingProgress:
+    state, meta = load_checkpoint(directory)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint in {directory} has format {meta.get('format')!r}, this code reads {CHECKPOINT_FORMAT}")
+    check_fingerprint(meta["fingerprint"], fingerprint)
+    head.load_state_dict({name.removeprefix("head."): t for name, t in state.items() if name.startswith("head.")}, strict=True)
+    optimizer.load_state_dict(unflatten_tensors(meta["optimizer"], state))
+    schedule.load_state_dict(unflatten_tensors(meta["schedule"], state))
+    _set_rng_state(state, meta["rng"], device)
+    return TrainingProgress(**meta["progress"])
+
+
 def train_encoder(
     features: ListingFeatures,
     product_ids: Sequence[str],
@@ -184,11 +328,18 @@ def train_encoder(
     attribute_texts: Sequence[str],
     config: EncoderTrainingConfig | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    resume: bool = True,
 ) -> TrainingResult:
     """Train a :class:`DualTowerHead` on ``features`` (text features of listing_text(title, attributes)).
 
     ``product_ids``, ``product_lines`` and ``attribute_texts`` are aligned with the rows of
     ``features``; attribute texts feed BM25 (e.g. ``"colour: red; neckline: v-neck"``).
+
+    With ``config.checkpoint_dir`` set, checkpoints are written there; when it already holds
+    one and ``resume`` is true, training continues from it (weights, optimizer, schedule,
+    step, position in the epoch, random generators, history) after checking that config and
+    data match it (ValueError naming the differing fields otherwise). ``on_epoch`` is called
+    for the epochs finished by this call only. ``resume=False`` starts afresh and overwrites.
     """
     config = config or EncoderTrainingConfig()
     n = len(features)
@@ -204,42 +355,83 @@ def train_encoder(
     loss_fn = AGCLLoss(config.agcl)
     steps_per_epoch = math.ceil(len(sampler) / config.grad_accumulation)
     total_steps = config.epochs * steps_per_epoch
-    history: list[dict] = []
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(config.device)
+    autocast_dtype = config.autocast_dtype
+    fingerprint: dict = {}
+    if config.checkpoint_dir is not None:
+        fingerprint = {
+            **config_fingerprint(config, NOT_FINGERPRINTED),
+            **data_fingerprint(features, product_ids, product_lines, attribute_texts),
+        }
+    progress = TrainingProgress()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         head = DualTowerHead(head_config)
         if config.pca_init:
             head.init_from_features(features, seed=config.seed)
-        head.to(config.device).train()
+        head.to(device).train()
         optimizer = make_optimizer(head, config.learning_rate, config.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(total_steps, config.warmup_fraction)
         )
-        for epoch in range(config.epochs):
-            started = time.perf_counter()
-            sums = {"loss": 0.0, "mean_negative_weight": 0.0, "masked_fraction": 0.0}
-            batches = sampler.epoch(epoch)
+        if config.checkpoint_dir is not None and resume and has_checkpoint(config.checkpoint_dir):
+            progress = _load_training_checkpoint(config.checkpoint_dir, head, optimizer, schedule, fingerprint, device)
+
+        def checkpoint() -> None:
+            if config.checkpoint_dir is not None:
+                _save_training_checkpoint(config.checkpoint_dir, head, optimizer, schedule, progress, fingerprint, device)
+
+        def stop_now() -> bool:
+            return config.max_steps is not None and progress.global_step >= config.max_steps
+
+        while progress.epoch < config.epochs and not stop_now():
+            started = time.perf_counter() - progress.seconds
+            batches = sampler.epoch(progress.epoch)
             optimizer.zero_grad(set_to_none=True)
             for number, (anchors, positives) in enumerate(batches, start=1):
-                out = batch_loss(head, loss_fn, tensors, anchors, positives, product_codes, scorer, config.device)
+                if number <= progress.position:
+                    continue  # trained on before the checkpoint this run resumed from
+                out = batch_loss(head, loss_fn, tensors, anchors, positives, product_codes, scorer, device, autocast_dtype)
                 (out["loss"] / config.grad_accumulation).backward()
-                if number % config.grad_accumulation == 0 or number == len(batches):
+                stepped = number % config.grad_accumulation == 0 or number == len(batches)
+                if stepped:
                     torch.nn.utils.clip_grad_norm_(head.parameters(), config.max_grad_norm)
                     optimizer.step()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
-                for key in sums:
-                    sums[key] += float(out[key].detach())
-            record = {
-                "epoch": epoch + 1,
-                "loss": sums["loss"] / len(batches),
-                "lr": optimizer.param_groups[0]["lr"],
-                "temperature": float(head.temperature.detach()),
-                "mean_negative_weight": sums["mean_negative_weight"] / len(batches),
-                "masked_fraction": sums["masked_fraction"] / len(batches),
-                "seconds": time.perf_counter() - started,
-            }
-            history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
-    return TrainingResult(head=head.cpu().eval(), history=history)
+                    progress.global_step += 1
+                for key in progress.sums:
+                    progress.sums[key] += float(out[key].detach())
+                if not stepped:
+                    continue
+                # Checkpoints fall between optimizer steps only, where no gradient is pending.
+                progress.position, progress.seconds = number, time.perf_counter() - started
+                if stop_now():
+                    break
+                if config.checkpoint_every_steps and progress.global_step % config.checkpoint_every_steps == 0:
+                    checkpoint()
+            else:
+                record = {
+                    "epoch": progress.epoch + 1,
+                    "loss": progress.sums["loss"] / len(batches),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "temperature": float(head.temperature.detach()),
+                    "mean_negative_weight": progress.sums["mean_negative_weight"] / len(batches),
+                    "masked_fraction": progress.sums["masked_fraction"] / len(batches),
+                    "seconds": time.perf_counter() - started,
+                }
+                progress.history.append(record)
+                progress.epoch, progress.position, progress.seconds = progress.epoch + 1, 0, 0.0
+                progress.sums = dict.fromkeys(SUMMED, 0.0)
+                if on_epoch is not None:
+                    on_epoch(record)
+                if config.checkpoint_every_steps == 0 or progress.epoch == config.epochs:
+                    checkpoint()
+                continue
+            checkpoint()  # stopped by max_steps
+    return TrainingResult(
+        head=head.cpu().eval(),
+        history=list(progress.history),
+        global_step=progress.global_step,
+        completed=progress.epoch >= config.epochs,
+    )

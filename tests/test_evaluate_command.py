@@ -1,0 +1,176 @@
+"""``afmrl evaluate`` end to end on tiny catalogs, its protocols, and its errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from afmrl_dagster.cli import main
+from afmrl_dagster.encoders.dual_tower import DualTowerConfig, DualTowerHead, save_head
+from afmrl_dagster.evaluate_command import EvaluationError, plan_evaluation, resolve_encoder, score_plan
+
+RETRIEVAL_KEYS = {"recall@1", "recall@5", "recall@10", "map@10", "mrr", "num_queries", "queries_without_match"}
+WDC_GOLD = "wdcproducts80cc20rnd000un_gs.json.gz"
+
+
+def evaluate(tmp_path, *arguments: str) -> dict:
+    out = tmp_path / "metrics.json"
+    main(["evaluate", *arguments, "--out", str(out), "--markdown", str(tmp_path / "metrics.md")])
+    return json.loads(out.read_text())
+
+
+def check_retrieval(values: dict, queries: int) -> None:
+    assert set(values) == RETRIEVAL_KEYS
+    assert values["num_queries"] + values["queries_without_match"] == queries
+    assert 0.0 <= values["recall@1"] <= values["recall@5"] <= values["recall@10"] <= 1.0
+    assert 0.0 <= values["map@10"] <= 1.0 and 0.0 < values["mrr"] <= 1.0
+
+
+@pytest.fixture
+def abo(shared_data):
+    if not (shared_data / "abo_samples").is_dir():
+        pytest.skip("abo_samples absent")
+    return f"abo:{shared_data / 'abo_samples'}"
+
+
+def test_zero_shot_on_abo_samples(tmp_path, abo, capsys):
+    report = evaluate(tmp_path, "--catalog", abo, "--encoder", "zero-shot")
+    assert report["encoder"] == "zero-shot" and report["catalog"] == abo and report["split"] is None
+    assert report["protocol"]["name"] == "abo"
+    assert report["counts"]["listings_embedded"] == report["counts"]["queries"] == 12
+    assert report["counts"]["products"] == 3 and report["counts"]["listings_with_image"] == 12
+    check_retrieval(report["metrics"]["identical_product"], 12)
+    clustering = report["metrics"]["clustering_product_id"]
+    assert clustering["num_clusters"] == 3 and 0.0 <= clustering["purity"] <= 1.0 and -1.0 <= clustering["ari"] <= 1.0
+    assert "knn_product_line" not in report["metrics"]  # one product line: nothing to classify
+    table = (tmp_path / "metrics.md").read_text()
+    assert "| identical_product | 12 |" in table and table in capsys.readouterr().out
+
+
+def test_local_head_folder_on_abo_samples(tmp_path, abo):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    folder = save_head(DualTowerHead(DualTowerConfig()), tmp_path / "head")
+    report = evaluate(tmp_path, "--catalog", abo, "--encoder", str(folder))
+    assert report["encoder"] == str(folder)
+    assert report["towers"] == {"image": "efficientnet-lite0", "text": "all-MiniLM-L6-v2"}
+    check_retrieval(report["metrics"]["identical_product"], 12)
+
+
+def test_wdc_gold_standard_limited_text_only(tmp_path, shared_data):
+    gold = shared_data / "wdc_products" / WDC_GOLD
+    if not gold.is_file():
+        pytest.skip(f"{gold} absent")
+    report = evaluate(tmp_path, "--catalog", f"wdc_products:{gold.parent}", "--split", str(gold),
+                      "--encoder", "zero-shot", "--limit", "50")
+    counts = report["counts"]
+    assert counts["queries"] == 50 and counts["listings_with_image"] == 0
+    assert counts["listings_embedded"] == counts["gallery_identical_product"] == 1000  # all offers of the file
+    check_retrieval(report["metrics"]["identical_product"], 50)
+    # Titles find the same product far above chance (about 1 in 500 products).
+    assert report["metrics"]["identical_product"]["recall@10"] > 0.5
+
+
+def test_grocery_protocol_queries_the_split_against_the_rest(shared_data):
+    root = shared_data / "grocery_store"
+    if not (root / "val.txt").is_file():
+        pytest.skip("grocery_store absent")
+    plan = plan_evaluation(f"grocery:{root}", "val.txt", limit=20)
+    tasks = {task.name: task for task in plan.tasks}
+    queries = set(plan.query_ids)
+    assert len(queries) == 20 and plan.query_ids == sorted(plan.query_ids)
+    assert all(i.startswith("grocery-val-") for i in queries)
+    gallery = set(tasks["identical_product"].gallery_ids)
+    assert not gallery & queries and not any(i.startswith("grocery-val-") for i in gallery)  # the rest of val.txt is left out
+    iconic = tasks["photo_to_catalog"].gallery_ids
+    assert len(iconic) == 81 and all(i.startswith("grocery-iconic-") for i in iconic)
+    assert set(plan.listings["listing_id"].to_list()) == queries | gallery
+
+
+def test_amazon_google_protocol_queries_the_other_table(shared_data):
+    root = shared_data / "amazon_google"
+    if not (root / "gt.csv").is_file():
+        pytest.skip("amazon_google absent")
+    plan = plan_evaluation(f"amazon_google:{root}")
+    tasks = {task.name: task for task in plan.tasks}
+    assert set(tasks) == {"amazon_to_google", "google_to_amazon"}
+    assert all(i.startswith("amazon-") for i in tasks["amazon_to_google"].query_ids)
+    assert all(i.startswith("gp-") for i in tasks["amazon_to_google"].gallery_ids)
+    assert all(i.startswith("gp-") for i in tasks["google_to_amazon"].query_ids)
+    assert all(i.startswith("amazon-") for i in tasks["google_to_amazon"].gallery_ids)
+    sizes = plan.listings.group_by("product_id").len()
+    matched = set(plan.listings.join(sizes.filter(sizes["len"] >= 2), on="product_id")["listing_id"].to_list())
+    assert set(plan.query_ids) == matched
+    assert plan.pooled == {"identical_product": ("amazon_to_google", "google_to_amazon")}
+
+
+def test_scores_of_a_builtin_plan_with_product_embeddings():
+    plan = plan_evaluation("builtin:families=1,siblings=2,listings=2,lines=tops+mugs")
+    assert len(plan.listings) == 8 and set(plan.images) == set(plan.listings["listing_id"].to_list())
+    # One axis per product plus a shared axis per line: the twin is nearest, then the line.
+    products = sorted(set(plan.listings["product_id"].to_list()))
+    lines = sorted(set(plan.listings["product_line"].to_list()))
+    embeddings = np.concatenate([
+        np.eye(len(products))[[products.index(p) for p in plan.listings["product_id"]]],
+        0.5 * np.eye(len(lines))[[lines.index(line) for line in plan.listings["product_line"]]],
+    ], axis=1)
+    metrics = score_plan(plan, embeddings)
+    assert metrics["identical_product"]["recall@1"] == 1.0 and metrics["identical_product"]["num_queries"] == 8
+    # k=5 of 7 candidates: the twin and 2 same-line listings outvote 2 of the other line.
+    assert metrics["knn_product_line"]["accuracy"] == 1.0
+    assert metrics["clustering_product_id"]["nmi"] == pytest.approx(1.0)
+
+
+def test_missing_split_file_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--catalog", f"grocery:{tmp_path}", "--split", "nope.txt", "--encoder", "zero-shot",
+              "--out", str(tmp_path / "m.json")])
+    assert exit_info.value.code == 2
+    assert "split file 'nope.txt' not found" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_empty_query_set_is_an_error(tmp_path):
+    empty = tmp_path / "pairs.json.gz"
+    with gzip.open(empty, "wt") as stream:
+        stream.write("")
+    with pytest.raises(EvaluationError, match="no queries"):
+        plan_evaluation(f"wdc_products:{tmp_path}", str(empty))
+
+
+def test_bad_encoders_are_named(tmp_path):
+    with pytest.raises(EvaluationError, match="not-a-folder"):
+        resolve_encoder(str(tmp_path / "not-a-folder"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvaluationError, match="lacks head.safetensors, config.json"):
+        resolve_encoder(str(tmp_path / "empty"))
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh sqlite tracking store as MLFLOW_TRACKING_URI; the process-wide URI is put back after."""
+    mlflow = pytest.importorskip("mlflow")
+    previous = mlflow.get_tracking_uri()
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    yield mlflow
+    mlflow.set_tracking_uri(previous)
+
+
+def test_registered_encoder_from_mlflow(tmp_path, mlflow_store):
+    from afmrl_dagster.registry import ENCODER_MODEL_NAME, log_model
+
+    mlflow = mlflow_store
+    experiment = mlflow.create_experiment("evaluate-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    folder = save_head(DualTowerHead(DualTowerConfig(embed_dim=64)), tmp_path / "head")
+    with mlflow.start_run(experiment_id=experiment):
+        version = log_model("encoder", str(folder), ENCODER_MODEL_NAME).registered_model_version
+    mlflow.MlflowClient().set_registered_model_alias(ENCODER_MODEL_NAME, "champion", version)
+    encoder = resolve_encoder(f"models:/{ENCODER_MODEL_NAME}@champion")
+    assert encoder.head.config.embed_dim == 64
+    with pytest.raises(EvaluationError, match="models:/no-such-model@champion"):
+        resolve_encoder("models:/no-such-model@champion")

@@ -325,8 +325,9 @@ class EmbeddedListings:
     unreadable_images: list[str]
 
 
-def embed_listings(encoder: Encoder, listings: pl.DataFrame, images: dict[str, bytes] | None = None, text_batch: int = 512) -> EmbeddedListings:
-    """Embed ``listings``: frozen towers on image and title, then the head (or the zero-shot fusion)."""
+def tower_features(encoder: Encoder, listings: pl.DataFrame, images: dict[str, bytes] | None = None, text_batch: int = 512) -> tuple[ListingFeatures, list[str]]:
+    """Frozen-tower features of ``listings`` (image, and the bare title as text) and the ids
+    whose image could not be decoded."""
     image, mask, unreadable = _image_features(encoder, listings, images or {})
     texts = [listing_text(title) for title in listings["title"].to_list()]
     featurizer = TextFeaturizer(encoder.text_tower, device=_device())
@@ -335,12 +336,17 @@ def embed_listings(encoder: Encoder, listings: pl.DataFrame, images: dict[str, b
         chunks.append(featurizer.encode(texts[start : start + text_batch]))
         progress_line(f"text features {min(start + text_batch, len(texts))}/{len(texts)}")
     text = np.concatenate(chunks) if chunks else np.zeros((0, featurizer.dim), np.float32)
-    features = ListingFeatures(listings["listing_id"].to_list(), image, mask, text)
+    return ListingFeatures(listings["listing_id"].to_list(), image, mask, text), unreadable
+
+
+def embed_listings(encoder: Encoder, listings: pl.DataFrame, images: dict[str, bytes] | None = None, text_batch: int = 512) -> EmbeddedListings:
+    """Embed ``listings``: frozen towers on image and title, then the head (or the zero-shot fusion)."""
+    features, unreadable = tower_features(encoder, listings, images, text_batch)
     if encoder.head is None:
         embeddings = zero_shot_embeddings(features)
     else:
         embeddings = embed_features(encoder.head, features, device=_device())
-    return EmbeddedListings(embeddings, int(mask.sum()), unreadable)
+    return EmbeddedListings(embeddings, int(features.image_mask.sum()), unreadable)
 
 
 # ---- scoring and reporting --------------------------------------------------------------------

@@ -64,13 +64,13 @@ def test_tokenizers():
         BM25Scorer(["a"], tokenizer="chars")
 
 
-def hand_loss(s, tau, bm25, same, use_weights, use_mask, delta):
+def hand_loss(s, tau, bm25, same, use_weights, use_mask, delta, weight_positive=True):
     """L_i = -log(w_ii e^{s_ii/tau} / (w_ii e^{s_ii/tau} + sum_{j in N_i} w_ij e^{s_ij/tau})), literally."""
     size = len(s)
     losses, dropped = [], 0
     for i in range(size):
         w = lambda j: math.exp(1 + math.tanh(bm25[i][j])) if use_weights else 1.0  # noqa: E731
-        positive = w(i) * math.exp(s[i][i] / tau)
+        positive = (w(i) if weight_positive or not use_weights else math.e) * math.exp(s[i][i] / tau)
         negatives = 0.0
         for j in range(size):
             if j == i:
@@ -110,6 +110,17 @@ def test_loss_matches_hand_computation(use_weights, use_mask):
         assert out["mean_negative_weight"].item() == 1.0
     else:
         assert math.e <= out["mean_negative_weight"].item() < math.e**2
+
+
+def test_positive_at_the_lowest_weight_matches_hand_computation():
+    queries, candidates, bm25, same = hand_made_batch()
+    loss_fn = AGCLLoss(AGCLConfig(weight_positive=False, symmetric=False))
+    out = loss_fn(queries, candidates, 0.1, bm25, same)
+    s = (queries @ candidates.T).tolist()
+    expected, _ = hand_loss(s, 0.1, bm25.tolist(), same.tolist(), True, True, 0.1, weight_positive=False)
+    paper, _ = hand_loss(s, 0.1, bm25.tolist(), same.tolist(), True, True, 0.1)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert expected > paper  # the positives' own overlap no longer lifts them
 
 
 def test_mask_drops_exactly_the_expected_entries():

@@ -32,6 +32,10 @@ class AGCLConfig:
     # rare term is often > 2, where tanh saturates and all such weights are ~e^2; a scale
     # below 1 keeps them apart.
     bm25_scale: float = 1.0
+    # Not in the paper either (True = the paper's formula, which weights the positive pair by
+    # its own BM25). With False the positive keeps the lowest weight e, so a negative whose
+    # attributes overlap the query's outweighs the positive instead of matching it.
+    weight_positive: bool = True
 
     def __post_init__(self) -> None:
         if not -2.0 <= self.delta <= 2.0:
@@ -65,6 +69,8 @@ class AGCLLoss(nn.Module):
         logits = similarity / temperature
         if self.config.use_weights:
             log_weights = bm25_log_weights(bm25.to(logits.dtype), self.config.bm25_scale)
+            if not self.config.weight_positive:
+                log_weights = log_weights.masked_fill(~off_diagonal, 1.0)
             logits = logits + log_weights
         logits = logits.masked_fill(excluded, float("-inf"))
         loss = (torch.logsumexp(logits, dim=1) - logits.diagonal()).mean()

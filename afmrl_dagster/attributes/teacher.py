@@ -46,25 +46,67 @@ class AttributeTeacher(Protocol):
     def annotate(self, listings: pl.DataFrame) -> list[str]: ...
 
 
+# Quantities a title states, by unit family: "SanDisk 480GB SSD 2.5\"" -> storage: 480 gb.
+_QUANTITY_UNITS = {
+    "storage": ("tb", "gb", "mb"),
+    "frequency": ("ghz", "mhz"),
+    "power": ("kw", "w"),
+    "battery": ("mah",),
+    "voltage": ("v",),
+    "resolution": ("mp",),
+    "length": ("mm", "cm", "m", "in", "inch"),
+    "volume": ("ml", "cl", "l"),
+    "weight": ("kg", "g", "oz", "lb"),
+}
+_UNIT_KEY = {unit: key for key, units in _QUANTITY_UNITS.items() for unit in units}
+_QUANTITY = re.compile(
+    r"(?<![a-z0-9.])(\d+(?:[.,]\d+)?)\s?(" + "|".join(sorted(_UNIT_KEY, key=len, reverse=True)) + r")(?![a-z0-9])"
+)
+_QUANTITY_END = re.compile(r"\d(?:" + "|".join(_UNIT_KEY) + r")$")  # "1x8gb" is a quantity, not a model
+# Model codes: a token mixing letters and digits ("wd40efrx", "cn-hg901", "t9161ll/a").
+_CODE = re.compile(r"(?<![\w-])(?=[\w/-]*\d)(?=[\w/-]*[a-z])[a-z0-9][\w/-]{2,}(?![\w-])")
+MAX_MODEL_CODES = 2
+
+
+def title_facts(title: str) -> dict[str, str]:
+    """Quantities with units (by family: storage, length, volume, ...) and up to two model
+    codes that a title states; a rule-based reading of what a multimodal teacher would list."""
+    text = " ".join((title or "").lower().split())
+    facts: dict[str, list[str]] = defaultdict(list)
+    spans = []
+    for match in _QUANTITY.finditer(text):
+        number, unit = match.group(1).replace(",", "."), match.group(2)
+        value = f"{number} {unit}"
+        if value not in facts[_UNIT_KEY[unit]]:
+            facts[_UNIT_KEY[unit]].append(value)
+        spans.append(match.span())
+    for match in _CODE.finditer(text):
+        inside_quantity = any(start <= match.start() < end for start, end in spans)
+        if not inside_quantity and not _QUANTITY_END.search(match.group()) and len(facts["model"]) < MAX_MODEL_CODES:
+            facts["model"].append(match.group().replace("-", ""))
+    return {key: ", ".join(values) for key, values in facts.items() if values}
+
+
 class SellerAttributeTeacher:
     """The listing's own seller attributes, normalised, as canonical JSON.
 
-    A listing without seller attributes gets the attributes its title reveals when
-    ``match_titles`` is set: each title is searched for the known values (those that the
-    seller attributes of the same frame use, plus ``known_values``), longest first, one value
-    per key; otherwise it gets ``{}``. A value seen under several keys is attributed to the
-    key it appears with most often.
+    With ``match_titles``, keys the seller did not give are filled from the title: it is
+    searched for the known values (those that the seller attributes of the same frame use,
+    plus ``known_values``), longest first, one value per key; a value seen under several keys
+    is attributed to the key it appears with most often. With ``title_facts``, the
+    quantities and model codes of :func:`title_facts` are added the same way (seller first).
     """
 
     name = "seller-attributes"
 
-    def __init__(self, match_titles: bool = True, known_values: dict[str, set[str]] | None = None):
+    def __init__(self, match_titles: bool = True, known_values: dict[str, set[str]] | None = None, title_facts: bool = False):
         self.match_titles = match_titles
+        self.title_facts = title_facts
         self.known_values = {key: set(values) for key, values in (known_values or {}).items()}
 
     @property
     def version(self) -> str:
-        return "1+titles" if self.match_titles else "1"
+        return "2" + ("+titles" if self.match_titles else "") + ("+facts" if self.title_facts else "")
 
     def annotate(self, listings: pl.DataFrame) -> list[str]:
         """One canonical JSON text per row of ``listings`` (a catalog frame)."""
@@ -72,9 +114,10 @@ class SellerAttributeTeacher:
         matcher = _TitleMatcher(seller, self.known_values) if self.match_titles else None
         outputs = []
         for attributes, title in zip(seller, listings["title"].to_list()):
-            if not attributes and matcher is not None:
-                attributes = matcher.find(title or "")
-            outputs.append(attributes_to_json(attributes))
+            found = dict(matcher.find(title or "")) if matcher is not None else {}
+            if self.title_facts:
+                found |= normalize_attributes(title_facts(title))
+            outputs.append(attributes_to_json({**found, **attributes}))
         return outputs
 
 

@@ -31,6 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     demo = commands.add_parser("demo", help="materialise the whole asset graph on the configured catalog and print the results")
     demo.add_argument("--write-readme", metavar="PATH", help="also write the results into PATH between the demo-results markers")
     evaluate = _add_evaluate(commands)
+    serve_teacher = commands.add_parser(
+        "serve-teacher", help="serve one of the project's models behind an OpenAI-compatible chat-completions endpoint",
+        description="An OpenAI-compatible /v1/chat/completions server for the HTTP teacher: the rule-based "
+        "title-facts reader, or a Hugging Face causal LM (hf:<id or folder>).",
+    )
+    from .teacher_server import add_arguments
+
+    add_arguments(serve_teacher)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -43,6 +51,13 @@ def main(argv: list[str] | None = None) -> None:
             run_evaluate(args.catalog, args.encoder, args.out, split=args.split, markdown=args.markdown, limit=args.limit)
         except EvaluationError as error:
             evaluate.exit(2, f"afmrl evaluate: error: {error}\n")
+    elif args.command == "serve-teacher":
+        from .teacher_server import serve
+
+        try:
+            serve(args)
+        except (ValueError, OSError) as error:
+            serve_teacher.exit(2, f"afmrl serve-teacher: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -253,3 +253,14 @@ def build_tiny_idefics3(directory: str | os.PathLike, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         model = Idefics3ForConditionalGeneration(config)
     return _save(model, tokenizer, directory, processor=processor)
+
+
+def build_tiny_causal_lm(directory: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random Qwen2 causal language model (text only), e.g. for a served teacher."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = train_tiny_tokenizer(QWEN2_VL_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **_TINY_TEXT)
+    return _save(Qwen2ForCausalLM(config), tokenizer, directory)

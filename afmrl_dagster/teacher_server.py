@@ -1,0 +1,193 @@
+"""``afmrl serve-teacher``: a small OpenAI-compatible chat-completions server.
+
+It serves one of the project's own models, so that the HTTP teacher can be tried and tested
+end to end without a GPU box:
+
+- ``title-facts``: the rule-based reader of :func:`~afmrl_dagster.attributes.teacher.title_facts`
+  applied to the ``Title:`` line of the prompt; it answers strict JSON.
+- ``hf:<id or folder>``: a Hugging Face causal language model generating from the chat
+  (its chat template when it has one), greedy; a tiny random model answers noise, which the
+  caller records as invalid.
+
+``--require-key-env`` makes it demand ``Authorization: Bearer $THAT_VARIABLE``;
+``--fail-first N --fail-status S`` answers the first N completions with status S (and
+``Retry-After: 0`` for 429), to exercise a client's retries against a real socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from .attributes.teacher import title_facts
+
+_TITLE_LINE = re.compile(r"^Title:\s*(.*)$", re.MULTILINE)
+
+
+def _user_text(messages: list[dict]) -> str:
+    """The text parts of the last user message."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            return "\n".join(part.get("text", "") for part in content or [] if part.get("type") == "text")
+    return ""
+
+
+def title_facts_model(messages: list[dict], max_tokens: int) -> str:
+    match = _TITLE_LINE.search(_user_text(messages))
+    return json.dumps(title_facts(match.group(1) if match else ""), sort_keys=True)
+
+
+def hf_model(name: str) -> Callable[[list[dict], int], str]:
+    """Greedy generation with a Hugging Face causal LM (hub id or local folder), one request at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name).eval()
+    lock = threading.Lock()
+
+    def generate(messages: list[dict], max_tokens: int) -> str:
+        chat = [{"role": m.get("role", "user"), "content": _user_text([m]) if m.get("role") == "user" else m.get("content", "")}
+                for m in messages]
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer("\n".join(m["content"] for m in chat) + "\n", return_tensors="pt")["input_ids"]
+        with lock, torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    return generate
+
+
+class TeacherServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, model_name: str, generate: Callable[[list[dict], int], str],
+                 api_key: str | None = None, fail_first: int = 0, fail_status: int = 503):
+        super().__init__(address, _Handler)
+        self.model_name, self.generate, self.api_key = model_name, generate, api_key
+        self.fail_left, self.fail_status = fail_first, fail_status
+        self.requests_served = 0
+        self._lock = threading.Lock()
+
+    def should_fail(self) -> bool:
+        with self._lock:
+            self.requests_served += 1
+            if self.fail_left > 0:
+                self.fail_left -= 1
+                return True
+            return False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: TeacherServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args) -> None:  # one line per request on stderr, no DNS lookups
+        sys.stderr.write(f"serve-teacher: {self.command} {self.path} {args[1] if len(args) > 1 else ''}\n")
+
+    def _reply(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, status: int, message: str, headers: dict | None = None) -> None:
+        self._reply(status, {"error": {"message": message, "type": HTTPStatus(status).phrase}}, headers)
+
+    def _authorised(self) -> bool:
+        if self.server.api_key is None or self.headers.get("Authorization") == f"Bearer {self.server.api_key}":
+            return True
+        self._error(401, "missing or wrong API key")
+        return False
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") in ("/health", "/v1/health"):
+            self._reply(200, {"status": "ok"})
+        elif self.path.rstrip("/") == "/v1/models":
+            if self._authorised():
+                self._reply(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model"}]})
+        else:
+            self._error(404, f"no route {self.path}")
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self._error(404, f"no route {self.path}")
+            return
+        if not self._authorised():
+            return
+        try:
+            request = json.loads(raw)
+            messages = request["messages"]
+        except (ValueError, KeyError, TypeError):
+            self._error(400, "body must be JSON with a 'messages' list")
+            return
+        if request.get("model") != self.server.model_name:
+            self._error(404, f"model {request.get('model')!r} is not served here; this server serves {self.server.model_name!r}")
+            return
+        if self.server.should_fail():
+            status = self.server.fail_status
+            self._error(status, "injected failure", {"Retry-After": "0"} if status == 429 else None)
+            return
+        text = self.server.generate(messages, int(request.get("max_tokens") or 256))
+        self._reply(200, {
+            "id": f"chatcmpl-{self.server.requests_served}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.server.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        })
+
+
+def build_server(model: str, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
+                 fail_first: int = 0, fail_status: int = 503) -> TeacherServer:
+    if model == "title-facts":
+        generate = title_facts_model
+    elif model.startswith("hf:"):
+        generate = hf_model(model[3:])
+    else:
+        raise ValueError(f"unknown model {model!r}: use 'title-facts' or 'hf:<id or folder>'")
+    return TeacherServer((host, port), model, generate, api_key, fail_first, fail_status)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="title-facts", help="'title-facts' or 'hf:<hub id or folder>' (default: title-facts)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--require-key-env", metavar="VAR", help="demand 'Authorization: Bearer $VAR'")
+    parser.add_argument("--fail-first", type=int, default=0, metavar="N", help="answer the first N completions with --fail-status")
+    parser.add_argument("--fail-status", type=int, default=503, metavar="S")
+
+
+def serve(args: argparse.Namespace) -> None:
+    api_key = None
+    if args.require_key_env:
+        api_key = os.environ.get(args.require_key_env)
+        if not api_key:
+            raise SystemExit(f"afmrl serve-teacher: error: --require-key-env {args.require_key_env} but that variable is unset")
+    server = build_server(args.model, args.host, args.port, api_key, args.fail_first, args.fail_status)
+    host, port = server.server_address[:2]
+    print(f"afmrl serve-teacher: serving {args.model} on http://{host}:{port}/v1", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,142 @@
+"""The OpenAI-compatible teacher against a real local server (``afmrl serve-teacher``, started
+as its own process), and the per-listing annotation cache."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import polars as pl
+import pytest
+import requests
+from PIL import Image
+
+from afmrl_dagster.attributes.annotation_cache import AnnotationCache, annotate_with_cache
+from afmrl_dagster.attributes.http_teacher import EndpointConfig, OpenAICompatibleTeacher, TeacherEndpointError
+from afmrl_dagster.attributes.prompts import TEACHER_PROMPT
+from afmrl_dagster.attributes.teacher import attribute_table
+from afmrl_dagster.storage import LocalObjectStore
+
+_SERVING = re.compile(r"serving (\S+) on (http://\S+/v1)")
+
+
+@contextlib.contextmanager
+def teacher_server(*args: str, env: dict | None = None) -> Iterator[str]:
+    """``afmrl serve-teacher --port 0 ARGS`` in its own process; yields its base URL, kills it by PID."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "afmrl_dagster.cli", "serve-teacher", "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while time.monotonic() < deadline and process.poll() is None:
+            line = process.stdout.readline()
+            if _SERVING.search(line):
+                break
+        match = _SERVING.search(line)
+        assert match, f"server did not start (exit {process.poll()}), last line {line!r}"
+        base_url = match.group(2)
+        assert requests.get(base_url.removesuffix("/v1") + "/health", timeout=10).json() == {"status": "ok"}
+        yield base_url
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def _listings(tmp_path: Path) -> pl.DataFrame:
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(photo)
+    return pl.DataFrame({
+        "listing_id": ["ssd-1", "ram-1", "tee-1"],
+        "title": ["SanDisk 480GB SSD Plus", "Crucial 8GB DDR4 2666MHz CT8G4DFS8266", "Plain cotton tee"],
+        "description": [None, "Desktop memory", None],
+        "image_uri": [str(photo), None, None],
+    })
+
+
+def _teacher(base_url: str, **overrides) -> OpenAICompatibleTeacher:
+    settings = {"model": "title-facts", "revision": "1", "backoff_s": 0.01, "max_retries": 3, "timeout_s": 20, **overrides}
+    config = EndpointConfig(base_url=base_url, **settings)
+    return OpenAICompatibleTeacher(config, read_image=lambda uri: Path(uri).read_bytes())
+
+
+def test_prompt_renders_vocabulary_and_is_versioned():
+    text = TEACHER_PROMPT.render("Arla milk 1 l", None, keys={"volume", "brand"})
+    assert "Title: Arla milk 1 l" in text and "Use only these keys: brand, volume." in text and "Description: (none)" in text
+    assert TEACHER_PROMPT.id == "teacher-v1"
+
+
+def test_http_teacher_annotates_in_order_with_images_and_concurrency(tmp_path):
+    with teacher_server() as base_url:
+        outputs = _teacher(base_url, concurrency=3).annotate(_listings(tmp_path))
+    assert [json.loads(text) for text in outputs] == [
+        {"storage": "480 gb"},
+        {"storage": "8 gb", "frequency": "2666 mhz", "model": "ddr4, ct8g4dfs8266"},
+        {},
+    ]
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_http_teacher_retries_throttling_and_server_errors(tmp_path, status):
+    with teacher_server("--fail-first", "3", "--fail-status", str(status)) as base_url:
+        outputs = _teacher(base_url, concurrency=1).annotate(_listings(tmp_path))  # the 4th and last attempt succeeds
+    assert json.loads(outputs[0]) == {"storage": "480 gb"}
+    with teacher_server("--fail-first", "10") as base_url, pytest.raises(TeacherEndpointError, match=r"'ssd-1'.*failed 4 times.*HTTP 503"):
+        _teacher(base_url, concurrency=1).annotate(_listings(tmp_path))
+
+
+def test_http_teacher_errors_name_the_listing_and_the_cause(tmp_path, monkeypatch):
+    monkeypatch.setenv("AFMRL_TEST_TEACHER_KEY", "right-key")
+    with teacher_server("--require-key-env", "AFMRL_TEST_TEACHER_KEY") as base_url:
+        assert json.loads(_teacher(base_url, api_key_env="AFMRL_TEST_TEACHER_KEY").annotate(_listings(tmp_path).head(1))[0])
+        monkeypatch.setenv("AFMRL_TEST_TEACHER_KEY", "wrong-key")
+        with pytest.raises(TeacherEndpointError, match=r"'ssd-1'.*refused the credentials.*AFMRL_TEST_TEACHER_KEY"):
+            _teacher(base_url, api_key_env="AFMRL_TEST_TEACHER_KEY").annotate(_listings(tmp_path))
+        monkeypatch.setenv("AFMRL_TEST_TEACHER_KEY", "right-key")
+        with pytest.raises(TeacherEndpointError, match=r"'ssd-1'.*rejected.*not served here"):
+            OpenAICompatibleTeacher(EndpointConfig(base_url=base_url, model="other", api_key_env="AFMRL_TEST_TEACHER_KEY")).annotate(
+                _listings(tmp_path).head(1))
+    # The server is gone: connection errors are retried, then reported.
+    with pytest.raises(TeacherEndpointError, match=r"'ssd-1'.*cannot connect"):
+        _teacher(base_url, max_retries=1).annotate(_listings(tmp_path).head(1))
+
+
+def test_cache_generates_only_new_or_changed_listings(tmp_path):
+    cache = AnnotationCache(LocalObjectStore(tmp_path / "store"))
+    listings = _listings(tmp_path)
+    with teacher_server() as base_url:
+        teacher = _teacher(base_url)
+        first, stats = annotate_with_cache(teacher, listings, cache, read_image=lambda uri: Path(uri).read_bytes())
+        assert (stats.cached, stats.generated) == (0, 3)
+        again, stats = annotate_with_cache(teacher, listings, cache, read_image=lambda uri: Path(uri).read_bytes())
+        assert (stats.cached, stats.generated) == (3, 0) and again == first
+        # A changed title, and a changed photo, are new content; the rest stays cached.
+        Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "photo.png")
+        changed = listings.with_columns(pl.when(pl.col("listing_id") == "tee-1").then(pl.lit("Cotton tee 500ml")).otherwise(pl.col("title")).alias("title"))
+        third, stats = annotate_with_cache(teacher, changed, cache, read_image=lambda uri: Path(uri).read_bytes())
+        assert (stats.cached, stats.generated) == (1, 2) and json.loads(third[2]) == {"volume": "500 ml"}
+    # Another model revision is another identity: nothing of the old one is reused.
+    other = OpenAICompatibleTeacher(EndpointConfig(base_url=base_url, model="title-facts", revision="2"))
+    assert other.cache_identity != teacher.cache_identity
+    assert cache.lookup(other.cache_identity) == {}
+
+
+def test_noise_from_a_served_language_model_is_recorded_invalid_with_its_raw_text(tmp_path):
+    from afmrl_dagster.encoders.tiny_models import build_tiny_causal_lm
+
+    folder = build_tiny_causal_lm(tmp_path / "tiny-lm")
+    with teacher_server("--model", f"hf:{folder}") as base_url:
+        config = EndpointConfig(base_url=base_url, model=f"hf:{folder}", max_tokens=12, timeout_s=60)
+        outputs = OpenAICompatibleTeacher(config).annotate(_listings(tmp_path).head(2))
+    table = attribute_table(["ssd-1", "ram-1"], outputs, "tiny-lm")
+    assert table["raw_text"].to_list() == outputs and all(text for text in outputs)
+    assert not table["is_valid"].any() and table["error"].null_count() == 0

@@ -18,6 +18,7 @@ from .resources.compute import TorchCompute
 from .resources.io_manager import TableIOManager
 from .resources.models import EvaluationSplit, FeatureTowers
 from .resources.storage import ArtifactStore
+from .resources.teacher import AttributeTeacherBackend
 from .resources.tracking import MlflowTracking
 
 
@@ -45,6 +46,12 @@ def build_resources() -> dict:
             image_model=env("AFMRL_IMAGE_TOWER", "efficientnet-lite0"), text_model=env("AFMRL_TEXT_TOWER", "all-MiniLM-L6-v2")
         ),
         "evaluation_split": EvaluationSplit(),
+        "attribute_teacher": AttributeTeacherBackend(
+            kind=env("AFMRL_TEACHER", "seller-attributes"),
+            base_url=env("AFMRL_TEACHER_URL"),
+            model=env("AFMRL_TEACHER_MODEL"),
+            revision=env("AFMRL_TEACHER_REVISION", ""),
+        ),
     }
 
 

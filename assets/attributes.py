@@ -16,6 +16,7 @@ from afmrl_dagster.fingerprint import fingerprint
 from ..resources.compute import GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
+from ..resources.teacher import AttributeTeacherBackend
 from ..resources.tracking import MlflowTracking, flat_metrics
 from .partitions import product_lines
 from .publishing import (
@@ -81,28 +82,45 @@ def _table_metadata(table: pl.DataFrame) -> dict:
 
 @dg.asset(partitions_def=product_lines, group_name="attributes", kinds={"polars", "parquet"}, check_specs=_attribute_checks("teacher_attributes"))
 def teacher_attributes(
-    context: dg.AssetExecutionContext, config: AttributeQualityConfig, raw_catalog: pl.DataFrame, artifact_store: ArtifactStore
+    context: dg.AssetExecutionContext,
+    config: AttributeQualityConfig,
+    raw_catalog: pl.DataFrame,
+    artifact_store: ArtifactStore,
+    attribute_teacher: AttributeTeacherBackend,
 ):
     """Key attributes written by the teacher for every listing of the line, as strict JSON.
 
     Offline, the listing's seller attributes (normalised) stand in for the large MLLM
-    teacher, behind the same interface an MLLM backend implements. Outputs are cached by the
-    listings' content and the teacher version: unchanged lines are not annotated again.
+    teacher; with ``AFMRL_TEACHER=openai-compatible`` a model served elsewhere writes them.
+    Outputs are cached: a served teacher's per listing by content (image, title,
+    description, model revision, prompt version), the seller reader's per line (it reads
+    the whole line). Unchanged listings are not annotated again.
     """
-    from afmrl_dagster.attributes.teacher import SellerAttributeTeacher, annotate_listings
+    from afmrl_dagster.attributes.annotation_cache import AnnotationCache, annotate_with_cache
+    from afmrl_dagster.attributes.teacher import SellerAttributeTeacher, annotate_listings, attribute_table
 
-    teacher = SellerAttributeTeacher()
+    teacher = attribute_teacher.build(read_image=artifact_store.read_uri)
     store = artifact_store.open()
-    key = fingerprint("teacher_attributes", raw_catalog, teacher.name, teacher.version)
-    cache_key = f"cache/teacher_attributes/{context.partition_key}/{key}.parquet"
-    if store.exists(cache_key):
-        table, status = store.read_parquet(cache_key), "cached"
+    if isinstance(teacher, SellerAttributeTeacher):
+        key = fingerprint("teacher_attributes", raw_catalog, teacher.name, teacher.version)
+        cache_key = f"cache/teacher_attributes/{context.partition_key}/{key}.parquet"
+        if store.exists(cache_key):
+            table, status = store.read_parquet(cache_key), "cached"
+        else:
+            table, status = annotate_listings(teacher, raw_catalog), "computed"
+            store.write_parquet(cache_key, table)
+        counts = {}
     else:
-        table, status = annotate_listings(teacher, raw_catalog), "computed"
-        store.write_parquet(cache_key, table)
+        raw_texts, stats = annotate_with_cache(
+            teacher, raw_catalog, AnnotationCache(store), read_image=artifact_store.read_uri,
+            progress=lambda done, total: context.log.info(f"teacher: {done}/{total} listings annotated"),
+        )
+        table = attribute_table(raw_catalog["listing_id"].to_list(), raw_texts, f"{teacher.name}@{teacher.version}")
+        status = "cached" if stats.generated == 0 else "computed"
+        counts = {"listings_generated": stats.generated, "listings_cached": stats.cached}
     return dg.MaterializeResult(
         value=table,
-        metadata={"status": status, "teacher": f"{teacher.name}@{teacher.version}", **_table_metadata(table)},
+        metadata={"status": status, "teacher": f"{teacher.name}@{teacher.version}", **counts, **_table_metadata(table)},
         check_results=_attribute_check_results(table, config.min_valid_share, None),
     )
 

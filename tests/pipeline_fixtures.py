@@ -12,6 +12,7 @@ from afmrl_dagster.resources.compute import TorchCompute
 from afmrl_dagster.resources.io_manager import TableIOManager
 from afmrl_dagster.resources.models import EvaluationSplit, FeatureTowers
 from afmrl_dagster.resources.storage import ArtifactStore
+from afmrl_dagster.resources.teacher import AttributeTeacherBackend
 from afmrl_dagster.resources.tracking import MlflowTracking
 
 
@@ -28,6 +29,7 @@ def tiny_resources(root: Path, catalog_spec: str = TINY_CATALOG, store: Artifact
         "torch_compute": TorchCompute(device="cpu"),
         "feature_towers": FeatureTowers(),
         "evaluation_split": EvaluationSplit(holdout_fraction=0.5),
+        "attribute_teacher": AttributeTeacherBackend(),
     }
 
 

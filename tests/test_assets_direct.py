@@ -6,6 +6,8 @@ import polars as pl
 from afmrl_dagster.assets.attributes import AttributeQualityConfig, teacher_attributes
 from afmrl_dagster.catalog.schema import make_catalog
 from afmrl_dagster.resources.storage import ArtifactStore
+from afmrl_dagster.resources.teacher import AttributeTeacherBackend
+from teacher_process import teacher_server
 
 
 def catalog() -> pl.DataFrame:
@@ -18,10 +20,23 @@ def catalog() -> pl.DataFrame:
     ])
 
 
-def invoke(tmp_path, min_valid_share: float):
+def invoke(tmp_path, min_valid_share: float, teacher: AttributeTeacherBackend | None = None):
     store = ArtifactStore(location=str(tmp_path))
     with dg.build_asset_context(partition_key="mugs") as context:
-        return teacher_attributes(context, AttributeQualityConfig(min_valid_share=min_valid_share), catalog(), store)
+        return teacher_attributes(context, AttributeQualityConfig(min_valid_share=min_valid_share), catalog(), store,
+                                  teacher or AttributeTeacherBackend())
+
+
+def test_teacher_attributes_from_a_served_teacher_are_cached_per_listing(tmp_path):
+    with teacher_server() as base_url:
+        teacher = AttributeTeacherBackend(kind="openai-compatible", base_url=base_url, model="title-facts", revision="1")
+        first = invoke(tmp_path, 0.9, teacher)
+        assert first.value["attributes_json"].to_list() == ["{}", '{"volume": "400 ml"}', "{}"]
+        assert (first.metadata["status"], first.metadata["listings_generated"]) == ("computed", 3)
+        assert first.metadata["teacher"] == "openai-compatible@title-facts@1+teacher-v1"
+        second = invoke(tmp_path, 0.9, teacher)
+        assert (second.metadata["status"], second.metadata["listings_generated"], second.metadata["listings_cached"]) == ("cached", 0, 3)
+        assert second.value.equals(first.value)
 
 
 def test_teacher_attributes_normalise_and_report_checks(tmp_path):

@@ -131,6 +131,6 @@ def test_benchmark_script_writes_json_and_the_readme_block(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["seeds"] == 2 and [d["dataset"] for d in report["datasets"]] == ["builtin"]
-    assert len(report["datasets"][0]["records"]) == 1 + 4 * 2
+    assert len(report["datasets"][0]["records"]) == 1 + (len(ROWS) - 1) * 2
     text = readme.read_text()
     assert "old" not in text and "| full AGCL | 2 |" in text and text.endswith("<!-- quality-ladder:end -->\ntail\n")

@@ -1,0 +1,45 @@
+"""Which teacher writes the attributes: the offline seller-attribute reader, or a large model
+served behind an OpenAI-compatible endpoint."""
+
+
+from typing import Callable, Optional
+
+import dagster as dg
+from pydantic import Field
+
+TEACHER_KINDS = ("seller-attributes", "openai-compatible")
+
+
+class AttributeTeacherBackend(dg.ConfigurableResource):
+    """``seller-attributes`` (default, offline) or ``openai-compatible`` (vLLM, TGI, a hosted API).
+
+    The API key is read from the environment variable ``api_key_env`` at call time, never
+    stored in configuration.
+    """
+
+    kind: str = Field(default="seller-attributes", description="'seller-attributes' or 'openai-compatible'.")
+    base_url: Optional[str] = Field(default=None, description="Endpoint base URL, e.g. http://gpu-box:8000/v1.")
+    model: Optional[str] = Field(default=None, description="Served model name.")
+    revision: str = Field(default="", description="Model revision; part of the cache key, bump it when the served weights change.")
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding the API key.")
+    concurrency: int = Field(default=8, description="Requests in flight.")
+    timeout_s: float = Field(default=120.0, description="Timeout of one request.")
+    max_retries: int = Field(default=5, description="Retries of a request (backoff, Retry-After honoured).")
+    send_images: bool = Field(default=True, description="Attach the listing photo to the request.")
+    title_facts: bool = Field(default=False, description="seller-attributes only: add quantities and model codes read from titles.")
+
+    def build(self, read_image: Callable[[str], bytes]):
+        from afmrl_dagster.attributes.http_teacher import EndpointConfig, OpenAICompatibleTeacher
+        from afmrl_dagster.attributes.teacher import SellerAttributeTeacher
+
+        if self.kind == "seller-attributes":
+            return SellerAttributeTeacher(title_facts=self.title_facts)
+        if self.kind == "openai-compatible":
+            if not self.base_url or not self.model:
+                raise ValueError("the openai-compatible teacher needs base_url and model (AFMRL_TEACHER_URL, AFMRL_TEACHER_MODEL)")
+            config = EndpointConfig(
+                base_url=self.base_url, model=self.model, revision=self.revision, api_key_env=self.api_key_env,
+                concurrency=self.concurrency, timeout_s=self.timeout_s, max_retries=self.max_retries, send_images=self.send_images,
+            )
+            return OpenAICompatibleTeacher(config, read_image=read_image)
+        raise ValueError(f"teacher kind must be one of {TEACHER_KINDS}, got {self.kind!r}")

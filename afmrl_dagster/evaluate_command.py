@@ -98,7 +98,7 @@ class EvaluationPlan:
     images: dict[str, bytes] = field(default_factory=dict)  # in-memory images (built-in catalog)
 
 
-def _resolve_splits(split: str, root: Path) -> list[Path]:
+def resolve_splits(split: str, root: Path) -> list[Path]:
     """Comma-separated split files, each as given (from the working folder) or inside ``root``."""
     paths = []
     for name in (part.strip() for part in split.split(",")):
@@ -114,7 +114,7 @@ def _limited(ids: Sequence[str], limit: int | None) -> list[str]:
     return sorted(ids)[:limit] if limit is not None else sorted(ids)
 
 
-def _plan(protocol, description, catalog, query_ids, tasks, pooled=None, images=None) -> EvaluationPlan:
+def make_plan(protocol, description, catalog, query_ids, tasks, pooled=None, images=None) -> EvaluationPlan:
     used = set(query_ids).union(*(task.gallery_ids for task in tasks))
     listings = catalog.filter(pl.col("listing_id").is_in(list(used))).sort("listing_id")
     tasks = [task for task in tasks if task.query_ids]
@@ -126,10 +126,10 @@ def _all_against_all(catalog: pl.DataFrame, limit: int | None, protocol: str, im
     queries = _limited(ids, limit)
     description = "every listing queries all the other listings of the catalog"
     task = RetrievalTask("identical_product", description, tuple(queries), tuple(sorted(ids)))
-    return _plan(protocol, description, catalog, queries, [task], images=images)
+    return make_plan(protocol, description, catalog, queries, [task], images=images)
 
 
-def _grocery_plan(root: Path, splits: list[Path], limit: int | None) -> EvaluationPlan:
+def grocery_plan(root: Path, splits: list[Path], limit: int | None) -> EvaluationPlan:
     present = [root / name for name in GROCERY_SPLITS if (root / name).is_file()]
     catalog = load_grocery(root, split_files=list(dict.fromkeys([*present, *splits])))
     split_ids = set().union(*(grocery_split_listing_ids(root, path) for path in splits))
@@ -144,19 +144,19 @@ def _grocery_plan(root: Path, splits: list[Path], limit: int | None) -> Evaluati
         RetrievalTask("photo_to_catalog", f"store photos of {names} query the iconic catalog images only",
                       tuple(queries), iconic),
     ]
-    return _plan("grocery", tasks[0].description, catalog, queries, tasks)
+    return make_plan("grocery", tasks[0].description, catalog, queries, tasks)
 
 
-def _wdc_plan(root: Path, splits: list[Path], limit: int | None) -> EvaluationPlan:
+def wdc_plan(root: Path, splits: list[Path], limit: int | None) -> EvaluationPlan:
     catalog = load_wdc_products(root, files=splits)
     ids = catalog["listing_id"].to_list()
     queries = _limited(ids, limit)
     description = f"the offers of {', '.join(p.name for p in splits)} form the catalog; each offer queries all the others"
     task = RetrievalTask("identical_product", description, tuple(queries), tuple(sorted(ids)))
-    return _plan("wdc_products", description, catalog, queries, [task])
+    return make_plan("wdc_products", description, catalog, queries, [task])
 
 
-def _amazon_google_plan(root: Path, limit: int | None) -> EvaluationPlan:
+def amazon_google_plan(root: Path, limit: int | None) -> EvaluationPlan:
     catalog = load_amazon_google(root)
     sizes = catalog.group_by("product_id").len()
     matched = catalog.join(sizes.filter(pl.col("len") >= 2), on="product_id", how="semi")["listing_id"].to_list()
@@ -174,10 +174,10 @@ def _amazon_google_plan(root: Path, limit: int | None) -> EvaluationPlan:
         ))
     description = "each record of a matched product (2+ listings) queries the other table"
     pooled = {"identical_product": tuple(task.name for task in tasks if task.query_ids)}
-    return _plan("amazon_google", description, catalog, queries, tasks, pooled)
+    return make_plan("amazon_google", description, catalog, queries, tasks, pooled)
 
 
-def _builtin_or_parquet(spec: str) -> tuple[pl.DataFrame, dict[str, bytes]]:
+def builtin_or_parquet(spec: str) -> tuple[pl.DataFrame, dict[str, bytes]]:
     parsed = CatalogSourceSpec.parse(spec)
     if parsed.kind == "builtin":
         config = builtin_config(spec)
@@ -198,22 +198,22 @@ def plan_evaluation(catalog_spec: str, split: str | None = None, limit: int | No
         if parsed.kind in ("builtin", "parquet"):
             if split:
                 raise EvaluationError(f"catalog {catalog_spec!r} has no split protocol; leave out --split {split!r}")
-            catalog, images = _builtin_or_parquet(catalog_spec)
+            catalog, images = builtin_or_parquet(catalog_spec)
             plan = _all_against_all(catalog, limit, parsed.kind, images)
         else:
             name, root = parse_catalog_spec(catalog_spec)
             root = root.absolute()
             if not root.exists():
                 raise EvaluationError(f"catalog folder {root} (from {catalog_spec!r}) does not exist")
-            splits = _resolve_splits(split, root) if split else None
+            splits = resolve_splits(split, root) if split else None
             if name == "amazon_google":
                 if splits:
                     raise EvaluationError(f"amazon_google has a fixed protocol; leave out --split {split!r}")
-                plan = _amazon_google_plan(root, limit)
+                plan = amazon_google_plan(root, limit)
             elif splits and name == "grocery":
-                plan = _grocery_plan(root, splits, limit)
+                plan = grocery_plan(root, splits, limit)
             elif splits and name == "wdc_products":
-                plan = _wdc_plan(root, splits, limit)
+                plan = wdc_plan(root, splits, limit)
             elif splits:
                 raise EvaluationError(f"catalog {name!r} has no split protocol; leave out --split {split!r}")
             else:

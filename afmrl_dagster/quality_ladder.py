@@ -43,11 +43,11 @@ from .evaluate_command import (
     Encoder,
     EvaluationPlan,
     RetrievalTask,
-    _amazon_google_plan,
-    _builtin_or_parquet,
-    _grocery_plan,
-    _plan,
-    _resolve_splits,
+    amazon_google_plan,
+    builtin_or_parquet,
+    grocery_plan,
+    make_plan,
+    resolve_splits,
     score_plan,
     tower_features,
 )
@@ -100,18 +100,18 @@ def seller_attribute_texts(listings: pl.DataFrame, title_facts: bool = False) ->
 
 
 def _builtin(spec: str, holdout_fraction: float) -> LadderDataset:
-    catalog, images = _builtin_or_parquet(spec)
+    catalog, images = builtin_or_parquet(spec)
     held_out = holdout_products(catalog["product_id"].to_list(), catalog["product_line"].to_list(), holdout_fraction, seed=0)
     queries = sorted(catalog.filter(pl.col("product_id").is_in(list(held_out)))["listing_id"].to_list())
     description = f"listings of the {len(held_out)} held-out products ({holdout_fraction:.0%} per line) query the whole catalog"
     task = RetrievalTask("identical_product", description, tuple(queries), tuple(sorted(catalog["listing_id"].to_list())))
-    plan = _plan("builtin", description, catalog, queries, [task], images=images)
+    plan = make_plan("builtin", description, catalog, queries, [task], images=images)
     train = catalog.filter(~pl.col("product_id").is_in(list(held_out))).sort("listing_id")
     return LadderDataset("builtin", description, plan, train, seller_attribute_texts(train), images)
 
 
 def _grocery(root: Path) -> LadderDataset:
-    plan = _grocery_plan(root, _resolve_splits("val.txt", root), None)
+    plan = grocery_plan(root, resolve_splits("val.txt", root), None)
     queries = set(plan.query_ids)
     train = plan.listings.filter(~pl.col("listing_id").is_in(list(queries)))
     # A store photo has no attributes of its own; the attributes of its product's catalog
@@ -131,7 +131,7 @@ def _wdc(root: Path) -> LadderDataset:
     test_ids = sorted(test["listing_id"].to_list())
     description = f"offers of {WDC_TEST_FILE} form the catalog; each queries all the others"
     task = RetrievalTask("identical_product", description, tuple(test_ids), tuple(test_ids))
-    plan = _plan("wdc_products", description, test, test_ids, [task])
+    plan = make_plan("wdc_products", description, test, test_ids, [task])
     train = load_wdc_products(root, files=WDC_TRAIN_FILES.split(","))
     train = train.filter(~pl.col("listing_id").is_in(test_ids)).sort("listing_id")
     return LadderDataset("wdc_products", f"train on {WDC_TRAIN_FILES.replace(',', ' + ')} (gold-standard offers removed); "
@@ -139,7 +139,7 @@ def _wdc(root: Path) -> LadderDataset:
 
 
 def _amazon_google(root: Path, test_fraction: float) -> LadderDataset:
-    full = _amazon_google_plan(root, None)
+    full = amazon_google_plan(root, None)
     catalog = full.listings
     sizes = catalog.group_by("product_id").len()
     matched = sizes.filter(pl.col("len") >= 2)["product_id"].to_list()
@@ -148,7 +148,7 @@ def _amazon_google(root: Path, test_fraction: float) -> LadderDataset:
     tasks = [replace(task, query_ids=tuple(i for i in task.query_ids if i in test_ids)) for task in full.tasks]
     description = (f"matched products split by product: {len(matched) - len(test_products)} train, "
                    f"{len(test_products)} test; test records query the whole other table")
-    plan = _plan("amazon_google", description, catalog, sorted(test_ids), tasks, pooled=full.pooled)
+    plan = make_plan("amazon_google", description, catalog, sorted(test_ids), tasks, pooled=full.pooled)
     train = catalog.filter(pl.col("product_id").is_in(list(set(matched) - test_products))).sort("listing_id")
     return LadderDataset("amazon_google", description, plan, train, seller_attribute_texts(train, title_facts=True))
 

@@ -90,11 +90,12 @@ def title_facts(title: str) -> dict[str, str]:
 class SellerAttributeTeacher:
     """The listing's own seller attributes, normalised, as canonical JSON.
 
-    With ``match_titles``, keys the seller did not give are filled from the title: it is
-    searched for the known values (those that the seller attributes of the same frame use,
-    plus ``known_values``), longest first, one value per key; a value seen under several keys
-    is attributed to the key it appears with most often. With ``title_facts``, the
-    quantities and model codes of :func:`title_facts` are added the same way (seller first).
+    A listing without seller attributes gets the attributes its title reveals when
+    ``match_titles`` is set: each title is searched for the known values (those that the
+    seller attributes of the same frame use, plus ``known_values``), longest first, one value
+    per key; a value seen under several keys is attributed to the key it appears with most
+    often. With ``title_facts``, every listing also gets the quantities and model codes of
+    :func:`title_facts` for keys it does not have yet.
     """
 
     name = "seller-attributes"
@@ -106,7 +107,7 @@ class SellerAttributeTeacher:
 
     @property
     def version(self) -> str:
-        return "2" + ("+titles" if self.match_titles else "") + ("+facts" if self.title_facts else "")
+        return "1" + ("+titles" if self.match_titles else "") + ("+facts" if self.title_facts else "")
 
     def annotate(self, listings: pl.DataFrame) -> list[str]:
         """One canonical JSON text per row of ``listings`` (a catalog frame)."""
@@ -114,10 +115,11 @@ class SellerAttributeTeacher:
         matcher = _TitleMatcher(seller, self.known_values) if self.match_titles else None
         outputs = []
         for attributes, title in zip(seller, listings["title"].to_list()):
-            found = dict(matcher.find(title or "")) if matcher is not None else {}
+            if not attributes and matcher is not None:
+                attributes = matcher.find(title or "")
             if self.title_facts:
-                found |= normalize_attributes(title_facts(title))
-            outputs.append(attributes_to_json({**found, **attributes}))
+                attributes = {**normalize_attributes(title_facts(title)), **attributes}
+            outputs.append(attributes_to_json(attributes))
         return outputs
 
 

@@ -1,0 +1,232 @@
+"""An attribute generator over a Hugging Face image-text-to-text model (Qwen2-VL / Qwen2.5-VL,
+LLaVA, Idefics3 / SmolVLM families), by hub id or local folder, optionally with LoRA.
+
+Prompts are the versioned student prompt; batches are padded on the left so that every row's
+prompt ends where generation starts. Sampled completions are scored again with one forward
+pass over prompt + completion (:meth:`HFAttributeGenerator.completion_log_probs`), which is
+what GRPO needs; :func:`hf_grpo_step` is one GRPO update of such a generator, with the LoRA
+base model (adapters switched off) as the frozen reference, or a separate reference model
+when fine-tuning fully. On machines without torchvision the Qwen-VL processors cannot be
+built; the project's own processor (see :mod:`afmrl_dagster.encoders.vlm2vec`) takes over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ..encoders.vlm2vec import _QWEN_VL_TYPES, _build_processor
+from ..training.grpo import GRPOConfig, group_advantages, k3_kl
+from .format import parse_attributes
+from .prompts import STUDENT_PROMPT, PromptTemplate
+
+
+@dataclass(frozen=True)
+class HFGeneratorConfig:
+    model: str  # hub id or local folder
+    use_lora: bool = True
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    max_prompt_tokens: int = 256  # the listing text is cut to this; image tokens never are
+    max_new_tokens: int = 96
+    image_size: int | None = 448  # images are resized to a square of this side; None keeps them
+    dtype: str = "auto"  # "auto": bf16 on CUDA, float32 on CPU
+    seed: int = 0
+
+    def torch_dtype(self, device: str | torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
+
+
+class HFAttributeGenerator:
+    """Writes attribute JSON for listings with a Hugging Face VLM (``generate`` / ``completion_log_probs``)."""
+
+    def __init__(self, model, inputs, config: HFGeneratorConfig, prompt: PromptTemplate = STUDENT_PROMPT):
+        self.model, self.inputs, self.config, self.prompt = model, inputs, config, prompt
+        self.tokenizer = inputs.tokenizer
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @classmethod
+    def from_pretrained(cls, config: HFGeneratorConfig, device: str = "cpu", prompt: PromptTemplate = STUDENT_PROMPT) -> HFAttributeGenerator:
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        hf_config = AutoConfig.from_pretrained(config.model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the Qwen processor fallback says so in the log as well
+            inputs = _build_processor(config.model, hf_config)
+        model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=config.torch_dtype(device))
+        if config.use_lora:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                              target_modules=list(config.lora_target_modules), bias="none")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                model = get_peft_model(model, lora)
+        return cls(model.to(device).eval(), inputs, config, prompt)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+
+    def prompt_texts(self, titles: Sequence[str], descriptions: Sequence[str | None] | None = None, keys=None) -> list[str]:
+        descriptions = descriptions if descriptions is not None else [None] * len(titles)
+        return [self.prompt.render(title, description, keys) for title, description in zip(titles, descriptions)]
+
+    def _images(self, images: Sequence[PIL.Image.Image | None]) -> list[PIL.Image.Image | None]:
+        size = self.config.image_size
+        return [None if image is None else (image.convert("RGB").resize((size, size)) if size else image.convert("RGB"))
+                for image in images]
+
+    def encode_prompts(self, images: Sequence[PIL.Image.Image | None], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs of (image or ``None``, prompt) pairs, on the model's device."""
+        if len(images) != len(prompts) or not prompts:
+            raise ValueError(f"need one image (or None) per prompt and at least one; got {len(images)} and {len(prompts)}")
+        self.inputs.padding_side = "left"
+        batch = self.inputs(self._images(images), [f"{self.prompt.system}\n"] * len(prompts), list(prompts),
+                            self.config.max_prompt_tokens, None)
+        dtype = next(self.model.parameters()).dtype
+        return {key: value.to(self.device, dtype=dtype if value.is_floating_point() else None) for key, value in batch.items()}
+
+    @torch.no_grad()
+    def generate_ids(self, batch: dict[str, torch.Tensor], num_samples: int = 1, do_sample: bool = False,
+                     temperature: float = 1.0, max_new_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Completion ids ``[B * num_samples, T]`` (rows of one prompt together) and their mask
+        (real tokens up to and including the first eos)."""
+        output = self.model.generate(
+            **batch, max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=do_sample,
+            temperature=temperature if do_sample else None, top_p=None, top_k=None,
+            num_return_sequences=num_samples, pad_token_id=self.tokenizer.pad_token_id,
+        )
+        completion = output[:, batch["input_ids"].shape[1]:]
+        eos = self.tokenizer.eos_token_id
+        is_eos = completion == eos if eos is not None else torch.zeros_like(completion, dtype=torch.bool)
+        ended_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first eos
+        mask = ~ended_before
+        return completion.masked_fill(~mask, self.tokenizer.pad_token_id), mask
+
+    def decode(self, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(row[row_mask], skip_special_tokens=True).strip() for row, row_mask in zip(completion, mask)]
+
+    def generate(self, images: Sequence[PIL.Image.Image | None], prompts: Sequence[str], batch_size: int = 8, **sampling) -> list[str]:
+        """One raw attribute text per (image, prompt), greedy unless ``do_sample=True``."""
+        texts: list[str] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = self.encode_prompts(images[start:start + batch_size], prompts[start:start + batch_size])
+            texts.extend(self.decode(*self.generate_ids(batch, **sampling)))
+        return texts
+
+    def completion_log_probs(self, batch: dict[str, torch.Tensor], completion: torch.Tensor, mask: torch.Tensor,
+                             temperature: float = 1.0, model=None) -> torch.Tensor:
+        """Log-probabilities ``[R, T]`` of each completion token given its prompt (``batch`` rows
+        repeated to R); 0 where ``mask`` is off. ``model`` defaults to this generator's."""
+        model = model or self.model
+        prompt_length = batch["input_ids"].shape[1]
+        full = dict(batch)
+        full["input_ids"] = torch.cat([batch["input_ids"], completion], dim=1)
+        full["attention_mask"] = torch.cat([batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], dim=1)
+        if "mm_token_type_ids" in batch:
+            full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+        if getattr(model.config, "model_type", "") not in _QWEN_VL_TYPES:
+            # As generation numbers them: left padding takes no positions (Qwen-VL derives its own).
+            full["position_ids"] = (full["attention_mask"].long().cumsum(dim=1) - 1).clamp(min=0)
+        logits = model(**full, use_cache=False).logits[:, prompt_length - 1:-1].float() / temperature
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        return log_probs * mask
+
+
+def repeat_batch(batch: dict[str, torch.Tensor], times: int, rows: int) -> dict[str, torch.Tensor]:
+    """Each prompt's inputs ``times`` times in a row. Per-image tensors (pixel values and grids,
+    whose first dimension is not the number of prompts) are repeated image by image."""
+    repeated = {}
+    for key, value in batch.items():
+        if value.shape[0] == rows:
+            repeated[key] = value.repeat_interleave(times, dim=0)
+        elif rows == 1:  # one prompt's image patches (Qwen-VL): the whole block once per sample
+            repeated[key] = value.repeat(times, *([1] * (value.dim() - 1)))
+        else:
+            raise ValueError(f"input {key!r} is not per prompt ({value.shape[0]} rows for {rows} prompts); "
+                             "give every prompt an image, or sample one prompt at a time")
+    return repeated
+
+
+@contextlib.contextmanager
+def _reference(generator: HFAttributeGenerator, reference_model):
+    if reference_model is not None:
+        yield reference_model
+    elif generator.config.use_lora:
+        with generator.model.disable_adapter():
+            yield generator.model
+    else:
+        raise ValueError("full fine-tuning needs a separate frozen reference model (reference_model=...)")
+
+
+def hf_grpo_step(
+    generator: HFAttributeGenerator,
+    optimizer: torch.optim.Optimizer,
+    images: Sequence[PIL.Image.Image | None],
+    prompts: Sequence[str],
+    reward_fn: Callable[[list[list[str]]], np.ndarray],
+    config: GRPOConfig,
+    reference_model=None,
+    sample_seed: int | None = None,
+) -> dict:
+    """One GRPO update: sample ``group_size`` completions per prompt, reward them, normalise the
+    rewards within each group, and step on the clipped surrogate plus ``kl_beta`` times the
+    k3 KL to the reference. ``reward_fn(texts [Q][G]) -> [Q, G]``."""
+    started = time.perf_counter()
+    group = config.group_size
+    model = generator.model
+    model.eval()  # dropout off: old and new log-probs are of one distribution
+    if sample_seed is not None:
+        torch.manual_seed(sample_seed)
+    batch = generator.encode_prompts(images, prompts)
+    completion, mask = generator.generate_ids(batch, num_samples=group, do_sample=True, temperature=config.temperature)
+    texts = generator.decode(completion, mask)
+    grouped = [texts[q * group:(q + 1) * group] for q in range(len(prompts))]
+    rewards = np.asarray(reward_fn(grouped), dtype=np.float64)
+    if rewards.shape != (len(prompts), group):
+        raise ValueError(f"reward_fn returned shape {rewards.shape}, expected {(len(prompts), group)}")
+    repeated = repeat_batch(batch, group, len(prompts))
+    mask_f = mask.float()
+    tokens = mask_f.sum().clamp(min=1.0)
+    with torch.no_grad():
+        old = generator.completion_log_probs(repeated, completion, mask, config.temperature)
+        with _reference(generator, reference_model) as reference:
+            reference_log_probs = generator.completion_log_probs(repeated, completion, mask, config.temperature, model=reference)
+    advantages = torch.as_tensor(group_advantages(rewards).reshape(-1), dtype=torch.float32, device=generator.device)[:, None]
+    optimizer.zero_grad(set_to_none=True)
+    new = generator.completion_log_probs(repeated, completion, mask, config.temperature)
+    ratio = torch.exp(new - old)
+    surrogate = -torch.minimum(ratio * advantages, ratio.clamp(1 - config.clip_epsilon, 1 + config.clip_epsilon) * advantages)
+    kl = k3_kl(new, reference_log_probs)
+    loss = ((surrogate + config.kl_beta * kl) * mask_f).sum() / tokens
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(generator.trainable_parameters(), config.max_grad_norm)
+    optimizer.step()
+    parsed = [parse_attributes(text) for text in texts]
+    return {
+        "loss": float(loss.detach()),
+        "kl": float(((kl.detach()) * mask_f).sum() / tokens),
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "validity_rate": sum(p.is_valid for p in parsed) / len(parsed),
+        "mean_length": float(mask_f.sum(dim=1).mean()),
+        "grad_norm": float(grad_norm),
+        "seconds": time.perf_counter() - started,
+        "samples": grouped,
+    }

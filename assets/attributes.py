@@ -133,6 +133,7 @@ class AttributeGeneratorConfig(dg.Config):
     d_model: int = Field(default=128, description="Width of the decoder.")
     n_layers: int = Field(default=2, description="Decoder layers.")
     seed: int = Field(default=0, description="Seed of initialisation and shuffling.")
+    constrained_decoding: bool = Field(default=True, description="Decode within the attribute grammar, so every output parses.")
 
 
 @dg.asset(
@@ -191,7 +192,9 @@ def attribute_generator(
     vocabulary = AttributeVocabulary.from_attribute_sets([targets[lid] for lid in train_ids])
     train = features_of(listing_features, train_ids)
     model = AttributeGenerator(
-        len(vocabulary), train.image.shape[1], train.text.shape[1], GeneratorConfig(d_model=config.d_model, n_layers=config.n_layers)
+        len(vocabulary), train.image.shape[1], train.text.shape[1], GeneratorConfig(
+            d_model=config.d_model, n_layers=config.n_layers, grammar_keys=len(vocabulary.keys) if config.constrained_decoding else 0
+        )
     )
     sft = SFTConfig(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate, seed=config.seed, device=device)
     with mlflow_tracking.start_run(context, "attribute_generator_sft", params={**config.model_dump(), "train_listings": len(train_ids), "vocabulary_size": len(vocabulary)}) as run:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     train, test = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     vocabulary = AttributeVocabulary.from_attribute_sets([gold[i] for i in train])
     torch.manual_seed(args.seed)
-    model = AttributeGenerator(len(vocabulary), image.shape[1], text.shape[1], GeneratorConfig(max_new_tokens=48))
+    model = AttributeGenerator(len(vocabulary), image.shape[1], text.shape[1], GeneratorConfig(max_new_tokens=48, grammar_keys=len(vocabulary.keys)))
     print(f"pave: {len(train)} training offers, {len(test)} test offers, vocabulary {len(vocabulary)}", file=sys.stderr, flush=True)
     train_generator_sft(model, vocabulary, image[train], mask[train], text[train], [gold[i] for i in train],
                         SFTConfig(epochs=args.epochs, seed=args.seed))

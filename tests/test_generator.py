@@ -125,6 +125,40 @@ def test_sampling_shape_padding_and_cache_agree():
     assert torch.equal(logits.argmax(-1)[real], greedy[real])
 
 
+@pytest.mark.parametrize("max_new_tokens", [3, 7, 12, 40])
+def test_grammar_makes_every_output_parse_even_untrained(max_new_tokens):
+    vocab = AttributeVocabulary.from_attribute_sets([{"colour": c, "size": s} for c in COLOURS for s in SIZES])
+    torch.manual_seed(2)
+    config = GeneratorConfig(d_model=16, n_layers=1, n_heads=2, prefix_tokens=2, max_new_tokens=max_new_tokens,
+                             grammar_keys=len(vocab.keys))
+    model = AttributeGenerator(len(vocab), 8, 6, config).eval()
+    image, mask, text, _ = toy_problem(40, seed=5)
+    free = AttributeGenerator(len(vocab), 8, 6, GeneratorConfig(**{**config.__dict__, "grammar_keys": 0}))
+    free.load_state_dict(model.state_dict())
+    for temperature in (0.7, 3.0):
+        sampled = model.sample(image, mask, text, num_samples=4, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        texts = [vocab.decode(row) for row in sampled.tolist()]
+        assert all(parse_attributes(t, vocab.keys).is_valid for t in texts), [t for t in texts if not parse_attributes(t).is_valid][:3]
+        # Scoring uses the same constrained distribution: what was drawn has a finite, non-tiny probability.
+        log_probs, real = model.token_log_probs(*(repeat_rows(x, 4) for x in (image, mask, text)), sampled, temperature)
+        assert torch.isfinite(log_probs).all() and log_probs[real].min() > -50
+    unconstrained = [vocab.decode(row) for row in free.eval().sample(image, mask, text, num_samples=4, temperature=3.0,
+                                                                      generator=torch.Generator().manual_seed(0)).tolist()]
+    assert not all(parse_attributes(t, vocab.keys).is_valid for t in unconstrained)  # the grammar is what makes them valid
+
+
+def test_grammar_keeps_sft_targets_reachable():
+    image, mask, text, targets = toy_problem(60, seed=3)
+    vocab = AttributeVocabulary.from_attribute_sets(targets)
+    torch.manual_seed(0)
+    model = AttributeGenerator(len(vocab), image.shape[1], text.shape[1],
+                               GeneratorConfig(**{**SMALL.__dict__, "grammar_keys": len(vocab.keys)}))
+    history = train_generator_sft(model, vocab, image, mask, text, targets, SFTConfig(epochs=30, batch_size=32, learning_rate=5e-3))
+    assert np.isfinite(history[-1]["loss"]) and history[-1]["loss"] < history[0]["loss"]
+    predicted = generate_attribute_texts(model, vocab, image, mask, text)
+    assert attribute_accuracy(predicted, targets, vocab.keys)["validity_rate"] == 1.0
+
+
 def test_log_probs_ignore_padding_and_missing_image_content():
     vocab = AttributeVocabulary.from_attribute_sets([{"colour": c} for c in COLOURS])
     torch.manual_seed(2)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .vocabulary import BOS_ID, EOS_ID, PAD_ID, AttributeVocabulary
+from .vocabulary import BOS_ID, EOS_ID, PAD_ID, STRUCTURE_IDS, AttributeVocabulary
 
 # Added to the logits of <pad> and <bos>, which the generator must never write. Finite so that
 # log-probabilities stay finite where they are gathered and then masked.
@@ -42,6 +42,9 @@ class GeneratorConfig:
     prefix_tokens: int = 4
     max_new_tokens: int = 40
     dropout: float = 0.1
+    # Number of key tokens of the vocabulary; > 0 constrains decoding to the attribute grammar
+    # ({key: value, ...} then <eos>, closed in time), so every output parses. 0 = unconstrained.
+    grammar_keys: int = 0
 
     def __post_init__(self):
         for name in ("d_model", "n_layers", "n_heads", "max_new_tokens"):
@@ -55,6 +58,8 @@ class GeneratorConfig:
             raise ValueError(f"GeneratorConfig.max_new_tokens must be >= 3 ('{{', '}}', <eos>), got {self.max_new_tokens}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GeneratorConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.grammar_keys < 0:
+            raise ValueError(f"GeneratorConfig.grammar_keys must be >= 0, got {self.grammar_keys}")
 
 
 class _DecoderBlock(nn.Module):
@@ -138,6 +143,11 @@ class AttributeGenerator(nn.Module):
         forbidden = torch.zeros(vocab_size)
         forbidden[[PAD_ID, BOS_ID]] = _FORBIDDEN_LOGIT
         self.register_buffer("forbidden", forbidden, persistent=False)
+        if config.grammar_keys:
+            first_key = STRUCTURE_IDS["{"] + len(STRUCTURE_IDS)
+            if first_key + config.grammar_keys >= vocab_size:
+                raise ValueError(f"grammar_keys={config.grammar_keys} leaves no value tokens in a vocabulary of {vocab_size}")
+            self.register_buffer("grammar", _grammar_table(vocab_size, first_key, config.grammar_keys), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -155,9 +165,24 @@ class AttributeGenerator(nn.Module):
         text_part = self.text_proj(self.text_norm(text)).view(batch, self.text_tokens, d)
         return torch.cat([image_part, text_part], dim=1)
 
-    def _logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor, temperature: float = 1.0, previous: torch.Tensor | None = None,
+                remaining: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Logits of the next token; with the grammar on, ``previous`` (the token just written,
+        ``<bos>`` first) and ``remaining`` (tokens left, this one included) rule out what
+        cannot follow or could not be closed in time."""
         logits = self.head(self.final_norm(hidden)) + self.forbidden
+        if self.config.grammar_keys and previous is not None:
+            logits = logits + self._grammar_penalty(previous, remaining)
         return logits / temperature if temperature != 1.0 else logits
+
+    def _grammar_penalty(self, previous: torch.Tensor, remaining: torch.Tensor | int) -> torch.Tensor:
+        """Additive ``[..., V]`` penalty: 0 where the grammar allows the token, else a large negative."""
+        states = self.grammar[0][previous]  # [..., V] allowed when there is room for anything
+        tight = self.grammar[1][previous]  # allowed when only closing fits
+        remaining = torch.as_tensor(remaining, device=previous.device)
+        room = (remaining >= _ROOM_FOR_A_PAIR)[..., None]
+        allowed = torch.where(room, states, tight)
+        return torch.where(allowed, 0.0, _FORBIDDEN_LOGIT)
 
     def forward(self, image, image_mask, text, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Next-token logits ``[B, L, V]`` for ``input_ids`` ``[B, L]`` (which start with ``<bos>``).
@@ -174,7 +199,8 @@ class AttributeGenerator(nn.Module):
         hidden = self.embedding_dropout(hidden)
         for block in self.blocks:
             hidden = block(hidden)
-        return self._logits(hidden[:, prefix.shape[1] :], temperature)
+        remaining = self.config.max_new_tokens - torch.arange(input_ids.shape[1], device=self.device)
+        return self._logits(hidden[:, prefix.shape[1] :], temperature, input_ids, remaining)
 
     @torch.no_grad()
     def sample(
@@ -220,7 +246,8 @@ class AttributeGenerator(nn.Module):
                 for block, buffer in zip(self.blocks, buffers):
                     hidden = block(hidden, buffer, offset)
                 offset += step_input.shape[1]
-                logits = self._logits(hidden[:, -1], 1.0 if greedy else temperature)
+                previous = bos[:, 0] if step == 0 else generated[-1]
+                logits = self._logits(hidden[:, -1], 1.0 if greedy else temperature, previous, self.config.max_new_tokens - step)
                 token = logits.argmax(dim=-1) if greedy else _sample_categorical(logits, generator)
                 token = token.masked_fill(finished, PAD_ID)
                 generated.append(token)
@@ -249,6 +276,36 @@ class AttributeGenerator(nn.Module):
     def sequence_log_probs(self, image, image_mask, text, sequences: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Sum of the generated tokens' log-probabilities per row, ``[B]`` (padding ignored)."""
         return self.token_log_probs(image, image_mask, text, sequences, temperature)[0].sum(dim=1)
+
+
+# Tokens a new pair needs before the output can close: ", key: value } <eos>" after a value,
+# "key: value } <eos>" after "{" (one fewer, but one rule keeps the table small and safe).
+_ROOM_FOR_A_PAIR = 6
+
+
+def _grammar_table(vocab_size: int, first_key: int, num_keys: int) -> torch.Tensor:
+    """``[2, V, V]`` bool: which token may follow which, with room for another pair ([0]) and
+    when only closing fits ([1])."""
+    open_, close, comma, colon = (STRUCTURE_IDS[token] for token in ("{", "}", ", ", ": "))
+    keys = torch.zeros(vocab_size, dtype=torch.bool)
+    keys[first_key : first_key + num_keys] = True
+    values = torch.zeros(vocab_size, dtype=torch.bool)
+    values[first_key + num_keys :] = True
+    table = torch.zeros(2, vocab_size, vocab_size, dtype=torch.bool)
+    for loose in (0, 1):
+        row = table[loose]
+        row[BOS_ID, open_] = True
+        row[open_, close] = True
+        row[open_] |= keys if loose == 0 else torch.zeros_like(keys)
+        row[first_key : first_key + num_keys, colon] = True
+        row[colon] = values
+        row[first_key + num_keys :, close] = True
+        if loose == 0:
+            row[first_key + num_keys :, comma] = True
+        row[comma] = keys
+        row[close, EOS_ID] = True
+        row[EOS_ID, PAD_ID] = row[PAD_ID, PAD_ID] = True  # after the end only padding (masked anyway)
+    return table
 
 
 def repeat_rows(value, times: int, device=None) -> torch.Tensor:

@@ -20,6 +20,7 @@ OPEN, CLOSE, COMMA, COLON = "{", "}", ", ", ": "
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 STRUCTURE_TOKENS = (OPEN, CLOSE, COMMA, COLON)
+STRUCTURE_IDS = {token: len(SPECIAL_TOKENS) + i for i, token in enumerate(STRUCTURE_TOKENS)}  # "{" 3, "}" 4, ", " 5, ": " 6
 FORMAT_VERSION = 1
 
 

@@ -25,6 +25,29 @@ def _add_evaluate(commands) -> argparse.ArgumentParser:
     return evaluate
 
 
+def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    import os
+    from pathlib import Path
+
+    from .evaluate_command import device_from_env
+    from .search import SearchEngine, SearchError, result_json, result_table
+    from .storage import StorageError, open_store
+
+    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///.afmrl/mlflow.db")
+    try:
+        image = Path(args.image).expanduser().read_bytes() if args.image else None
+    except OSError as error:
+        parser.exit(2, f"afmrl search: error: cannot read --image {args.image}: {error.strerror}\n")
+    try:
+        store = open_store(os.environ.get("AFMRL_STORE", ".afmrl/store"), endpoint_url=os.environ.get("AFMRL_S3_ENDPOINT_URL"),
+                           region_name=os.environ.get("AWS_REGION"))
+        engine = SearchEngine.from_store(store, encoder=args.encoder, generator=args.generator, device=device_from_env())
+        result = engine.search(image=image, text=args.text, k=args.k)
+    except (SearchError, StorageError, ValueError) as error:
+        parser.exit(2, f"afmrl search: error: {error}\n")
+    print(result_json(result) if args.json else result_table(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="afmrl", description="AFMRL retrieval pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +62,17 @@ def main(argv: list[str] | None = None) -> None:
     from .teacher_server import add_arguments
 
     add_arguments(serve_teacher)
+    search = commands.add_parser(
+        "search", help="find the listings of a photo and/or a text with the champion encoder and the pipeline's index",
+        description="Query -> generated attributes -> encoder -> index -> top-k listings. Reads the artefact store "
+        "(AFMRL_STORE, default .afmrl/store) and MLflow (MLFLOW_TRACKING_URI, default sqlite:///.afmrl/mlflow.db).",
+    )
+    search.add_argument("--image", metavar="PATH", help="photo of the product (local path)")
+    search.add_argument("--text", metavar="TEXT", help="title or description typed by the user")
+    search.add_argument("--k", type=int, default=10, help="listings to return (default 10)")
+    search.add_argument("--encoder", default="models:/afmrl-encoder@champion", help="registered model URI or head folder")
+    search.add_argument("--generator", help="registered model URI or folder (default: the generator that wrote the gallery's attributes)")
+    search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
@@ -51,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             run_evaluate(args.catalog, args.encoder, args.out, split=args.split, markdown=args.markdown, limit=args.limit)
         except EvaluationError as error:
             evaluate.exit(2, f"afmrl evaluate: error: {error}\n")
+    elif args.command == "search":
+        _search(args, search)
     elif args.command == "serve-teacher":
         from .teacher_server import serve
 

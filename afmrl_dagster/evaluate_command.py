@@ -243,7 +243,8 @@ class Encoder:
     head: DualTowerHead | None = None
 
 
-def _device() -> str:
+def device_from_env() -> str:
+    """``AFMRL_DEVICE`` (default ``auto``: CUDA when present, else CPU)."""
     import torch
 
     device = os.environ.get("AFMRL_DEVICE", "auto")
@@ -256,7 +257,7 @@ def _head_encoder(name: str, folder: Path) -> Encoder:
     missing = [file for file in (WEIGHTS_FILE, CONFIG_FILE) if not (folder / file).is_file()]
     if missing:
         raise EvaluationError(f"encoder folder {folder} lacks {', '.join(missing)} (expected a folder written by save_head)")
-    head = load_head(folder, device=_device())
+    head = load_head(folder, device=device_from_env())
     return Encoder(name, head.config.image_tower, head.config.text_tower, head)
 
 
@@ -292,7 +293,7 @@ def _image_features(encoder: Encoder, listings: pl.DataFrame, images: dict[str, 
     if not wanted:
         dim = encoder.head.config.image_dim if encoder.head else DualTowerConfig().image_dim
         return np.zeros((len(ids), dim), np.float32), np.zeros(len(ids), bool), []
-    featurizer = ImageFeaturizer(encoder.image_tower, device=_device())
+    featurizer = ImageFeaturizer(encoder.image_tower, device=device_from_env())
     features = np.zeros((len(ids), featurizer.dim), np.float32)
     mask = np.zeros(len(ids), bool)
     unreadable = []
@@ -330,7 +331,7 @@ def tower_features(encoder: Encoder, listings: pl.DataFrame, images: dict[str, b
     whose image could not be decoded."""
     image, mask, unreadable = _image_features(encoder, listings, images or {})
     texts = [listing_text(title) for title in listings["title"].to_list()]
-    featurizer = TextFeaturizer(encoder.text_tower, device=_device())
+    featurizer = TextFeaturizer(encoder.text_tower, device=device_from_env())
     chunks = []
     for start in range(0, len(texts), text_batch):
         chunks.append(featurizer.encode(texts[start : start + text_batch]))
@@ -345,7 +346,7 @@ def embed_listings(encoder: Encoder, listings: pl.DataFrame, images: dict[str, b
     if encoder.head is None:
         embeddings = zero_shot_embeddings(features)
     else:
-        embeddings = embed_features(encoder.head, features, device=_device())
+        embeddings = embed_features(encoder.head, features, device=device_from_env())
     return EmbeddedListings(embeddings, int(features.image_mask.sum()), unreadable)
 
 

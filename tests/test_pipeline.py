@@ -173,6 +173,37 @@ def test_registered_encoder_embeds_listings_from_the_registry(pipeline_run):
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-4)
 
 
+def test_search_finds_the_product_of_a_catalog_photo_and_title(pipeline_run, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    from afmrl_dagster.search import SearchEngine, SearchError
+    from afmrl_dagster.storage import LocalObjectStore, read_uri_bytes
+
+    _, _, _, root = pipeline_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    store = LocalObjectStore(root / "store")
+    engine = SearchEngine.from_store(store)
+    catalog = store.read_parquet(sorted(key for key in store.list_keys("tables/raw_catalog/") if key.endswith(".parquet"))[0])
+    hits_at_1 = 0
+    for listing in catalog.head(6).iter_rows(named=True):
+        result = engine.search(image=read_uri_bytes(listing["image_uri"]), text=listing["title"], k=3)
+        assert len(result.hits) == 3 and result.hits[0].score >= result.hits[-1].score
+        assert isinstance(result.attributes, dict) and result.attributes_text.startswith("{")
+        assert set(result.seconds) == {"features", "generate", "embed", "search"}
+        hits_at_1 += result.hits[0].product_id == listing["product_id"]
+    assert hits_at_1 >= 5  # its own listing is in the index
+    with pytest.raises(SearchError, match="photo, a text, or both"):
+        engine.search()
+    # The documented command, text only, as JSON.
+    env = {**__import__("os").environ, "AFMRL_STORE": str(root / "store"), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    done = subprocess.run([sys.executable, "-m", "afmrl_dagster.cli", "search", "--text", catalog["title"][0], "--k", "2", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(json.loads(done.stdout)["hits"]) == 2
+
+
 def test_new_encoder_is_compared_with_the_champion_on_the_same_set(pipeline_run):
     """A second encoder version: the evaluation re-scores the registered champion before deciding."""
     from afmrl_dagster.assets.encoder import EncoderTrainingRunConfig

@@ -147,7 +147,9 @@ class AttributeGenerator(nn.Module):
             first_key = STRUCTURE_IDS["{"] + len(STRUCTURE_IDS)
             if first_key + config.grammar_keys >= vocab_size:
                 raise ValueError(f"grammar_keys={config.grammar_keys} leaves no value tokens in a vocabulary of {vocab_size}")
-            self.register_buffer("grammar", _grammar_table(vocab_size, first_key, config.grammar_keys), persistent=False)
+            token_class, follows = _grammar_tables(vocab_size, first_key, config.grammar_keys)
+            self.register_buffer("token_class", token_class, persistent=False)
+            self.register_buffer("grammar", follows, persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -177,8 +179,9 @@ class AttributeGenerator(nn.Module):
 
     def _grammar_penalty(self, previous: torch.Tensor, remaining: torch.Tensor | int) -> torch.Tensor:
         """Additive ``[..., V]`` penalty: 0 where the grammar allows the token, else a large negative."""
-        states = self.grammar[0][previous]  # [..., V] allowed when there is room for anything
-        tight = self.grammar[1][previous]  # allowed when only closing fits
+        previous_class = self.token_class[previous]
+        states = self.grammar[0][previous_class]  # [..., V] allowed when there is room for another pair
+        tight = self.grammar[1][previous_class]  # allowed when only closing fits
         remaining = torch.as_tensor(remaining, device=previous.device)
         room = (remaining >= _ROOM_FOR_A_PAIR)[..., None]
         allowed = torch.where(room, states, tight)
@@ -283,29 +286,34 @@ class AttributeGenerator(nn.Module):
 _ROOM_FOR_A_PAIR = 6
 
 
-def _grammar_table(vocab_size: int, first_key: int, num_keys: int) -> torch.Tensor:
-    """``[2, V, V]`` bool: which token may follow which, with room for another pair ([0]) and
-    when only closing fits ([1])."""
+def _grammar_tables(vocab_size: int, first_key: int, num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class of every token ``[V]`` and, per class of the previous token, which tokens may
+    follow ``[2, C, V]``: with room for another pair ([0]) and when only closing fits ([1]).
+    Classes, not a token-by-token table, so memory grows with V, not V squared."""
     open_, close, comma, colon = (STRUCTURE_IDS[token] for token in ("{", "}", ", ", ": "))
-    keys = torch.zeros(vocab_size, dtype=torch.bool)
-    keys[first_key : first_key + num_keys] = True
-    values = torch.zeros(vocab_size, dtype=torch.bool)
-    values[first_key + num_keys :] = True
-    table = torch.zeros(2, vocab_size, vocab_size, dtype=torch.bool)
-    for loose in (0, 1):
-        row = table[loose]
-        row[BOS_ID, open_] = True
-        row[open_, close] = True
-        row[open_] |= keys if loose == 0 else torch.zeros_like(keys)
-        row[first_key : first_key + num_keys, colon] = True
-        row[colon] = values
-        row[first_key + num_keys :, close] = True
-        if loose == 0:
-            row[first_key + num_keys :, comma] = True
-        row[comma] = keys
-        row[close, EOS_ID] = True
-        row[EOS_ID, PAD_ID] = row[PAD_ID, PAD_ID] = True  # after the end only padding (masked anyway)
-    return table
+    classes = {"start": 0, "open": 1, "key": 2, "colon": 3, "value": 4, "comma": 5, "close": 6, "end": 7}
+    token_class = torch.full((vocab_size,), classes["end"], dtype=torch.long)  # <eos> and <pad>
+    token_class[BOS_ID] = classes["start"]
+    token_class[open_], token_class[close] = classes["open"], classes["close"]
+    token_class[comma], token_class[colon] = classes["comma"], classes["colon"]
+    token_class[first_key : first_key + num_keys] = classes["key"]
+    token_class[first_key + num_keys :] = classes["value"]
+    keys, values = token_class == classes["key"], token_class == classes["value"]
+    follows = torch.zeros(2, len(classes), vocab_size, dtype=torch.bool)
+    for tight in (0, 1):
+        table = follows[tight]
+        table[classes["start"], open_] = True
+        table[classes["open"], close] = True
+        if not tight:
+            table[classes["open"]] |= keys
+            table[classes["value"], comma] = True
+        table[classes["key"], colon] = True
+        table[classes["colon"]] = values
+        table[classes["value"], close] = True
+        table[classes["comma"]] = keys
+        table[classes["close"], EOS_ID] = True
+        table[classes["end"], PAD_ID] = True  # after the end only padding (masked anyway)
+    return token_class, follows
 
 
 def repeat_rows(value, times: int, device=None) -> torch.Tensor:

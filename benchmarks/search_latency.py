@@ -1,0 +1,67 @@
+"""Latency of one search, stage by stage, and what attribute generation adds: catalog listings
+(photo + title) sent one at a time through :class:`afmrl_dagster.search.SearchEngine` over what
+``make demo`` stored (the champion encoder, the pipeline's generator and index).
+
+    python benchmarks/search_latency.py [--queries 50] [--write-readme README.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+from afmrl_dagster.readme import write_block
+from afmrl_dagster.search import CATALOG_TABLES, SearchEngine
+from afmrl_dagster.storage import open_store, read_uri_bytes
+
+BLOCK = "search-latency"
+STAGES = ("features", "generate", "embed", "search")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--write-readme", metavar="README")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///.afmrl/mlflow.db")
+    store = open_store(os.environ.get("AFMRL_STORE", ".afmrl/store"))
+    engine = SearchEngine.from_store(store)
+    keys = sorted(key for key in store.list_keys(CATALOG_TABLES) if key.endswith(".parquet"))
+    listings = [row for key in keys for row in store.read_parquet(key).iter_rows(named=True)][: args.queries]
+    engine.search(image=read_uri_bytes(listings[0]["image_uri"]), text=listings[0]["title"], k=args.k)  # warm-up
+    timings = {stage: [] for stage in STAGES}
+    for listing in listings:
+        image = read_uri_bytes(listing["image_uri"]) if listing["image_uri"] else None
+        result = engine.search(image=image, text=listing["title"], k=args.k)
+        for stage in STAGES:
+            timings[stage].append(result.seconds[stage])
+    medians = {stage: statistics.median(values) * 1e3 for stage, values in timings.items()}
+    total = sum(medians.values())
+    lines = [
+        f"{len(listings)} catalog listings (photo + title) searched one at a time over the demo's index "
+        f"({engine.index.ntotal} listings, k = {args.k}); median per stage; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads.",
+        "",
+        "| stage | median ms | share |",
+        "|---|---|---|",
+        *(f"| {stage} | {medians[stage]:.1f} | {medians[stage] / total:.0%} |" for stage in STAGES),
+        f"| **total** | **{total:.1f}** | |",
+        "",
+        f"Attribute generation adds {medians['generate']:.1f} ms per query "
+        f"({medians['generate'] / (total - medians['generate']):.0%} on top of search without it).",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.write_readme and not write_block(args.write_readme, BLOCK, text):
+        print(f"search_latency: {args.write_readme} has no {BLOCK} block", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

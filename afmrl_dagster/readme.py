@@ -20,3 +20,15 @@ def write_block(path: str | os.PathLike, name: str, content: str) -> bool:
     temporary.write_text(pattern.sub(lambda _: f"{start}\n{content}\n{end}", text, count=1))
     os.replace(temporary, path)
     return True
+
+
+def publish_result(text: str, readme: str | os.PathLike | None, name: str) -> int:
+    """Print a benchmark's result and, with ``readme``, write it into that file's ``name`` block;
+    the exit status: 1 when the file lacks the block, else 0."""
+    import sys
+
+    print(text)
+    if readme and not write_block(readme, name, text):
+        print(f"{readme} has no <!-- {name}:start --> ... <!-- {name}:end --> block", file=sys.stderr)
+        return 1
+    return 0

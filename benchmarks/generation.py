@@ -27,7 +27,7 @@ from afmrl_dagster.attributes.teacher import SellerAttributeTeacher, annotate_li
 from afmrl_dagster.attributes.vocabulary import AttributeVocabulary
 from afmrl_dagster.catalog.builtin import generate_product_line
 from afmrl_dagster.catalog.source import builtin_config
-from afmrl_dagster.readme import write_block
+from afmrl_dagster.readme import publish_result
 from afmrl_dagster.training.generator_sft import SFTConfig, train_generator_sft
 
 BLOCK = "generation-throughput"
@@ -101,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(model, vocabulary, args.listings, batch_sizes, args.one_at_a_time, args.repeats, args.seed)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     text = table(result, args)
-    print(text)
-    if args.write_readme and not write_block(args.write_readme, BLOCK, text):
-        print(f"generation: {args.write_readme} has no {BLOCK} block", file=sys.stderr)
-        return 1
-    return 0
+    return publish_result(text, args.write_readme, BLOCK)
 
 
 if __name__ == "__main__":

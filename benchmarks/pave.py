@@ -26,7 +26,7 @@ from afmrl_dagster.attributes.vocabulary import AttributeVocabulary
 from afmrl_dagster.catalog.pave import load_wdc_pave
 from afmrl_dagster.catalog.splits import holdout_products
 from afmrl_dagster.encoders.towers import DEFAULT_TEXT_MODEL, TextFeaturizer
-from afmrl_dagster.readme import write_block
+from afmrl_dagster.readme import publish_result
 from afmrl_dagster.training.generator_sft import SFTConfig, attribute_accuracy, train_generator_sft
 
 BLOCK = "pave-check"
@@ -87,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         *(f"| {key} | {key_counts[key]} | {scores['key_exact_match'][key]:.3f} |" for key in top),
     ]
     text_block = "\n".join(lines)
-    print(text_block)
-    if args.write_readme and not write_block(args.write_readme, BLOCK, text_block):
-        print(f"pave: {args.write_readme} has no {BLOCK} block", file=sys.stderr)
-        return 1
-    return 0
+    return publish_result(text_block, args.write_readme, BLOCK)
 
 
 if __name__ == "__main__":

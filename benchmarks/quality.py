@@ -24,7 +24,7 @@ import torch
 
 from afmrl_dagster.evaluate_command import write_atomic
 from afmrl_dagster.quality_ladder import LadderSettings, dataset_features, ladder_markdown, load_ladder_dataset, run_ladder
-from afmrl_dagster.readme import write_block
+from afmrl_dagster.readme import publish_result
 
 BLOCK = "quality-ladder"  # README markers <!-- quality-ladder:start --> ... <!-- quality-ladder:end -->
 DATASETS = {  # name -> (catalog spec, folder under --data or None)
@@ -107,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Whole run: {total / 60:.1f} min on {torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
         *sections,
     ])
-    print(text)
-    if args.write_readme and not write_block(args.write_readme, BLOCK, text):
-        log(f"{args.write_readme} has no {BLOCK} block; the tables are in {args.out}")
-        return 1
-    return 0
+    return publish_result(text, args.write_readme, BLOCK)
 
 
 if __name__ == "__main__":

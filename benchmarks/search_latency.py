@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 
 import torch
 
-from afmrl_dagster.readme import write_block
+from afmrl_dagster.readme import publish_result
 from afmrl_dagster.search import CATALOG_TABLES, SearchEngine
 from afmrl_dagster.storage import open_store, read_uri_bytes
 
@@ -56,11 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({medians['generate'] / (total - medians['generate']):.0%} on top of search without it).",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.write_readme and not write_block(args.write_readme, BLOCK, text):
-        print(f"search_latency: {args.write_readme} has no {BLOCK} block", file=sys.stderr)
-        return 1
-    return 0
+    return publish_result(text, args.write_readme, BLOCK)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from afmrl_dagster.readme import write_block
+from afmrl_dagster.readme import publish_result
 from afmrl_dagster.encoders.dual_tower import DualTowerConfig, DualTowerHead, ListingFeatures
 from afmrl_dagster.training.agcl import AGCLConfig, AGCLLoss
 from afmrl_dagster.training.bm25 import BM25Scorer
 from afmrl_dagster.training.encoder_training import FeatureTensors, ProductBatchSampler, batch_loss, make_optimizer
 
-START, END = "<!-- agcl-step:start -->", "<!-- agcl-step:end -->"  # see afmrl_dagster.readme
 
 VOCABULARY = {
     "colour": ["red", "blue", "navy", "black", "white", "green", "beige", "pink", "gray", "burgundy", "olive", "mustard"],
@@ -147,14 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(args.batch_size, args.embed_dim, args.attributes, args.steps, args.warmup, args.products, args.seed)
-    block = table(result, args)
-    print(block)
-    if args.write_readme is not None:
-        if write_block(args.write_readme, "agcl-step", block):
-            print(f"\nwrote the table into {args.write_readme}")
-        else:
-            print(f"\n{args.write_readme} has no {START} ... {END} markers; nothing written")
-    return 0
+    return publish_result(table(result, args), args.write_readme, "agcl-step")
 
 
 if __name__ == "__main__":

@@ -284,3 +284,17 @@ def test_plain_infonce_training_runs_with_random_sampler_and_accumulation():
     assert all(r["mean_negative_weight"] == 1.0 and r["masked_fraction"] == 0.0 for r in result.history)
     assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine reaches zero at the last step
     assert not result.head.training
+
+
+def test_agcl_step_benchmark_runs_and_writes_its_block(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- agcl-step:start -->\n<!-- agcl-step:end -->\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "agcl_step.py"
+    done = subprocess.run([sys.executable, str(script), "--batch-size", "16", "--steps", "2", "--warmup", "1", "--write-readme", str(readme)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "**ratio AGCL / InfoNCE**" in readme.read_text()

@@ -202,6 +202,10 @@ def test_search_finds_the_product_of_a_catalog_photo_and_title(pipeline_run, mon
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(json.loads(done.stdout)["hits"]) == 2
+    latency = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "search_latency.py"), "--queries", "3"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert latency.returncode == 0, latency.stderr[-2000:]
+    assert "| generate |" in latency.stdout and "Attribute generation adds" in latency.stdout
 
 
 def test_new_encoder_is_compared_with_the_champion_on_the_same_set(pipeline_run):

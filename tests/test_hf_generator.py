@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 import torch
 
-from afmrl_dagster.attributes.hf_generator import HFAttributeGenerator, HFGeneratorConfig, hf_grpo_step, repeat_batch
+from afmrl_dagster.attributes.hf_generator import HFAttributeGenerator, HFGeneratorConfig, hf_grpo_step, hf_sft_step, repeat_batch
 from afmrl_dagster.encoders.tiny_models import build_tiny_llava, build_tiny_qwen2_vl
 from afmrl_dagster.training.grpo import GRPOConfig
 
@@ -82,3 +82,23 @@ def test_repeat_batch_handles_one_prompts_image_patches():
     assert repeated["input_ids"].shape == (3, 4) and repeated["pixel_values"].shape == (18, 3) and repeated["image_grid_thw"].shape == (3, 3)
     with pytest.raises(ValueError, match="pixel_values"):
         repeat_batch({"input_ids": torch.ones(2, 4), "pixel_values": torch.randn(6, 3)}, 3, rows=2)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_sft_steps_lower_the_loss_on_teacher_attributes(tiny_dirs, family, use_lora):
+    generator = _generator(tiny_dirs[family], use_lora=use_lora, lora_rank=4)
+    optimizer = torch.optim.AdamW(generator.trainable_parameters(), lr=5e-2 if use_lora else 3e-3)
+    trainable = {name for name, p in generator.model.named_parameters() if p.requires_grad}
+    before = {name: p.detach().clone() for name, p in generator.model.named_parameters()}
+    images = [_image(0), _image(1)] if family == "llava" else [_image(0), None]
+    prompts = generator.prompt_texts(TITLES[:2])
+    targets = ['{"colour": "red"}', '{"brand": "arla", "volume": "1 l"}']
+    losses = [hf_sft_step(generator, optimizer, images, prompts, targets) for _ in range(12)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    if not use_lora:  # every weight free: the two targets are learnt outright
+        assert losses[-1] < 0.8 * losses[0]
+    changed = {name for name, p in generator.model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert changed and changed <= trainable
+    if use_lora:
+        assert all("lora_" in name for name in changed)

@@ -149,6 +149,46 @@ class HFAttributeGenerator:
         return log_probs * mask
 
 
+def target_ids(generator: HFAttributeGenerator, targets: Sequence[str], max_new_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of target texts followed by eos, right-padded ``[B, T]``, and their mask."""
+    tokenizer = generator.tokenizer
+    limit = max_new_tokens or generator.config.max_new_tokens
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows = [(tokenizer.encode(text, add_special_tokens=False) + eos)[:limit] for text in targets]
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = True
+    return ids.to(generator.device), mask.to(generator.device)
+
+
+def hf_sft_step(
+    generator: HFAttributeGenerator,
+    optimizer: torch.optim.Optimizer,
+    images: Sequence[PIL.Image.Image | None],
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    max_grad_norm: float = 1.0,
+) -> float:
+    """One distillation step: mean token cross-entropy of the teacher's attribute texts given
+    the prompts (LoRA adapters, or every weight without LoRA); returns the loss."""
+    if len(targets) != len(prompts):
+        raise ValueError(f"{len(targets)} targets for {len(prompts)} prompts")
+    generator.model.train()
+    batch = generator.encode_prompts(images, prompts)
+    ids, mask = target_ids(generator, targets)
+    optimizer.zero_grad(set_to_none=True)
+    log_probs = generator.completion_log_probs(batch, ids, mask)
+    loss = -(log_probs.sum() / mask.sum().clamp(min=1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(generator.trainable_parameters(), max_grad_norm)
+    optimizer.step()
+    generator.model.eval()
+    return float(loss.detach())
+
+
 def repeat_batch(batch: dict[str, torch.Tensor], times: int, rows: int) -> dict[str, torch.Tensor]:
     """Each prompt's inputs ``times`` times in a row. Per-image tensors (pixel values and grids,
     whose first dimension is not the number of prompts) are repeated image by image."""

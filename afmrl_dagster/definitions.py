@@ -12,7 +12,7 @@ import os
 
 import dagster as dg
 
-from .assets import attributes, automation, catalog, encoder, features, rar, retrieval
+from .assets import attributes, automation, catalog, cit, encoder, features, rar, retrieval
 from .resources.catalog_source import CatalogSource
 from .resources.compute import TorchCompute
 from .resources.io_manager import TableIOManager
@@ -66,6 +66,7 @@ ASSETS = [
     retrieval.retrieval_index,
     retrieval.retrieval_evaluation,
     rar.rar_generator,
+    cit.cit_encoder,
 ]
 JOBS = [automation.catalog_refresh_job, automation.model_training_job, automation.catalog_embedding_job, automation.retrieval_job]
 

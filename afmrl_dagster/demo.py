@@ -59,10 +59,11 @@ def materialize_pipeline(definitions, instance, asset_config: dict | None = None
     return {
         "results": definitions.load_asset_value("retrieval_evaluation", instance=instance),
         "rar": definitions.load_asset_value("rar_generator", instance=instance),
+        "cit": definitions.load_asset_value("cit_encoder", instance=instance),
     }
 
 
-def results_report(results, rar: dict, seconds: float) -> str:
+def results_report(results, rar: dict, seconds: float, cit: dict | None = None) -> str:
     from .evaluation import results_markdown
 
     return (
@@ -74,6 +75,11 @@ def results_report(results, rar: dict, seconds: float) -> str:
         f"{rar['reward_last_steps']:.3f} over the last fifth. Held-out queries with SFT attributes: R@1 "
         f"{rar['heldout']['sft']['recall@1']:.3f}; with RAR attributes: R@1 {rar['heldout']['rar']['recall@1']:.3f} "
         f"(valid outputs {rar['heldout']['rar']['validity_rate']:.1%})."
+        + ("" if not cit else
+           f" CIT (the encoder retrained on RAR attributes, {cit['heldout']['cit']['num_queries']:.0f} held-out queries): "
+           f"R@1 {cit['heldout']['cit']['recall@1']:.3f}"
+           + (f" against the champion's {cit['heldout']['champion']['recall@1']:.3f}" if cit["heldout"].get("champion") else "")
+           + (", promoted to champion." if cit.get("promoted") else ", champion kept."))
     )
 
 
@@ -86,7 +92,7 @@ def run_demo(write_readme: str | None = None) -> None:
         raise SystemExit("DAGSTER_HOME is not set: run `make demo`, or export DAGSTER_HOME to a folder holding dagster.yaml")
     started = time.perf_counter()
     outcome = materialize_pipeline(defs(), dg.DagsterInstance.get(), log=lambda line: print(line, flush=True))
-    report = results_report(outcome["results"], outcome["rar"], time.perf_counter() - started)
+    report = results_report(outcome["results"], outcome["rar"], time.perf_counter() - started, outcome.get("cit"))
     print("\n==> results\n\n" + report)
     if write_readme:
         from .readme import write_block

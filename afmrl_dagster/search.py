@@ -2,8 +2,8 @@
 index -> the top-k listings, with scores and the attributes the generator wrote.
 
 By default the encoder is the registered champion (``models:/afmrl-encoder@champion``), the
-index the last one the pipeline built (it must have been built with that encoder version),
-and the generator the one that wrote the gallery's attributes, so a query is embedded
+index the stored one built with that encoder version (the pipeline's, or the CIT encoder's),
+and the generator the one that wrote that index's attributes, so a query is embedded
 exactly as the catalog was. Everything is read from the artefact store and MLflow the
 pipeline wrote to.
 """
@@ -29,6 +29,7 @@ from .storage import ObjectStore
 DEFAULT_ENCODER = "models:/afmrl-encoder@champion"
 INDEX_MANIFEST = "manifests/retrieval_index/__all__.json"
 GENERATOR_MANIFEST = "manifests/attribute_generator/__all__.json"
+CIT_MANIFEST = "manifests/cit_encoder/__all__.json"
 CATALOG_TABLES = "tables/raw_catalog/"
 
 
@@ -78,22 +79,24 @@ class SearchEngine:
         for key in (INDEX_MANIFEST, GENERATOR_MANIFEST):
             if not store.exists(key):
                 raise SearchError(f"{store.uri(key)} is missing: materialise the pipeline first (make demo)")
-        index_manifest = json.loads(store.get_bytes(INDEX_MANIFEST))
         try:
             resolved = resolve_encoder(encoder)
         except EvaluationError as error:
             raise SearchError(str(error)) from error
         if resolved.head is None:
             raise SearchError("search needs a trained encoder, not the zero-shot towers")
+        served = _served_indexes(store)
         version = _registered_version(encoder)
-        if version is not None and str(index_manifest.get("encoder_version")) != version:
-            raise SearchError(f"the stored index was built with encoder version {index_manifest.get('encoder_version')}, "
-                              f"but {encoder} is version {version}: rematerialise catalog_embeddings and retrieval_index")
+        chosen = served[0] if version is None else next((entry for entry in served if entry["encoder_version"] == version), None)
+        if chosen is None:
+            built = ", ".join(entry["encoder_version"] for entry in served)
+            raise SearchError(f"no stored index was built with {encoder} (version {version}); indexes exist for encoder "
+                              f"version(s) {built}: rematerialise catalog_embeddings and retrieval_index")
         with tempfile.TemporaryDirectory(prefix="afmrl-search-") as scratch:
-            folder = store.download_directory(f"indexes/{index_manifest['fingerprint']}", Path(scratch) / "index")
+            folder = store.download_directory(f"indexes/{chosen['fingerprint']}", Path(scratch) / "index")
             index = load_index(folder / "index.faiss")
             order = pl.read_parquet(folder / "listings.parquet")
-            model, vocabulary = _load_generator(store, generator, Path(scratch))
+            model, vocabulary = _load_generator(store, generator, chosen["generator_prefix"], Path(scratch))
         return cls(resolved.head, model, vocabulary, index, _with_titles(store, order), device)
 
     def search(self, image: bytes | None = None, text: str | None = None, k: int = 10) -> SearchResult:
@@ -144,10 +147,23 @@ def _registered_version(model_uri: str) -> str | None:
     return version or None
 
 
-def _load_generator(store: ObjectStore, generator: str | None, scratch: Path) -> tuple[AttributeGenerator, AttributeVocabulary]:
+def _served_indexes(store: ObjectStore) -> list[dict]:
+    """Stored indexes with the encoder version that built them and the folder of the generator
+    that wrote their attributes: the pipeline's index first, then the CIT encoder's."""
+    index = json.loads(store.get_bytes(INDEX_MANIFEST))
+    generator = json.loads(store.get_bytes(GENERATOR_MANIFEST))
+    served = [{"fingerprint": index["fingerprint"], "encoder_version": str(index["encoder_version"]),
+               "generator_prefix": f"models/attribute_generator/{generator['fingerprint']}"}]
+    if store.exists(CIT_MANIFEST):
+        cit = json.loads(store.get_bytes(CIT_MANIFEST)).get("index")
+        if cit:
+            served.append({**cit, "encoder_version": str(cit["encoder_version"])})
+    return served
+
+
+def _load_generator(store: ObjectStore, generator: str | None, default_prefix: str, scratch: Path) -> tuple[AttributeGenerator, AttributeVocabulary]:
     if generator is None:
-        manifest = json.loads(store.get_bytes(GENERATOR_MANIFEST))
-        return load_generator(store.download_directory(f"models/attribute_generator/{manifest['fingerprint']}", scratch / "generator"))
+        return load_generator(store.download_directory(default_prefix, scratch / "generator"))
     if Path(generator).expanduser().is_dir():
         return load_generator(Path(generator).expanduser())
     from .registry import download_model_artifact

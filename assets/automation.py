@@ -31,8 +31,8 @@ catalog_embedding_job = dg.define_asset_job(
 # Across all lines: index, evaluate and promote, then refine the generator with RAR.
 retrieval_job = dg.define_asset_job(
     "retrieval_job",
-    selection=dg.AssetSelection.assets("retrieval_index", "retrieval_evaluation", "rar_generator"),
-    description="Build the index, evaluate and promote the encoder, and refine the generator with RAR.",
+    selection=dg.AssetSelection.assets("retrieval_index", "retrieval_evaluation", "rar_generator", "cit_encoder"),
+    description="Build the index, evaluate and promote the encoder, refine the generator with RAR, and retrain the encoder on its attributes (CIT).",
 )
 
 

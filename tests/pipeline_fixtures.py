@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from afmrl_dagster.assets.attributes import AttributeGeneratorConfig
+from afmrl_dagster.assets.cit import CITConfig
 from afmrl_dagster.assets.encoder import EncoderTrainingRunConfig
 from afmrl_dagster.assets.rar import RARConfig
 from afmrl_dagster.resources.catalog_source import CatalogSource
@@ -37,4 +38,5 @@ TINY_CONFIG = {
     "attribute_generator": AttributeGeneratorConfig(epochs=60, batch_size=8),
     "agcl_encoder": EncoderTrainingRunConfig(epochs=4, batch_size=8),
     "rar_generator": RARConfig(steps=3, queries_per_step=4, group_size=4, reward_k=5),
+    "cit_encoder": CITConfig(epochs=3, batch_size=8),
 }

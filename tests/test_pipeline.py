@@ -68,11 +68,18 @@ def test_models_are_registered_and_champion_is_set(pipeline_run):
     _, _, outcome, root = pipeline_run
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     champion = client.get_model_version_by_alias(ENCODER_MODEL_NAME, "champion")
-    assert float(champion.tags["recall_at_1"]) == pytest.approx(outcome["results"]["recall@1"][2], abs=1e-5)
+    cit = outcome["cit"]
+    assert str(client.get_model_version_by_alias(ENCODER_MODEL_NAME, "cit").version) == cit["model_version"]
+    # The champion is the CIT encoder only when CIT beat the stage-1 encoder on the same held-out set.
+    if cit["promoted"]:
+        assert str(champion.version) == cit["model_version"]
+        assert cit["heldout"]["cit"]["recall@1"] > cit["heldout"]["champion"]["recall@1"]
+    else:
+        assert float(champion.tags["recall_at_1"]) == pytest.approx(outcome["results"]["recall@1"][2], abs=1e-5)
     assert client.get_model_version_by_alias(GENERATOR_MODEL_NAME, "sft") is not None
     assert str(client.get_model_version_by_alias(GENERATOR_MODEL_NAME, "rar").version) == outcome["rar"]["model_version"]
     runs = client.search_runs([client.get_experiment_by_name("afmrl-test").experiment_id])
-    assert {run.info.run_name for run in runs} >= {"attribute_generator_sft", "agcl_encoder", "retrieval_evaluation", "rar_generator"}
+    assert {run.info.run_name for run in runs} >= {"attribute_generator_sft", "agcl_encoder", "retrieval_evaluation", "rar_generator", "cit_encoder"}
     assert all("dagster.run_id" in run.data.tags for run in runs)
 
 

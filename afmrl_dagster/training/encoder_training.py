@@ -329,6 +329,7 @@ def train_encoder(
     config: EncoderTrainingConfig | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     resume: bool = True,
+    initial_head: DualTowerHead | None = None,
 ) -> TrainingResult:
     """Train a :class:`DualTowerHead` on ``features`` (text features of listing_text(title, attributes)).
 
@@ -340,6 +341,8 @@ def train_encoder(
     step, position in the epoch, random generators, history) after checking that config and
     data match it (ValueError naming the differing fields otherwise). ``on_epoch`` is called
     for the epochs finished by this call only. ``resume=False`` starts afresh and overwrites.
+    ``initial_head`` starts from that head's weights (e.g. another round of training on new
+    attributes) instead of the PCA start; its shape must match.
     """
     config = config or EncoderTrainingConfig()
     n = len(features)
@@ -363,11 +366,18 @@ def train_encoder(
             **config_fingerprint(config, NOT_FINGERPRINTED),
             **data_fingerprint(features, product_ids, product_lines, attribute_texts),
         }
+        if initial_head is not None:  # a checkpoint resumes only from the same starting weights
+            digest = hashlib.blake2b(digest_size=16)
+            for name, tensor in sorted(initial_head.state_dict().items()):
+                digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+            fingerprint["initial_head"] = digest.hexdigest()
     progress = TrainingProgress()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         head = DualTowerHead(head_config)
-        if config.pca_init:
+        if initial_head is not None:
+            head.load_state_dict(initial_head.state_dict())
+        elif config.pca_init:
             head.init_from_features(features, seed=config.seed)
         head.to(device).train()
         optimizer = make_optimizer(head, config.learning_rate, config.weight_decay)

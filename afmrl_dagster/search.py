@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from .attributes.format import listing_text, parse_attributes
-from .attributes.generator import AttributeGenerator, generate_attribute_texts, load_generator
+from .attributes.generator import AttributeGenerator, generate_attribute_texts, load_generator, load_stored_generator
 from .attributes.vocabulary import AttributeVocabulary
 from .encoders.dual_tower import DualTowerHead, ListingFeatures, embed_features
 from .encoders.towers import ImageFeaturizer, TextFeaturizer, decode_image
@@ -163,7 +163,7 @@ def _served_indexes(store: ObjectStore) -> list[dict]:
 
 def _load_generator(store: ObjectStore, generator: str | None, default_prefix: str, scratch: Path) -> tuple[AttributeGenerator, AttributeVocabulary]:
     if generator is None:
-        return load_generator(store.download_directory(default_prefix, scratch / "generator"))
+        return load_stored_generator(store, default_prefix)
     if Path(generator).expanduser().is_dir():
         return load_generator(Path(generator).expanduser())
     from .registry import download_model_artifact

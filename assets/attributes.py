@@ -4,8 +4,6 @@ query at search time."""
 
 
 import json
-import tempfile
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -250,13 +248,12 @@ def generated_attributes(
     These are what the encoder sees at search time, for the gallery and for a query alike.
     Unparseable generations are recorded as invalid with their raw text, never fatal.
     """
-    from afmrl_dagster.attributes.generator import generate_attribute_texts, load_generator
+    from afmrl_dagster.attributes.generator import generate_attribute_texts, load_stored_generator
     from afmrl_dagster.attributes.teacher import attribute_table
     from afmrl_dagster.features import listing_features as features_of
 
     store = artifact_store.open()
-    with tempfile.TemporaryDirectory() as tmp:
-        model, vocabulary = load_generator(store.download_directory(f"models/attribute_generator/{attribute_generator['fingerprint']}", Path(tmp) / "g"))
+    model, vocabulary = load_stored_generator(store, f"models/attribute_generator/{attribute_generator['fingerprint']}")
     ids = listing_features["listing_id"].to_list()
     features = features_of(listing_features, ids)
     texts = generate_attribute_texts(model, vocabulary, features.image, features.image_mask, features.text)

@@ -80,7 +80,7 @@ def cit_encoder(
     more than ``promotion_margin``.
     """
     from afmrl_dagster.attributes.format import attributes_to_text, parse_attributes
-    from afmrl_dagster.attributes.generator import generate_attribute_texts, load_generator
+    from afmrl_dagster.attributes.generator import generate_attribute_texts, load_stored_generator
     from afmrl_dagster.catalog.splits import holdout_products
     from afmrl_dagster.encoders.dual_tower import embed_features, save_head
     from afmrl_dagster.evaluation import REPORTED_METRICS, evaluate_embeddings
@@ -101,8 +101,7 @@ def cit_encoder(
     device = torch_compute.torch_device()
     text_featurizer = feature_towers.text_featurizer(device)
     stage_one = load_encoder_head(store, agcl_encoder)
-    with tempfile.TemporaryDirectory() as tmp:
-        generator, vocabulary = load_generator(store.download_directory(f"models/rar_generator/{rar_generator['fingerprint']}", Path(tmp) / "g"))
+    generator, vocabulary = load_stored_generator(store, f"models/rar_generator/{rar_generator['fingerprint']}")
     ids, titles = raw_catalog["listing_id"].to_list(), raw_catalog["title"].to_list()
     products, lines = raw_catalog["product_id"].to_list(), raw_catalog["product_line"].to_list()
     base = features_of(listing_features, ids)

@@ -3,8 +3,6 @@ rewarded by how well its attributes make the frozen encoder retrieve the query's
 
 
 import copy
-import tempfile
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -71,7 +69,7 @@ def rar_generator(
     """
 
     from afmrl_dagster.attributes.format import parse_attributes
-    from afmrl_dagster.attributes.generator import generate_attribute_texts, load_generator, save_generator
+    from afmrl_dagster.attributes.generator import generate_attribute_texts, load_stored_generator, save_generator
     from afmrl_dagster.encoders.dual_tower import embed_features
     from afmrl_dagster.evaluation import REPORTED_METRICS
     from afmrl_dagster.features import align, listing_features as features_of
@@ -91,8 +89,7 @@ def rar_generator(
     device = torch_compute.torch_device()
     text_featurizer = feature_towers.text_featurizer(device)
     head = load_encoder_head(store, agcl_encoder)
-    with tempfile.TemporaryDirectory() as tmp:
-        reference, vocabulary = load_generator(store.download_directory(f"models/attribute_generator/{attribute_generator['fingerprint']}", Path(tmp) / "g"))
+    reference, vocabulary = load_stored_generator(store, f"models/attribute_generator/{attribute_generator['fingerprint']}")
     policy = copy.deepcopy(reference)
 
     ids = raw_catalog["listing_id"].to_list()

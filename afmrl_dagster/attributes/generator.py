@@ -404,6 +404,13 @@ __all__ = [
     "feature_tensor",
     "generate_attribute_texts",
     "load_generator",
+    "load_stored_generator",
     "repeat_rows",
     "save_generator",
 ]
+
+
+def load_stored_generator(store, key_prefix: str, device: str = "cpu") -> tuple[AttributeGenerator, AttributeVocabulary]:
+    """Load a generator folder kept in an artefact store (``models/<asset>/<fingerprint>``)."""
+    with tempfile.TemporaryDirectory(prefix="afmrl-generator-") as scratch:
+        return load_generator(store.download_directory(key_prefix, Path(scratch) / "generator"), device=device)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..local_files import write_folder_atomically
 from .vocabulary import BOS_ID, EOS_ID, PAD_ID, STRUCTURE_IDS, AttributeVocabulary
 
 # Added to the logits of <pad> and <bos>, which the generator must never write. Finite so that
@@ -328,10 +327,7 @@ def save_generator(model: AttributeGenerator, vocab: AttributeVocabulary, direct
     ``extra_json`` maps further file names to JSON-able content written in the same step (e.g.
     which towers produced the features). An existing folder is replaced as a whole.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    def fill(staging: Path) -> None:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, str(staging / "model.safetensors"))
         config = {
@@ -344,17 +340,8 @@ def save_generator(model: AttributeGenerator, vocab: AttributeVocabulary, direct
         (staging / "vocabulary.json").write_text(vocab.to_json())
         for name, content in (extra_json or {}).items():
             (staging / name).write_text(json.dumps(content, indent=2))
-        # os.replace cannot overwrite a non-empty folder: move the old one aside first.
-        old = None
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.replace(directory, old / "previous")
-        os.replace(staging, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_folder_atomically(directory, fill)
 
 
 def load_generator(directory: str | Path, device: str = "cpu") -> tuple[AttributeGenerator, AttributeVocabulary]:

@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..encoders.vlm2vec import _QWEN_VL_TYPES, _build_processor
+from ..encoders.vlm2vec import QWEN_VL_TYPES, add_lora, build_processor
 from ..training.grpo import GRPOConfig, group_advantages, k3_kl
 from .format import parse_attributes
 from .prompts import STUDENT_PROMPT, PromptTemplate
@@ -64,16 +64,10 @@ class HFAttributeGenerator:
         hf_config = AutoConfig.from_pretrained(config.model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the Qwen processor fallback says so in the log as well
-            inputs = _build_processor(config.model, hf_config)
+            inputs = build_processor(config.model, hf_config)
         model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=config.torch_dtype(device))
         if config.use_lora:
-            from peft import LoraConfig, get_peft_model
-
-            lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                              target_modules=list(config.lora_target_modules), bias="none")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
-                model = get_peft_model(model, lora)
+            model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules, config.seed)
         return cls(model.to(device).eval(), inputs, config, prompt)
 
     @property
@@ -141,7 +135,7 @@ class HFAttributeGenerator:
         full["attention_mask"] = torch.cat([batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], dim=1)
         if "mm_token_type_ids" in batch:
             full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
-        if getattr(model.config, "model_type", "") not in _QWEN_VL_TYPES:
+        if getattr(model.config, "model_type", "") not in QWEN_VL_TYPES:
             # As generation numbers them: left padding takes no positions (Qwen-VL derives its own).
             full["position_ids"] = (full["attention_mask"].long().cumsum(dim=1) - 1).clamp(min=0)
         logits = model(**full, use_cache=False).logits[:, prompt_length - 1:-1].float() / temperature

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ..local_files import write_folder_atomically
 
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 1.0
@@ -193,25 +193,13 @@ def embed_features(head: DualTowerHead, features: ListingFeatures, batch_size: i
 
 def save_head(head: DualTowerHead, directory: str | os.PathLike) -> Path:
     """Write ``head.safetensors`` + ``config.json`` into ``directory``, atomically (all or nothing)."""
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in head.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(asdict(head.config), indent=2, sort_keys=True))
-        if target.exists():
-            # os.replace cannot replace a non-empty directory: move the old one aside first.
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return write_folder_atomically(directory, fill)
 
 
 def load_head(directory: str | os.PathLike, device: str = "cpu") -> DualTowerHead:

@@ -78,6 +78,26 @@ def _token_id(tokenizer, token: str) -> int:
     return int(token_id)
 
 
+def _llama_text_config(tokenizer) -> dict:
+    """The tiny Llama language model of the LLaVA and Idefics3 builders."""
+    return {
+        "model_type": "llama",
+        **_TINY_TEXT,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 1024,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def _seeded(seed: int, build):
+    """``build()`` with torch seeded, leaving the caller's random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def _save(model, tokenizer, directory: str | os.PathLike, processor=None, image_processor=None) -> Path:
     target = Path(directory)
     target.mkdir(parents=True, exist_ok=True)
@@ -133,9 +153,7 @@ def build_tiny_qwen2_vl(directory: str | os.PathLike, seed: int = 0) -> Path:
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=32 * 32
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
+    model = _seeded(seed, lambda: Qwen2VLForConditionalGeneration(config))
     return _save(model, tokenizer, directory, image_processor=image_processor)
 
 
@@ -157,15 +175,7 @@ def build_tiny_llava(directory: str | os.PathLike, seed: int = 0) -> Path:
     )
     image_size, patch_size = 16, 4
     config = LlavaConfig(
-        text_config={
-            "model_type": "llama",
-            **_TINY_TEXT,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 1024,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
+        text_config=_llama_text_config(tokenizer),
         vision_config={
             "model_type": "clip_vision_model",
             "hidden_size": 32,
@@ -191,9 +201,7 @@ def build_tiny_llava(directory: str | os.PathLike, seed: int = 0) -> Path:
         image_token="<image>",
         num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
+    model = _seeded(seed, lambda: LlavaForConditionalGeneration(config))
     return _save(model, tokenizer, directory, processor=processor)
 
 
@@ -218,15 +226,7 @@ def build_tiny_idefics3(directory: str | os.PathLike, seed: int = 0) -> Path:
     )
     image_size, patch_size, scale_factor = 16, 4, 2
     config = Idefics3Config(
-        text_config={
-            "model_type": "llama",
-            **_TINY_TEXT,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 1024,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
+        text_config=_llama_text_config(tokenizer),
         vision_config={
             "hidden_size": 32,
             "intermediate_size": 64,
@@ -249,9 +249,7 @@ def build_tiny_idefics3(directory: str | os.PathLike, seed: int = 0) -> Path:
         tokenizer=tokenizer,
         image_seq_len=(image_size // patch_size) ** 2 // scale_factor**2,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Idefics3ForConditionalGeneration(config)
+    model = _seeded(seed, lambda: Idefics3ForConditionalGeneration(config))
     return _save(model, tokenizer, directory, processor=processor)
 
 
@@ -259,8 +257,7 @@ def build_tiny_causal_lm(directory: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny random Qwen2 causal language model (text only), e.g. for a served teacher."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
     tokenizer = train_tiny_tokenizer(QWEN2_VL_SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
     config = Qwen2Config(vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **_TINY_TEXT)
-    return _save(Qwen2ForCausalLM(config), tokenizer, directory)
+    return _save(_seeded(seed, lambda: Qwen2ForCausalLM(config)), tokenizer, directory)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -31,13 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from afmrl_dagster.attributes.format import Attributes, listing_text
+from afmrl_dagster.local_files import write_folder_atomically
+from afmrl_dagster.training.encoder_training import pair_loss
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_INSTRUCTION = "Represent this product listing for finding the identical product:"
 CONFIG_FILE = "vlm2vec_config.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 _warned_fallback = False
 
 
@@ -172,7 +172,7 @@ class AutoProcessorInputs:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token = getattr(processor, "image_token", None) or "<image>"
-        if model_type in _QWEN_VL_TYPES:
+        if model_type in QWEN_VL_TYPES:
             # Qwen's chat template frames the placeholder; the plain prompt must do the same.
             self.image_token = f"<|vision_start|>{self.image_token}<|vision_end|>"
         # Idefics3-style processors take one list of images per sample.
@@ -197,7 +197,18 @@ class AutoProcessorInputs:
         return {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor)}
 
 
-def _build_processor(path: str, hf_config):
+def add_lora(model: nn.Module, rank: int, alpha: int, dropout: float, target_modules: Sequence[str], seed: int) -> nn.Module:
+    """``model`` wrapped with fresh LoRA adapters (seeded, without touching the caller's random
+    state); only the adapter weights require grad afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora)
+
+
+def build_processor(path: str, hf_config):
     """The model's AutoProcessor when it builds; for Qwen-VL without torchvision, :class:`QwenVLProcessor`."""
     global _warned_fallback
     from transformers import AutoProcessor, AutoTokenizer
@@ -209,7 +220,7 @@ def _build_processor(path: str, hf_config):
             raise ValueError(f"AutoProcessor of {path!r} has no tokenizer")
         return AutoProcessorInputs(processor, model_type)
     except (ImportError, OSError, ValueError, TypeError) as error:
-        if model_type not in _QWEN_VL_TYPES:
+        if model_type not in QWEN_VL_TYPES:
             raise
         if not _warned_fallback:
             _warned_fallback = True
@@ -241,24 +252,13 @@ class VLM2VecEncoder(nn.Module):
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         hf_config = AutoConfig.from_pretrained(config.model)
-        inputs = _build_processor(config.model, hf_config)
+        inputs = build_processor(config.model, hf_config)
         model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=config.torch_dtype(device))
         backbone = getattr(model, "model", None)
         if backbone is None:
             raise ValueError(f"{type(model).__name__} has no .model backbone returning hidden states")
         if config.use_lora:
-            from peft import LoraConfig, get_peft_model
-
-            lora = LoraConfig(
-                r=config.lora_rank,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout,
-                target_modules=list(config.lora_target_modules),
-                bias="none",
-            )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
-                model = get_peft_model(model, lora)
+            model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules, config.seed)
         encoder = cls(model, backbone, inputs, config)
         return encoder.to(device)
 
@@ -345,17 +345,11 @@ class VLM2VecEncoder(nn.Module):
         """Write the LoRA adapter (peft safetensors) and this config into ``directory``, atomically."""
         if not self.config.use_lora:
             raise ValueError("this encoder has no LoRA adapter (use_lora=False)")
-        target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        def fill(staging: Path) -> None:
             self.model.save_pretrained(str(staging), safe_serialization=True)
             (staging / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True))
-            _replace_directory(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return target
+
+        return write_folder_atomically(directory, fill)
 
     def load_adapter(self, directory: str | os.PathLike) -> None:
         """Load adapter weights written by :meth:`save_adapter` into this encoder (same LoRA shape)."""
@@ -391,17 +385,6 @@ def load_saved_config(directory: str | os.PathLike) -> VLM2VecConfig:
     return VLM2VecConfig(**{key: value for key, value in raw.items() if key in known})
 
 
-def _replace_directory(staging: Path, target: Path) -> None:
-    if target.exists():
-        # os.replace cannot replace a non-empty directory: move the old one aside first.
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, retired / target.name)
-        os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-
-
 def vlm2vec_batch_loss(
     encoder: VLM2VecEncoder,
     loss_fn,
@@ -421,15 +404,4 @@ def vlm2vec_batch_loss(
     anchors, positives = np.asarray(anchors, dtype=np.int64), np.asarray(positives, dtype=np.int64)
     both = np.concatenate([anchors, positives])
     embeddings = encoder([images[i] for i in both], [texts[i] for i in both])
-    queries, candidates = embeddings[: len(anchors)], embeddings[len(anchors) :]
-    device = embeddings.device
-    bm25 = bm25_reverse = None
-    if loss_fn.config.use_weights:
-        if scorer is None:
-            raise ValueError("a BM25 scorer is required when AGCL weights are on")
-        bm25 = scorer.batch_matrix(anchors, positives).to(device)
-        if loss_fn.config.symmetric:
-            bm25_reverse = scorer.batch_matrix(positives, anchors).to(device)
-    codes = np.asarray(product_codes)
-    same_product = torch.from_numpy(codes[anchors][:, None] == codes[positives][None, :]).to(device)
-    return loss_fn(queries, candidates, encoder.temperature, bm25, same_product, bm25_reverse)
+    return pair_loss(loss_fn, embeddings, encoder.temperature, anchors, positives, product_codes, scorer)

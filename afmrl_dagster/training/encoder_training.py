@@ -210,7 +210,21 @@ def batch_loss(
     precision = torch.autocast(device_type="cuda", dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with precision:
         embeddings = head(tensors.image[both].to(device), tensors.image_mask[both].to(device), tensors.text[both].to(device))
-    embeddings = embeddings.float()
+    return pair_loss(loss_fn, embeddings.float(), head.temperature.float(), anchors, positives, product_codes, scorer)
+
+
+def pair_loss(
+    loss_fn: AGCLLoss,
+    embeddings: torch.Tensor,
+    temperature: torch.Tensor,
+    anchors: np.ndarray,
+    positives: np.ndarray,
+    product_codes: np.ndarray,
+    scorer: BM25Scorer | None,
+) -> dict[str, torch.Tensor]:
+    """AGCL loss of ``embeddings`` = anchors' rows then positives' rows: BM25 matrices of the
+    pairs (both directions when symmetric), the same-product mask, the loss."""
+    device = embeddings.device
     queries, candidates = embeddings[: len(anchors)], embeddings[len(anchors) :]
     bm25 = bm25_reverse = None
     if loss_fn.config.use_weights:
@@ -219,8 +233,9 @@ def batch_loss(
         bm25 = scorer.batch_matrix(anchors, positives).to(device)
         if loss_fn.config.symmetric:
             bm25_reverse = scorer.batch_matrix(positives, anchors).to(device)
-    same_product = torch.from_numpy(product_codes[anchors][:, None] == product_codes[positives][None, :]).to(device)
-    return loss_fn(queries, candidates, head.temperature.float(), bm25, same_product, bm25_reverse)
+    codes = np.asarray(product_codes)
+    same_product = torch.from_numpy(codes[anchors][:, None] == codes[positives][None, :]).to(device)
+    return loss_fn(queries, candidates, temperature, bm25, same_product, bm25_reverse)
 
 
 def make_optimizer(head: DualTowerHead, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:

@@ -91,6 +91,12 @@ def _llama_text_config(tokenizer) -> dict:
     }
 
 
+def _tiny_vision_config(image_size: int, patch_size: int) -> dict:
+    """A one-layer ViT of width 32: the vision tower of the LLaVA and Idefics3 builders."""
+    return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "image_size": image_size, "patch_size": patch_size}
+
+
 def _seeded(seed: int, build):
     """``build()`` with torch seeded, leaving the caller's random state as it was."""
     with torch.random.fork_rng(devices=[]):
@@ -176,16 +182,7 @@ def build_tiny_llava(directory: str | os.PathLike, seed: int = 0) -> Path:
     image_size, patch_size = 16, 4
     config = LlavaConfig(
         text_config=_llama_text_config(tokenizer),
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": image_size,
-            "patch_size": patch_size,
-            "projection_dim": 32,
-        },
+        vision_config={"model_type": "clip_vision_model", **_tiny_vision_config(image_size, patch_size), "projection_dim": 32},
         image_token_id=_token_id(tokenizer, "<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
@@ -227,14 +224,7 @@ def build_tiny_idefics3(directory: str | os.PathLike, seed: int = 0) -> Path:
     image_size, patch_size, scale_factor = 16, 4, 2
     config = Idefics3Config(
         text_config=_llama_text_config(tokenizer),
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": image_size,
-            "patch_size": patch_size,
-        },
+        vision_config=_tiny_vision_config(image_size, patch_size),
         image_token_id=_token_id(tokenizer, "<image>"),
         scale_factor=scale_factor,
         pad_token_id=tokenizer.pad_token_id,

@@ -353,10 +353,18 @@ def embed_listings(encoder: Encoder, listings: pl.DataFrame, images: dict[str, b
 # ---- scoring and reporting --------------------------------------------------------------------
 
 
-def score_plan(plan: EvaluationPlan, embeddings: np.ndarray) -> dict[str, dict[str, float]]:
+def score_plan(plan: EvaluationPlan, embeddings: np.ndarray, query_embeddings: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """Retrieval metrics per task (and pooled), kNN accuracy of the product line over the
     queries when the catalog has several lines, k-means of the queries' products when they
-    name several."""
+    name several.
+
+    ``embeddings`` has one row per listing of ``plan.listings``. ``query_embeddings`` (same
+    rows) embeds the listings when they act as queries in the retrieval tasks and the
+    clustering, e.g. with attributes another generator wrote; by default a query is embedded
+    as in the gallery. kNN of the product line reads the gallery embeddings."""
+    queries = embeddings if query_embeddings is None else query_embeddings
+    if queries.shape != embeddings.shape:
+        raise ValueError(f"query embeddings {queries.shape} and gallery embeddings {embeddings.shape} differ in shape")
     ids = plan.listings["listing_id"].to_list()
     row = {listing_id: i for i, listing_id in enumerate(ids)}
     products = plan.listings["product_id"].to_list()
@@ -365,7 +373,7 @@ def score_plan(plan: EvaluationPlan, embeddings: np.ndarray) -> dict[str, dict[s
         q = [row[i] for i in task.query_ids]
         g = [row[i] for i in task.gallery_ids]
         metrics[task.name] = cross_set_retrieval(
-            embeddings[q], [products[i] for i in q], embeddings[g], [products[i] for i in g],
+            queries[q], [products[i] for i in q], embeddings[g], [products[i] for i in g],
             query_listing_ids=list(task.query_ids), gallery_listing_ids=list(task.gallery_ids),
         )
     for name, parts in plan.pooled.items():
@@ -379,7 +387,7 @@ def score_plan(plan: EvaluationPlan, embeddings: np.ndarray) -> dict[str, dict[s
         metrics["knn_product_line"] = {"accuracy": accuracy, "k": float(KNN_K), "num_classes": float(len(set(lines)))}
     query_products = [products[i] for i in query_rows]
     if len(set(query_products)) > 1:
-        metrics["clustering_product_id"] = clustering_scores(embeddings[query_rows], query_products, seed=0)
+        metrics["clustering_product_id"] = clustering_scores(queries[query_rows], query_products, seed=0)
     return metrics
 
 

@@ -72,15 +72,26 @@ def listing_features(
     part is recomputed for ``listing_text(title, attributes)``.
     """
     rows = align(features_table, listing_ids)
-    image = rows["image_features"].to_numpy().astype(np.float32)
-    if text_featurizer is None:
-        text = rows["title_features"].to_numpy().astype(np.float32)
-    else:
-        texts = [listing_text(title, attrs) for title, attrs in zip(titles, attributes or [None] * len(titles))]
-        text = text_featurizer.encode(texts)
-    return ListingFeatures(
-        listing_ids=list(listing_ids), image=image, image_mask=rows["has_image"].to_numpy().astype(bool), text=text
+    features = ListingFeatures(
+        listing_ids=list(listing_ids),
+        image=rows["image_features"].to_numpy().astype(np.float32),
+        image_mask=rows["has_image"].to_numpy().astype(bool),
+        text=rows["title_features"].to_numpy().astype(np.float32),
     )
+    return features if text_featurizer is None else with_listing_text(features, text_featurizer, titles, attributes)
+
+
+def with_listing_text(
+    features: ListingFeatures,
+    text_featurizer: TextFeaturizer,
+    titles: Sequence[str],
+    attributes: Sequence[Attributes | None] | None = None,
+) -> ListingFeatures:
+    """``features`` with the text part recomputed for ``listing_text(title, attributes)`` (same rows)."""
+    if len(titles) != len(features) or (attributes is not None and len(attributes) != len(features)):
+        raise ValueError(f"{len(features)} listings but {len(titles)} titles and {len(attributes or titles)} attribute sets")
+    texts = [listing_text(title, attrs) for title, attrs in zip(titles, attributes or [None] * len(titles))]
+    return ListingFeatures(features.listing_ids, features.image, features.image_mask, text_featurizer.encode(texts))
 
 
 def embeddings_table(listing_ids: Sequence[str], product_ids: Sequence[str], embeddings: np.ndarray) -> pl.DataFrame:

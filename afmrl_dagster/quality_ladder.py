@@ -76,10 +76,15 @@ class LadderDataset:
     description: str
     plan: EvaluationPlan
     train: pl.DataFrame
-    attribute_texts: list[str]  # aligned with ``train``
+    attributes: list[dict]  # the teacher's attributes of each ``train`` listing
     images: dict[str, bytes] = field(default_factory=dict)
     headline: str = "identical_product"  # the task the summary table reports
     training: dict = field(default_factory=dict)  # EncoderTrainingConfig overrides for this dataset
+
+    @property
+    def attribute_texts(self) -> list[str]:
+        """``key: value; ...`` per training listing, the text BM25 reads."""
+        return [attributes_to_text(attributes) for attributes in self.attributes]
 
     def listings(self) -> pl.DataFrame:
         """Every listing the dataset embeds: training and evaluation, once each, by listing id."""
@@ -88,15 +93,10 @@ class LadderDataset:
         return both.unique("listing_id", keep="first").sort("listing_id")
 
 
-def seller_attribute_texts(listings: pl.DataFrame, title_facts: bool = False) -> list[str]:
-    """``key: value; ...`` per listing from the built-in teacher: the seller's attributes, the
-    known values its title names, and with ``title_facts`` the quantities and model codes of
-    its title."""
-    texts = []
-    for raw in SellerAttributeTeacher(title_facts=title_facts).annotate(listings):
-        parsed = parse_attributes(raw)
-        texts.append(attributes_to_text(parsed.attributes or {}))
-    return texts
+def seller_attributes(listings: pl.DataFrame, title_facts: bool = False) -> list[dict]:
+    """The built-in teacher's attributes per listing: the seller's attributes, the known values
+    its title names, and with ``title_facts`` the quantities and model codes of its title."""
+    return [parse_attributes(raw).attributes or {} for raw in SellerAttributeTeacher(title_facts=title_facts).annotate(listings)]
 
 
 def _builtin(spec: str, holdout_fraction: float) -> LadderDataset:
@@ -107,7 +107,7 @@ def _builtin(spec: str, holdout_fraction: float) -> LadderDataset:
     task = RetrievalTask("identical_product", description, tuple(queries), tuple(sorted(catalog["listing_id"].to_list())))
     plan = make_plan("builtin", description, catalog, queries, [task], images=images)
     train = catalog.filter(~pl.col("product_id").is_in(list(held_out))).sort("listing_id")
-    return LadderDataset("builtin", description, plan, train, seller_attribute_texts(train), images)
+    return LadderDataset("builtin", description, plan, train, seller_attributes(train), images)
 
 
 def _grocery(root: Path) -> LadderDataset:
@@ -118,11 +118,11 @@ def _grocery(root: Path) -> LadderDataset:
     # entry (brand, country, volume or weight) stand in for what a multimodal teacher reads
     # off the package.
     iconic = train.filter(pl.col("listing_id").str.starts_with(GROCERY_ICONIC_PREFIX))
-    by_product = dict(zip(iconic["product_id"].to_list(), seller_attribute_texts(iconic)))
-    texts = [by_product.get(product, "") for product in train["product_id"].to_list()]
+    by_product = dict(zip(iconic["product_id"].to_list(), seller_attributes(iconic)))
+    attributes = [by_product.get(product, {}) for product in train["product_id"].to_list()]
     description = ("train on the train.txt photos and the catalog images; val.txt photos query every "
                    "listing not in val.txt (train photos and catalog images)")
-    return LadderDataset("grocery", description, plan, train, texts, headline="identical_product",
+    return LadderDataset("grocery", description, plan, train, attributes, headline="identical_product",
                          training={"epochs": 150})
 
 
@@ -135,7 +135,7 @@ def _wdc(root: Path) -> LadderDataset:
     train = load_wdc_products(root, files=WDC_TRAIN_FILES.split(","))
     train = train.filter(~pl.col("listing_id").is_in(test_ids)).sort("listing_id")
     return LadderDataset("wdc_products", f"train on {WDC_TRAIN_FILES.replace(',', ' + ')} (gold-standard offers removed); "
-                         + description, plan, train, seller_attribute_texts(train, title_facts=True))
+                         + description, plan, train, seller_attributes(train, title_facts=True))
 
 
 def _amazon_google(root: Path, test_fraction: float) -> LadderDataset:
@@ -150,7 +150,7 @@ def _amazon_google(root: Path, test_fraction: float) -> LadderDataset:
                    f"{len(test_products)} test; test records query the whole other table")
     plan = make_plan("amazon_google", description, catalog, sorted(test_ids), tasks, pooled=full.pooled)
     train = catalog.filter(pl.col("product_id").is_in(list(set(matched) - test_products))).sort("listing_id")
-    return LadderDataset("amazon_google", description, plan, train, seller_attribute_texts(train, title_facts=True))
+    return LadderDataset("amazon_google", description, plan, train, seller_attributes(train, title_facts=True))
 
 
 def load_ladder_dataset(spec: str, holdout_fraction: float | None = None) -> LadderDataset:
@@ -219,7 +219,7 @@ class LadderSettings:
     agcl: dict = field(default_factory=dict)  # AGCLConfig overrides shared by all rows (delta, bm25_scale)
 
 
-def _rows_of(features: ListingFeatures, listings: pl.DataFrame) -> np.ndarray:
+def rows_of(features: ListingFeatures, listings: pl.DataFrame) -> np.ndarray:
     position = {listing_id: i for i, listing_id in enumerate(features.listing_ids)}
     return np.array([position[i] for i in listings["listing_id"].to_list()], dtype=np.int64)
 
@@ -235,8 +235,8 @@ def run_ladder(
     unknown = set(settings.rows) - set(ROWS)
     if unknown:
         raise ValueError(f"unknown ladder row(s) {sorted(unknown)}; known: {list(ROWS)}")
-    train_rows = _rows_of(features, dataset.train)
-    eval_rows = _rows_of(features, dataset.plan.listings)
+    train_rows = rows_of(features, dataset.train)
+    eval_rows = rows_of(features, dataset.plan.listings)
     train_features, eval_features = features.subset(train_rows), features.subset(eval_rows)
     records = []
     if ZERO_SHOT_ROW in settings.rows:

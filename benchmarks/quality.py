@@ -1,5 +1,7 @@
 """The ablation ladder on every dataset: zero-shot towers, plain InfoNCE, AGCL weights only,
-AGCL mask only, full AGCL; each trained row over several seeds, reported as mean ± sd.
+AGCL mask only, full AGCL; and on the datasets of ``--attribute-rows`` the generator side
+(+ distilled generator attributes, + RAR, + CIT; see :mod:`afmrl_dagster.attribute_ladder`).
+Each trained row runs over several seeds, reported as mean ± sd.
 
 Protocols are those of :mod:`afmrl_dagster.quality_ladder`. Tower features are computed once
 per dataset (cached under ``--cache``; ``--no-cache`` recomputes them, as a first run does),
@@ -7,7 +9,8 @@ so each (row, seed) costs the head's training only. The JSON of every run and th
 table are written at the end; a dataset whose folder is missing is skipped with a message.
 
     python benchmarks/quality.py [--datasets builtin,grocery,wdc_products,amazon_google]
-        [--data ../shared/data] [--seeds 3] [--epochs N] [--write-readme README.md]
+        [--data ../shared/data] [--seeds 3] [--epochs N] [--attribute-rows builtin,grocery]
+        [--write-readme README.md]
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from afmrl_dagster.attribute_ladder import AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
+from afmrl_dagster.encoders.towers import DEFAULT_TEXT_MODEL, TextFeaturizer
 from afmrl_dagster.evaluate_command import write_atomic
 from afmrl_dagster.quality_ladder import LadderSettings, dataset_features, ladder_markdown, load_ladder_dataset, run_ladder
 from afmrl_dagster.readme import publish_result
@@ -49,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=".afmrl/cache/ladder", help="tower-feature cache folder")
     parser.add_argument("--no-cache", action="store_true", help="recompute tower features (and refresh the cache)")
     parser.add_argument("--out", default=".afmrl/benchmarks/quality.json")
+    parser.add_argument("--attribute-rows", default="builtin,grocery",
+                        help="datasets that also run the generator rows (distilled generator, RAR, CIT); '' for none")
+    parser.add_argument("--rar-steps", type=int, default=None, help="GRPO steps of the RAR rows (default: the pipeline's)")
+    parser.add_argument("--reward-k", type=int, default=None, help="RAR reward = Recall@k (default: the pipeline's choice)")
     parser.add_argument("--write-readme", metavar="README", help=f"replace the {BLOCK} block of this file with the tables")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.datasets.split(",") if name.strip()]
@@ -60,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = LadderSettings(seeds=tuple(range(args.seeds)))
     if args.epochs is not None:
         settings.training["epochs"] = args.epochs
+    chain_datasets = {name.strip() for name in args.attribute_rows.split(",") if name.strip()}
+    if chain_datasets - set(DATASETS):
+        parser.error(f"unknown dataset(s) in --attribute-rows: {sorted(chain_datasets - set(DATASETS))}")
+    chain = AttributeChainSettings(reward_k=args.reward_k)
+    if args.rar_steps is not None:
+        chain.grpo.steps = args.rar_steps
+    text_featurizer = None
 
     results, sections = [], []
     started_all = time.perf_counter()
@@ -86,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         feature_seconds = time.perf_counter() - started
         log(f"{name}: tower features ready in {feature_seconds:.0f} s")
         records = run_ladder(dataset, features, settings, progress=log)
+        chain_table = ""
+        if name in chain_datasets:
+            text_featurizer = text_featurizer or TextFeaturizer(DEFAULT_TEXT_MODEL)
+            chain_records = run_attribute_chain(dataset, features, text_featurizer, settings, chain, progress=log)
+            records += chain_records
+            chain_table = ("\n\nThe generator side, step by step (validity on the queries; reward = "
+                           f"Recall@k of the training queries' products, {chain.grpo.steps} GRPO steps):\n\n"
+                           + attribute_chain_markdown(chain_records, dataset.headline))
         seconds = time.perf_counter() - started
         epochs = {**settings.training, **dataset.training}["epochs"]
         results.append({"dataset": name, "spec": spec, "description": dataset.description, "seconds": seconds,
@@ -94,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(
             f"**{name}** ({dataset.train.height} training listings, {len(dataset.plan.query_ids)} queries; {epochs} epochs; "
             f"{seconds / 60:.1f} min, of which tower features {feature_seconds / 60:.1f} min): {dataset.description}.\n\n"
-            + ladder_markdown(name, records, dataset.headline)
+            + ladder_markdown(name, records, dataset.headline) + chain_table
         )
     total = time.perf_counter() - started_all
     report = {"seeds": args.seeds, "seconds": total, "torch": torch.__version__, "threads": torch.get_num_threads(),

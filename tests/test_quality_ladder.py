@@ -11,7 +11,12 @@ import numpy as np
 import polars as pl
 import pytest
 
+from afmrl_dagster.attribute_ladder import ATTRIBUTE_ROWS, AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
 from afmrl_dagster.attributes.teacher import SellerAttributeTeacher, title_facts
+from afmrl_dagster.encoders.towers import DEFAULT_TEXT_MODEL, TextFeaturizer
+from afmrl_dagster.evaluate_command import score_plan
+from afmrl_dagster.training.attribute_stages import CITSettings, DistillationSettings
+from afmrl_dagster.training.grpo import GRPOConfig
 from afmrl_dagster.quality_ladder import (
     ROWS,
     LadderSettings,
@@ -125,12 +130,51 @@ def test_benchmark_script_writes_json_and_the_readme_block(tmp_path):
     out = tmp_path / "quality.json"
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), "--datasets", "builtin", "--builtin", "builtin:families=2,siblings=2,listings=3",
-         "--seeds", "2", "--epochs", "3", "--cache", str(tmp_path / "cache"), "--out", str(out), "--write-readme", str(readme)],
+         "--seeds", "2", "--epochs", "3", "--rar-steps", "2", "--cache", str(tmp_path / "cache"), "--out", str(out), "--write-readme", str(readme)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["seeds"] == 2 and [d["dataset"] for d in report["datasets"]] == ["builtin"]
-    assert len(report["datasets"][0]["records"]) == 1 + (len(ROWS) - 1) * 2
+    assert len(report["datasets"][0]["records"]) == 1 + (len(ROWS) - 1) * 2 + len(ATTRIBUTE_ROWS) * 2
     text = readme.read_text()
     assert "old" not in text and "| full AGCL | 2 |" in text and text.endswith("<!-- quality-ladder:end -->\ntail\n")
+    assert "| + CIT | 2 |" in text and "RAR reward, first → last fifth of steps" in text
+
+
+def test_score_plan_embeds_queries_apart_from_the_gallery(small_builtin):
+    dataset, features, _ = small_builtin
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(dataset.plan.listings.height, 8)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)  # embeddings are unit vectors
+    same = score_plan(dataset.plan, gallery, query_embeddings=gallery.copy())
+    assert same == score_plan(dataset.plan, gallery)
+    # Queries moved onto a gallery listing of their own product find it first.
+    products = dataset.plan.listings["product_id"].to_list()
+    ids = dataset.plan.listings["listing_id"].to_list()
+    queries = gallery.copy()
+    for i, listing in enumerate(ids):
+        twin = next(j for j, p in enumerate(products) if p == products[i] and ids[j] != listing)
+        queries[i] = gallery[twin]
+    assert score_plan(dataset.plan, gallery, query_embeddings=queries)["identical_product"]["recall@1"] == 1.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        score_plan(dataset.plan, gallery, query_embeddings=queries[:, :4])
+
+
+def test_attribute_chain_runs_distillation_rar_and_cit_per_seed(small_builtin):
+    dataset, features, _ = small_builtin
+    chain = AttributeChainSettings(
+        distillation=DistillationSettings(epochs=10, d_model=32, n_layers=1), grpo=GRPOConfig(steps=2, queries_per_step=4, group_size=4),
+        cit=CITSettings(epochs=3),
+    )
+    records = run_attribute_chain(dataset, features, TextFeaturizer(DEFAULT_TEXT_MODEL), LadderSettings(seeds=(0, 1), training={"epochs": 10, "batch_size": 8}), chain)
+    assert [(r["row"], r["seed"]) for r in records] == [(row, seed) for seed in (0, 1) for row in ATTRIBUTE_ROWS]
+    by = {(r["row"], r["seed"]): r for r in records}
+    for seed in (0, 1):
+        rar = by[("+ RAR", seed)]
+        assert rar["reward_k"] == 5 and np.isfinite(rar["final_kl"]) and -0.1 <= rar["reward_first_steps"] <= 1.0
+        assert by[("+ distilled generator attributes", seed)]["query_validity"] == 1.0  # constrained decoding
+        assert 0 < by[("+ CIT", seed)]["cit_listings"] < dataset.train.height
+        assert all(0.0 <= r["metrics"]["identical_product"]["recall@1"] <= 1.0 for r in records)
+    table = attribute_chain_markdown(records)
+    assert table.count("\n") == 2 and "| 2 | 5 | 1.000 ± 0.000 |" in table

@@ -1,0 +1,171 @@
+"""The generator side of AFMRL as three library calls, shared by the pipeline's assets and the
+quality ladder: distil the student from the teacher (SFT), refine it with RAR (GRPO rewarded
+by retrieval through the frozen encoder), and train the encoder one more round on the refined
+attributes (CIT).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..attributes.format import Attributes, parse_attributes
+from ..attributes.generator import AttributeGenerator, GeneratorConfig, generate_attribute_texts
+from ..attributes.vocabulary import AttributeVocabulary
+from ..catalog.splits import holdout_products
+from ..encoders.dual_tower import DualTowerHead, ListingFeatures
+from ..encoders.towers import TextFeaturizer
+from ..retrieval.reward import RetrievalReward
+from .agcl import AGCLConfig
+from .encoder_training import EncoderTrainingConfig, TrainingResult, train_encoder
+from .generator_sft import SFTConfig, train_generator_sft
+from .grpo import GRPOConfig, train_grpo
+
+
+@dataclass
+class DistillationSettings:
+    """The student's size and its SFT schedule (the defaults of the pipeline's asset)."""
+
+    d_model: int = 128
+    n_layers: int = 2
+    constrained_decoding: bool = True
+    epochs: int = 60
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    seed: int = 0
+    device: str = "cpu"
+
+
+def distill_generator(
+    features: ListingFeatures,
+    targets: Sequence[Attributes],
+    settings: DistillationSettings | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> tuple[AttributeGenerator, AttributeVocabulary, list[dict]]:
+    """A compact generator trained to write ``targets`` (the teacher's attributes, one per row of
+    ``features``) from the frozen towers' features; its vocabulary is built from the targets."""
+    settings = settings or DistillationSettings()
+    torch.manual_seed(settings.seed)
+    vocabulary = AttributeVocabulary.from_attribute_sets(list(targets))
+    model = AttributeGenerator(
+        len(vocabulary), features.image.shape[1], features.text.shape[1],
+        GeneratorConfig(d_model=settings.d_model, n_layers=settings.n_layers,
+                        grammar_keys=len(vocabulary.keys) if settings.constrained_decoding else 0),
+    )
+    sft = SFTConfig(epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+                    seed=settings.seed, device=settings.device)
+    history = train_generator_sft(model, vocabulary, features.image, features.image_mask, features.text, list(targets), sft, on_epoch=on_epoch)
+    return model, vocabulary, history
+
+
+def written_attributes(model: AttributeGenerator, vocabulary: AttributeVocabulary, features: ListingFeatures) -> tuple[list[str], list]:
+    """The raw texts ``model`` writes (greedy) for each listing of ``features``, and their parses."""
+    texts = generate_attribute_texts(model, vocabulary, features.image, features.image_mask, features.text)
+    return texts, [parse_attributes(text, set(vocabulary.keys)) for text in texts]
+
+
+def default_reward_k(gallery_size: int) -> int:
+    """Recall@50 as in the paper, capped at 1% of the gallery (at least 5): on a small catalog
+    Recall@50 is 1 for nearly every output, and GRPO would get no signal."""
+    return min(50, max(5, gallery_size // 100))
+
+
+@dataclass
+class RARGallery:
+    """The catalog the reward searches: its embeddings under the frozen encoder, product and
+    listing id per row."""
+
+    embeddings: np.ndarray
+    product_ids: Sequence[str]
+    listing_ids: Sequence[str]
+
+
+def refine_with_rar(
+    reference: AttributeGenerator,
+    vocabulary: AttributeVocabulary,
+    head: DualTowerHead,
+    text_featurizer: TextFeaturizer,
+    queries: ListingFeatures,
+    query_titles: Sequence[str],
+    query_product_ids: Sequence[str],
+    gallery: RARGallery,
+    config: GRPOConfig,
+    reward_k: int | None = None,
+    invalid_reward: float = -0.1,
+    on_step: Callable[[dict], None] | None = None,
+) -> tuple[AttributeGenerator, list[dict]]:
+    """RAR: a copy of the distilled generator ``reference`` trained with GRPO.
+
+    ``queries`` are the training listings (bare-title features feed the generator); for each,
+    every sampled attribute set is appended to its title, embedded with the frozen ``head``
+    and searched in ``gallery``; the reward is Recall@``reward_k`` of the query's product
+    (``invalid_reward`` when the output does not parse). ``reference`` stays as it is: it is
+    the KL anchor. Returns the policy and the per-step history of :func:`train_grpo`.
+    """
+    reward = RetrievalReward(
+        head, text_featurizer, list(query_titles), queries.image, queries.image_mask, list(query_product_ids),
+        list(queries.listing_ids), gallery.embeddings, list(gallery.product_ids), list(gallery.listing_ids),
+        k=reward_k or default_reward_k(len(gallery.listing_ids)), invalid_reward=invalid_reward,
+    )
+    policy = copy.deepcopy(reference)
+    history = train_grpo(policy, reference, vocabulary, queries.image, queries.image_mask, queries.text, reward, config, on_step=on_step)
+    return policy, history
+
+
+def reward_trend(history: list[dict]) -> tuple[float, float]:
+    """Mean reward over the first and over the last fifth of the GRPO steps."""
+    fifth = max(1, len(history) // 5)
+    return (float(np.mean([h["reward_mean"] for h in history[:fifth]])),
+            float(np.mean([h["reward_mean"] for h in history[-fifth:]])))
+
+
+@dataclass
+class CITSettings:
+    """One more AGCL round from the stage-1 head (the pipeline's defaults)."""
+
+    train_fraction: float = 0.3
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    seed: int = 0
+    device: str = "cpu"
+
+
+def cit_rows(product_ids: Sequence[str], product_lines: Sequence[str], candidate_rows: Sequence[int], fraction: float, seed: int) -> np.ndarray:
+    """The rows among ``candidate_rows`` whose product is in the ``fraction`` of each line's
+    products that the CIT round trains on; on a small catalog, at least two products with two
+    or more listings (what contrastive training needs), added in product-id order."""
+    candidates = [product_ids[i] for i in candidate_rows]
+    chosen = holdout_products(candidates, [product_lines[i] for i in candidate_rows], fraction, seed=seed)
+    counts: dict[str, int] = {}
+    for product in candidates:
+        counts[product] = counts.get(product, 0) + 1
+    pairable = sorted(product for product, count in counts.items() if count >= 2)
+    for product in pairable:
+        if sum(counts[p] >= 2 for p in chosen) >= 2:
+            break
+        chosen.add(product)
+    return np.array([i for i in candidate_rows if product_ids[i] in chosen], dtype=np.int64)
+
+
+def train_cit_round(
+    stage_one: DualTowerHead,
+    features: ListingFeatures,
+    product_ids: Sequence[str],
+    product_lines: Sequence[str],
+    attribute_texts: Sequence[str],
+    settings: CITSettings | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainingResult:
+    """The stage-1 head trained one more round with full AGCL on ``features`` (title + refined
+    attributes), BM25 reading ``attribute_texts``; ``stage_one`` itself is left unchanged."""
+    settings = settings or CITSettings()
+    config = EncoderTrainingConfig(
+        epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
+        device=settings.device, agcl=AGCLConfig(), head=stage_one.config, pca_init=False,
+    )
+    return train_encoder(features, product_ids, product_lines, attribute_texts, config, on_epoch=on_epoch, initial_head=stage_one)

@@ -31,6 +31,7 @@ _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
+from mlflow_server import MlflowServerInfo, running_mlflow_server  # noqa: E402
 from s3_server import S3ServerInfo, running_s3_server  # noqa: E402
 
 
@@ -56,4 +57,12 @@ def s3_server(tmp_path_factory) -> Iterator[S3ServerInfo]:
     keyword arguments for ``open_store`` / ``S3ObjectStore``.
     """
     with running_s3_server(tmp_path_factory.mktemp("s3-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[MlflowServerInfo]:
+    """A running ``mlflow server`` (loopback, SQLite backend, artefacts served over HTTP),
+    stopped by PID after the session; point ``MlflowTracking(tracking_uri=mlflow_server.url)`` at it."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
         yield server

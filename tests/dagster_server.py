@@ -3,7 +3,6 @@
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from s3_server import free_ports, log_tail
+from s3_server import free_ports, log_tail, stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,12 +64,4 @@ def running_dagster_dev(dagster_home: Path, env: dict[str, str], log_dir: Path, 
             time.sleep(0.5)
         yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        stop_process_group(process, grace_seconds=30)

@@ -20,13 +20,14 @@ from afmrl_dagster.resources.tracking import MlflowTracking
 TINY_CATALOG = "builtin:families=2,siblings=2,listings=3"
 
 
-def tiny_resources(root: Path, catalog_spec: str = TINY_CATALOG, store: ArtifactStore | None = None) -> dict:
+def tiny_resources(root: Path, catalog_spec: str = TINY_CATALOG, store: ArtifactStore | None = None, tracking_uri: str | None = None) -> dict:
+    """Resources of a small run under ``root``; MLflow in ``root/mlflow.db`` unless ``tracking_uri`` names a server."""
     store = store or ArtifactStore(location=str(root / "store"))
     return {
         "artifact_store": store,
         "io_manager": TableIOManager(store=store),
         "catalog_source": CatalogSource(spec=catalog_spec, store=store),
-        "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", experiment_name="afmrl-test"),
+        "mlflow_tracking": MlflowTracking(tracking_uri=tracking_uri or f"sqlite:///{root / 'mlflow.db'}", experiment_name="afmrl-test"),
         "torch_compute": TorchCompute(device="cpu"),
         "feature_towers": FeatureTowers(),
         "evaluation_split": EvaluationSplit(holdout_fraction=0.5),

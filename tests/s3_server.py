@@ -57,6 +57,7 @@ class S3ServerInfo:
     region_name: str = REGION
     log_path: str = ""
     startup_seconds: float = 0.0
+    ports: tuple[tuple[str, int], ...] = ()  # (flag, port) of every port it opened; pass back to restart it
 
     def client(self):
         """A boto3 S3 client for this server, with short timeouts."""
@@ -120,6 +121,30 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+def stop_process_group(process: subprocess.Popen, grace_seconds: float = 20.0) -> None:
+    """Stop a server started with ``start_new_session=True`` and every process it forked:
+    SIGTERM to its group, wait, then SIGKILL; raise if any of the group is still alive."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"process group {process.pid} is still alive after SIGKILL")
+
+
 def _wait_ready(info: S3ServerInfo, process: subprocess.Popen, log_path: Path, timeout: float) -> None:
     client = info.client()
     deadline = time.monotonic() + timeout
@@ -165,8 +190,12 @@ def running_s3_server(
     secret_key: str = DEFAULT_SECRET_KEY,
     ready_timeout: float = 30.0,
     stop_grace_seconds: float = 10.0,
+    ports: tuple[tuple[str, int], ...] | None = None,
 ) -> Iterator[S3ServerInfo]:
     """Run ``weed mini`` with its data in ``tmp_dir`` and yield how to reach its S3 endpoint.
+
+    ``ports`` (an earlier server's ``info.ports``) with the same ``tmp_dir`` restarts that
+    server: same endpoint, same buckets and objects.
 
     One identity (``access_key``/``secret_key``) has admin rights; buckets are not created on
     first upload (``-s3.autoCreateBucket=false``) so a missing bucket fails as on AWS. The
@@ -189,7 +218,7 @@ def running_s3_server(
             }
         )
     )
-    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
+    ports = dict(ports) if ports else dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
     command = [
         "env",
         "--default-signal=INT,TERM",
@@ -231,6 +260,7 @@ def running_s3_server(
             secret_key=secret_key,
             pid=process.pid,
             log_path=str(log_path),
+            ports=tuple(ports.items()),
         )
         _wait_ready(info, process, log_path, ready_timeout)
         info = S3ServerInfo(**{**info.__dict__, "startup_seconds": time.monotonic() - started})

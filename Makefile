@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED := 1
 export DAGSTER_HOME := $(CURDIR)/.afmrl/dagster_home
 export AFMRL_CATALOG := $(CATALOG)
 
-.PHONY: install demo test dev mlflow-ui clean
+.PHONY: install browser demo test dev mlflow-ui clean
 
 $(BIN)/.installed: pyproject.toml
 	@echo "==> creating virtualenv $(VENV) and installing pinned dependencies (faiss: $(FAISS))"
@@ -40,7 +40,17 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/afmrl demo $(DEMO_ARGS)
 
-test: install
+# Headless Chromium and its driver for the UI test, from Debian's packages (as root, once).
+# Without them that one test skips and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "==> installing chromium and chromium-driver (Debian) for the browser test"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+			|| echo "==> could not install chromium: the browser test will skip"; \
+	else echo "==> no chromium and not root: the browser test will skip (apt-get install chromium chromium-driver)"; fi
+
+test: install browser
 	$(BIN)/python -m pytest
 
 dev: install $(DAGSTER_HOME)/dagster.yaml

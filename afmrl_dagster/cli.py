@@ -48,6 +48,23 @@ def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     print(result_json(result) if args.json else result_table(result))
 
 
+def _rollback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    import os
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from .promotion import RollbackError, rollback_champion
+
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///.afmrl/mlflow.db")
+    try:
+        rolled_from, rolled_to = rollback_champion(MlflowClient(tracking_uri=tracking_uri), args.model)
+    except (RollbackError, MlflowException) as error:
+        parser.exit(2, f"afmrl rollback: error: {error}\n")
+    print(f"{args.model}: champion moved from version {rolled_from} back to version {rolled_to} "
+          f"(version {rolled_from} is now previous_champion; run again to undo)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="afmrl", description="AFMRL retrieval pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -73,8 +90,19 @@ def main(argv: list[str] | None = None) -> None:
     search.add_argument("--encoder", default="models:/afmrl-encoder@champion", help="registered model URI or head folder")
     search.add_argument("--generator", help="registered model URI or folder (default: the generator that wrote the gallery's attributes)")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rollback = commands.add_parser(
+        "rollback", help="move a registered model's champion alias back to the version it replaced",
+        description="Undo the last promotion of a registered model: 'champion' moves back to the 'previous_champion' "
+        "version, which in turn becomes the rolled-back version (so a second rollback undoes the first). "
+        "Reads MLflow from --tracking-uri or MLFLOW_TRACKING_URI (default sqlite:///.afmrl/mlflow.db).",
+    )
+    rollback.add_argument("--model", default="afmrl-encoder", help="registered model name (default afmrl-encoder; "
+                          "or afmrl-attribute-generator)")
+    rollback.add_argument("--tracking-uri", help="MLflow tracking server or store (default: MLFLOW_TRACKING_URI)")
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "rollback":
+        _rollback(args, rollback)
+    elif args.command == "demo":
         from .demo import run_demo
 
         run_demo(write_readme=args.write_readme)

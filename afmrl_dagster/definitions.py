@@ -65,6 +65,7 @@ ASSETS = [
     retrieval.catalog_embeddings,
     retrieval.retrieval_index,
     retrieval.retrieval_evaluation,
+    retrieval.encoder_promotion,
     rar.rar_generator,
     cit.cit_encoder,
 ]
@@ -80,13 +81,30 @@ PIPELINE_ORDER: list[tuple[str, bool]] = [  # (job name, partitioned by product 
 ]
 
 
+def build_executor():
+    """``AFMRL_EXECUTOR``: unset or ``multiprocess`` (Dagster's default, steps as local
+    processes) or ``k8s`` (dagster-k8s's ``k8s_job_executor``: every step its own Kubernetes
+    job, the torch steps requesting GPUs through their ``dagster-k8s/config`` tags)."""
+    kind = os.environ.get("AFMRL_EXECUTOR", "multiprocess").strip().lower()
+    if kind == "multiprocess":
+        return None
+    if kind == "k8s":
+        try:
+            from dagster_k8s import k8s_job_executor
+        except ImportError as error:
+            raise ImportError("AFMRL_EXECUTOR=k8s needs dagster-k8s: pip install 'afmrl-dagster[deploy]'") from error
+        return k8s_job_executor
+    raise ValueError(f"AFMRL_EXECUTOR must be 'multiprocess' or 'k8s', got {kind!r}")
+
+
 def build_definitions(resources: dict | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=ASSETS,
         jobs=JOBS,
         schedules=[automation.catalog_refresh_schedule],
-        sensors=[automation.new_product_line_sensor],
+        sensors=[automation.new_product_line_sensor, automation.catalog_automation_sensor],
         resources=resources if resources is not None else build_resources(),
+        executor=build_executor(),
     )
 
 

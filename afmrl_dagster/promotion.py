@@ -34,3 +34,55 @@ def promotion_decision(
     if candidate > champion + margin:
         return PromotionDecision(True, f"version {candidate_version} {metric}={candidate:.4f} beats champion {champion_version} ({champion:.4f}) by more than {margin}")
     return PromotionDecision(False, f"version {candidate_version} {metric}={candidate:.4f} does not beat champion {champion_version} ({champion:.4f}) by more than {margin}; champion kept")
+
+
+# ---- the registry's aliases ----------------------------------------------------------------------
+
+CHAMPION_ALIAS = "champion"
+PREVIOUS_CHAMPION_ALIAS = "previous_champion"
+
+
+class RollbackError(RuntimeError):
+    """The registry holds nothing to roll back to."""
+
+
+def alias_version(client, model_name: str, alias: str) -> str | None:
+    """The version under ``alias`` of ``model_name`` in the MLflow registry of ``client``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(model_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def move_champion(client, model_name: str, version: str, reason: str) -> str | None:
+    """Make ``version`` the champion, keeping the one it replaces under ``previous_champion``
+    (for rollback), and record ``reason`` on the version. Returns the replaced version."""
+    import time
+
+    version = str(version)
+    previous = alias_version(client, model_name, CHAMPION_ALIAS)
+    if previous is not None and previous != version:
+        client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION_ALIAS, previous)
+    client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
+    client.set_model_version_tag(model_name, version, "promotion", reason[:5000])
+    client.set_model_version_tag(model_name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return previous
+
+
+def rollback_champion(client, model_name: str) -> tuple[str, str]:
+    """Move the champion back to the ``previous_champion`` version; the version rolled back from
+    becomes ``previous_champion`` (so a second rollback undoes the first). Returns (from, to)."""
+    current = alias_version(client, model_name, CHAMPION_ALIAS)
+    previous = alias_version(client, model_name, PREVIOUS_CHAMPION_ALIAS)
+    if previous is None:
+        raise RollbackError(
+            f"{model_name} has no {PREVIOUS_CHAMPION_ALIAS!r} alias: no promotion replaced a champion yet, so there is "
+            f"nothing to roll back to (champion: {current or 'none'})"
+        )
+    if current is None:
+        raise RollbackError(f"{model_name} has no {CHAMPION_ALIAS!r} alias to roll back from")
+    move_champion(client, model_name, previous, f"rollback from version {current}")
+    client.set_model_version_tag(model_name, current, "rolled_back", f"replaced by version {previous}")
+    return current, previous

@@ -11,11 +11,12 @@ from pydantic import Field
 
 from afmrl_dagster.fingerprint import fingerprint
 
-from ..resources.compute import GPU_POOL, TorchCompute
+from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.teacher import AttributeTeacherBackend
 from ..resources.tracking import MlflowTracking, flat_metrics
+from .conditions import FOLLOWS_INPUTS
 from .partitions import product_lines
 from .publishing import (
     cached_manifest,
@@ -78,7 +79,7 @@ def _table_metadata(table: pl.DataFrame) -> dict:
     }
 
 
-@dg.asset(partitions_def=product_lines, group_name="attributes", kinds={"polars", "parquet"}, check_specs=_attribute_checks("teacher_attributes"))
+@dg.asset(automation_condition=FOLLOWS_INPUTS, partitions_def=product_lines, group_name="attributes", kinds={"polars", "parquet"}, check_specs=_attribute_checks("teacher_attributes"))
 def teacher_attributes(
     context: dg.AssetExecutionContext,
     config: AttributeQualityConfig,
@@ -137,7 +138,7 @@ class AttributeGeneratorConfig(dg.Config):
 @dg.asset(
     group_name="attributes",
     kinds={"pytorch", "mlflow"},
-    pool=GPU_POOL,
+    pool=GPU_POOL, op_tags=GPU_OP_TAGS,
     check_specs=[
         dg.AssetCheckSpec("generator_weights_finite", asset="attribute_generator", blocking=True, description="No NaN or inf in the trained weights."),
         dg.AssetCheckSpec("generator_heldout_validity", asset="attribute_generator", blocking=True,
@@ -163,12 +164,11 @@ def attribute_generator(
     scored on held-out products against the teacher, logged to MLflow and registered as
     ``afmrl-attribute-generator``.
     """
-    from afmrl_dagster.attributes.generator import AttributeGenerator, GeneratorConfig, generate_attribute_texts, save_generator
-    from afmrl_dagster.attributes.vocabulary import AttributeVocabulary
+    from afmrl_dagster.attributes.generator import generate_attribute_texts, save_generator
     from afmrl_dagster.features import align, listing_features as features_of
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
-    from afmrl_dagster.training.generator_sft import SFTConfig, attribute_accuracy, train_generator_sft
-    import torch
+    from afmrl_dagster.training.attribute_stages import DistillationSettings, distill_generator
+    from afmrl_dagster.training.generator_sft import attribute_accuracy
 
     store = artifact_store.open()
     split = evaluation_split.split()
@@ -185,22 +185,20 @@ def attribute_generator(
     test_ids = [lid for lid, h, v in zip(raw_catalog["listing_id"], held_out, valid) if v and h]
     targets = {lid: json.loads(text) for lid, text in teacher.filter(pl.col("is_valid")).select("listing_id", "attributes_json").iter_rows()}
 
-    torch.manual_seed(config.seed)
-    device = torch_compute.torch_device()
-    vocabulary = AttributeVocabulary.from_attribute_sets([targets[lid] for lid in train_ids])
-    train = features_of(listing_features, train_ids)
-    model = AttributeGenerator(
-        len(vocabulary), train.image.shape[1], train.text.shape[1], GeneratorConfig(
-            d_model=config.d_model, n_layers=config.n_layers, grammar_keys=len(vocabulary.keys) if config.constrained_decoding else 0
-        )
+    settings = DistillationSettings(
+        d_model=config.d_model, n_layers=config.n_layers, constrained_decoding=config.constrained_decoding, epochs=config.epochs,
+        batch_size=config.batch_size, learning_rate=config.learning_rate, seed=config.seed, device=torch_compute.torch_device(),
     )
-    sft = SFTConfig(epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate, seed=config.seed, device=device)
-    with mlflow_tracking.start_run(context, "attribute_generator_sft", params={**config.model_dump(), "train_listings": len(train_ids), "vocabulary_size": len(vocabulary)}) as run:
-        history = train_generator_sft(
-            model, vocabulary, train.image, train.image_mask, train.text, [targets[lid] for lid in train_ids], sft,
+    train = features_of(listing_features, train_ids)
+    with mlflow_tracking.start_run(context, "attribute_generator_sft", params={**config.model_dump(), "train_listings": len(train_ids)}) as run:
+        model, vocabulary, history = distill_generator(
+            train, [targets[lid] for lid in train_ids], settings,
             on_epoch=lambda row: (mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
                                   context.log.info(f"SFT epoch {row['epoch']}: {row}")),
         )
+        import mlflow
+
+        mlflow.log_param("vocabulary_size", len(vocabulary))
         test = features_of(listing_features, test_ids)
         predicted = generate_attribute_texts(model, vocabulary, test.image, test.image_mask, test.text)
         accuracy = attribute_accuracy(predicted, [targets[lid] for lid in test_ids], vocabulary.keys)
@@ -235,7 +233,7 @@ def attribute_generator(
     )
 
 
-@dg.asset(partitions_def=product_lines, group_name="attributes", kinds={"pytorch", "parquet"}, pool=GPU_POOL, check_specs=_attribute_checks("generated_attributes"))
+@dg.asset(automation_condition=FOLLOWS_INPUTS, partitions_def=product_lines, group_name="attributes", kinds={"pytorch", "parquet"}, pool=GPU_POOL, op_tags=GPU_OP_TAGS, check_specs=_attribute_checks("generated_attributes"))
 def generated_attributes(
     context: dg.AssetExecutionContext,
     config: AttributeQualityConfig,

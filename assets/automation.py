@@ -1,7 +1,13 @@
-"""Jobs, the catalog refresh schedule and the new-product-line sensor."""
+"""Jobs, the catalog refresh schedule, the new-product-line sensor and the sensor that runs
+declarative automation (see ``conditions.py``).
+
+``AFMRL_AUTOMATION=off`` starts both sensors stopped (toggle them in the UI);
+``AFMRL_SENSOR_INTERVAL_SECONDS`` (default 300) is how often the catalog source is listed.
+"""
 
 
 import json
+import os
 
 import dagster as dg
 
@@ -31,7 +37,7 @@ catalog_embedding_job = dg.define_asset_job(
 # Across all lines: index, evaluate and promote, then refine the generator with RAR.
 retrieval_job = dg.define_asset_job(
     "retrieval_job",
-    selection=dg.AssetSelection.assets("retrieval_index", "retrieval_evaluation", "rar_generator", "cit_encoder"),
+    selection=dg.AssetSelection.assets("retrieval_index", "retrieval_evaluation", "encoder_promotion", "rar_generator", "cit_encoder"),
     description="Build the index, evaluate and promote the encoder, refine the generator with RAR, and retrain the encoder on its attributes (CIT).",
 )
 
@@ -45,7 +51,32 @@ def catalog_refresh_schedule(context: dg.ScheduleEvaluationContext):
     return [dg.RunRequest(run_key=f"{line}-{context.scheduled_execution_time:%Y%m%d}", partition_key=line) for line in lines]
 
 
-@dg.sensor(job=catalog_refresh_job, minimum_interval_seconds=300)
+def _automation_status() -> dg.DefaultSensorStatus:
+    value = os.environ.get("AFMRL_AUTOMATION", "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"AFMRL_AUTOMATION must be 'on' or 'off', got {value!r}")
+    return dg.DefaultSensorStatus.RUNNING if value == "on" else dg.DefaultSensorStatus.STOPPED
+
+
+def _sensor_interval() -> int:
+    raw = os.environ.get("AFMRL_SENSOR_INTERVAL_SECONDS", "300")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"AFMRL_SENSOR_INTERVAL_SECONDS must be a whole number of seconds >= 1, got {raw!r}")
+    return int(raw)
+
+
+# Evaluates every asset's automation condition: a refreshed or new line flows on to its
+# attributes, embeddings, the index, the evaluation and the promotion without a click.
+catalog_automation_sensor = dg.AutomationConditionSensorDefinition(
+    "catalog_automation_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=_automation_status(),
+    minimum_interval_seconds=min(30, _sensor_interval()),
+    description="Runs the per-line assets, index, evaluation and promotion when their inputs update (declarative automation).",
+)
+
+
+@dg.sensor(job=catalog_refresh_job, minimum_interval_seconds=_sensor_interval(), default_status=_automation_status())
 def new_product_line_sensor(context: dg.SensorEvaluationContext, catalog_source: CatalogSource):
     """Adds a partition and requests an ingestion run for each product line that appears in the source."""
     seen = set(json.loads(context.cursor)) if context.cursor else set()

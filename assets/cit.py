@@ -12,7 +12,7 @@ from pydantic import Field
 
 from afmrl_dagster.fingerprint import fingerprint
 
-from ..resources.compute import GPU_POOL, TorchCompute
+from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
@@ -49,8 +49,8 @@ class CITConfig(dg.Config):
 @dg.asset(
     group_name="rar",
     kinds={"pytorch", "mlflow"},
-    pool=GPU_POOL,
-    deps=["retrieval_evaluation"],  # the champion it must beat is decided there
+    pool=GPU_POOL, op_tags=GPU_OP_TAGS,
+    deps=["encoder_promotion"],  # the champion it must beat is decided there
     check_specs=[
         dg.AssetCheckSpec("cit_weights_finite", asset="cit_encoder", blocking=True, description="No NaN or inf in the CIT head."),
         dg.AssetCheckSpec("cit_keeps_recall", asset="cit_encoder", description="Held-out R@1 of the CIT encoder is not below the champion's."),
@@ -79,16 +79,14 @@ def cit_encoder(
     ``afmrl-encoder`` with alias ``cit``; it becomes the ``champion`` only when it is better by
     more than ``promotion_margin``.
     """
-    from afmrl_dagster.attributes.format import attributes_to_text, parse_attributes
-    from afmrl_dagster.attributes.generator import generate_attribute_texts, load_stored_generator
-    from afmrl_dagster.catalog.splits import holdout_products
+    from afmrl_dagster.attributes.format import attributes_to_text
+    from afmrl_dagster.attributes.generator import load_stored_generator
     from afmrl_dagster.encoders.dual_tower import embed_features, save_head
     from afmrl_dagster.evaluation import REPORTED_METRICS, evaluate_embeddings
     from afmrl_dagster.features import listing_features as features_of
     from afmrl_dagster.promotion import promotion_decision
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
-    from afmrl_dagster.training.agcl import AGCLConfig
-    from afmrl_dagster.training.encoder_training import EncoderTrainingConfig, train_encoder
+    from afmrl_dagster.training.attribute_stages import CITSettings, cit_rows, train_cit_round, written_attributes
 
     store = artifact_store.open()
     split = evaluation_split.split()
@@ -105,25 +103,22 @@ def cit_encoder(
     ids, titles = raw_catalog["listing_id"].to_list(), raw_catalog["title"].to_list()
     products, lines = raw_catalog["product_id"].to_list(), raw_catalog["product_line"].to_list()
     base = features_of(listing_features, ids)
-    rar_texts = generate_attribute_texts(generator, vocabulary, base.image, base.image_mask, base.text)
-    rar_attributes = [parse_attributes(text, vocabulary.keys).attributes or {} for text in rar_texts]
+    rar_attributes = [parsed.attributes or {} for parsed in written_attributes(generator, vocabulary, base)[1]]
     with_rar = features_of(listing_features, ids, text_featurizer, titles, rar_attributes)
 
     query_mask = split.query_mask(raw_catalog)
     training = [i for i in range(len(ids)) if not query_mask[i]]
-    chosen = holdout_products([products[i] for i in training], [lines[i] for i in training], config.train_fraction, seed=config.seed)
-    rows = np.array([i for i in training if products[i] in chosen])
-    training_config = EncoderTrainingConfig(
-        epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate, seed=config.seed, device=device,
-        agcl=AGCLConfig(), head=stage_one.config, pca_init=False,
-    )
-    with mlflow_tracking.start_run(context, "cit_encoder", params={**config.model_dump(), "cit_listings": len(rows), "cit_products": len(chosen),
+    rows = cit_rows(products, lines, training, config.train_fraction, config.seed)
+    settings = CITSettings(train_fraction=config.train_fraction, epochs=config.epochs, batch_size=config.batch_size,
+                           learning_rate=config.learning_rate, seed=config.seed, device=device)
+    with mlflow_tracking.start_run(context, "cit_encoder", params={**config.model_dump(), "cit_listings": len(rows),
+                                                                   "cit_products": len({products[i] for i in rows}),
                                                                    "stage_one_version": agcl_encoder["model_version"],
                                                                    "rar_version": rar_generator["model_version"]}) as run:
-        result = train_encoder(
-            with_rar.subset(rows), [products[i] for i in rows], [lines[i] for i in rows], [attributes_to_text(rar_attributes[i]) for i in rows],
-            training_config, on_epoch=lambda row: mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
-            initial_head=stage_one,
+        result = train_cit_round(
+            stage_one, with_rar.subset(rows), [products[i] for i in rows], [lines[i] for i in rows],
+            [attributes_to_text(rar_attributes[i]) for i in rows], settings,
+            on_epoch=lambda row: mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
         )
         gallery = embed_features(result.head, with_rar, device=device)
         candidate = evaluate_embeddings(raw_catalog, gallery, query_mask)
@@ -154,7 +149,7 @@ def cit_encoder(
     mlflow_tracking.client().set_registered_model_alias(ENCODER_MODEL_NAME, "cit", manifest["model_version"])
     decision = promotion_decision(manifest["model_version"], candidate, champion_version, champion_metrics, "recall@1", config.promotion_margin)
     if decision.promote:
-        mlflow_tracking.promote(ENCODER_MODEL_NAME, manifest["model_version"])
+        mlflow_tracking.promote(ENCODER_MODEL_NAME, manifest["model_version"], f"CIT: {decision.reason}")
     context.log.info(f"CIT promotion: {decision.reason}")
     # The CIT encoder's own index (gallery with RAR attributes), so that search can serve it
     # once it is the champion: search picks the index built with the champion's version.

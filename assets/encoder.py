@@ -9,7 +9,7 @@ from pydantic import Field
 
 from afmrl_dagster.fingerprint import fingerprint
 
-from ..resources.compute import GPU_POOL, TorchCompute
+from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
@@ -19,6 +19,7 @@ from .publishing import (
     check_results,
     model_check,
     model_metadata,
+    png_metadata,
     publish_model,
     tag_model_version,
     weights_finite,
@@ -40,7 +41,7 @@ class EncoderTrainingRunConfig(dg.Config):
 @dg.asset(
     group_name="encoder",
     kinds={"pytorch", "mlflow"},
-    pool=GPU_POOL,
+    pool=GPU_POOL, op_tags=GPU_OP_TAGS,
     check_specs=[
         dg.AssetCheckSpec("encoder_weights_finite", asset="agcl_encoder", blocking=True, description="No NaN or inf in the trained head."),
         dg.AssetCheckSpec("encoder_loss_decreased", asset="agcl_encoder", description="The last epoch's loss is below the first's."),
@@ -121,9 +122,9 @@ def agcl_encoder(
             training,
             on_epoch=on_epoch,
         )
-        import mlflow
 
-        mlflow.log_image(_png_image(curve_png(result.history, ["loss", "temperature", "mean_negative_weight", "masked_fraction"], "epoch", "AGCL training")), "training_curve.png")
+        curve = curve_png(result.history, ["loss", "temperature", "mean_negative_weight", "masked_fraction"], "epoch", "AGCL training")
+        mlflow_tracking.log_png(curve, "training_curve.png")
         manifest = publish_model(
             context, "encoder", lambda folder: save_head(result.head, folder), store, prefix, ENCODER_MODEL_NAME, run,
             {
@@ -147,14 +148,8 @@ def agcl_encoder(
             "train_listings": train_rows.height,
             "first_loss": float(result.history[0]["loss"]),
             "final_loss": float(result.history[-1]["loss"]),
+            "training_curve": png_metadata(curve, "AGCL training: loss, temperature, mean negative weight, masked share per epoch."),
         },
         check_results=check_results(manifest),
     )
 
-
-def _png_image(data: bytes):
-    import io
-
-    from PIL import Image
-
-    return Image.open(io.BytesIO(data))

@@ -9,13 +9,14 @@ import polars as pl
 from afmrl_dagster.features import compute_listing_features
 from afmrl_dagster.fingerprint import fingerprint
 
-from ..resources.compute import GPU_POOL, TorchCompute
+from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import FeatureTowers
 from ..resources.storage import ArtifactStore
+from .conditions import FOLLOWS_INPUTS
 from .partitions import product_lines
 
 
-@dg.asset(partitions_def=product_lines, group_name="features", kinds={"pytorch", "parquet"}, pool=GPU_POOL)
+@dg.asset(automation_condition=FOLLOWS_INPUTS, partitions_def=product_lines, group_name="features", kinds={"pytorch", "parquet"}, pool=GPU_POOL, op_tags=GPU_OP_TAGS)
 def listing_features(
     context: dg.AssetExecutionContext,
     raw_catalog: pl.DataFrame,

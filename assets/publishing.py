@@ -94,6 +94,13 @@ def model_metadata(manifest: dict, mlflow_tracking: MlflowTracking) -> dict:
         "status": "trained",
         "uri": manifest["uri"],
         "mlflow_run_id": manifest["mlflow_run_id"],
-        "mlflow_run": mlflow_tracking.run_url(manifest["mlflow_run_id"]),
+        "mlflow_run": mlflow_tracking.run_link(manifest["mlflow_run_id"]),
         "model_version": manifest["model_version"],
     }
+
+
+def png_metadata(data: bytes, caption: str) -> dg.MetadataValue:
+    """A PNG shown in the asset's metadata (markdown with the picture inline)."""
+    import base64
+
+    return dg.MetadataValue.md(f"{caption}\n\n![{caption}](data:image/png;base64,{base64.b64encode(data).decode()})")

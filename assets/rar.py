@@ -2,7 +2,6 @@
 rewarded by how well its attributes make the frozen encoder retrieve the query's product."""
 
 
-import copy
 
 import dagster as dg
 import numpy as np
@@ -11,7 +10,7 @@ from pydantic import Field
 
 from afmrl_dagster.fingerprint import fingerprint
 
-from ..resources.compute import GPU_POOL, TorchCompute
+from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
@@ -39,7 +38,7 @@ class RARConfig(dg.Config):
 @dg.asset(
     group_name="rar",
     kinds={"pytorch", "mlflow"},
-    pool=GPU_POOL,
+    pool=GPU_POOL, op_tags=GPU_OP_TAGS,
     check_specs=[
         dg.AssetCheckSpec("rar_heldout_validity", asset="rar_generator", description="At least 99% of held-out outputs parse."),
         dg.AssetCheckSpec("rar_keeps_recall", asset="rar_generator", description="RAR attributes do not lower held-out R@1 against SFT attributes."),
@@ -68,15 +67,14 @@ def rar_generator(
     is registered with alias ``rar`` and becomes the generator ``champion`` unless it lowers R@1.
     """
 
-    from afmrl_dagster.attributes.format import parse_attributes
-    from afmrl_dagster.attributes.generator import generate_attribute_texts, load_stored_generator, save_generator
+    from afmrl_dagster.attributes.generator import load_stored_generator, save_generator
     from afmrl_dagster.encoders.dual_tower import embed_features
     from afmrl_dagster.evaluation import REPORTED_METRICS
     from afmrl_dagster.features import align, listing_features as features_of
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
     from afmrl_dagster.retrieval.metrics import retrieval_metrics
-    from afmrl_dagster.retrieval.reward import RetrievalReward
-    from afmrl_dagster.training.grpo import GRPOConfig, train_grpo
+    from afmrl_dagster.training.attribute_stages import RARGallery, default_reward_k, refine_with_rar, reward_trend, written_attributes
+    from afmrl_dagster.training.grpo import GRPOConfig
 
     store = artifact_store.open()
     split = evaluation_split.split()
@@ -90,7 +88,6 @@ def rar_generator(
     text_featurizer = feature_towers.text_featurizer(device)
     head = load_encoder_head(store, agcl_encoder)
     reference, vocabulary = load_stored_generator(store, f"models/attribute_generator/{attribute_generator['fingerprint']}")
-    policy = copy.deepcopy(reference)
 
     ids = raw_catalog["listing_id"].to_list()
     gallery = align(catalog_embeddings, ids)
@@ -100,14 +97,7 @@ def rar_generator(
     held_out = split.query_mask(raw_catalog)
     base = features_of(listing_features, ids)
 
-    def reward_for(rows: np.ndarray) -> RetrievalReward:
-        return RetrievalReward(
-            head, text_featurizer, [titles[i] for i in rows], base.image[rows], base.image_mask[rows],
-            [product_ids[i] for i in rows], [ids[i] for i in rows], gallery_embeddings, product_ids, ids,
-            k=reward_k, invalid_reward=config.invalid_reward,
-        )
-
-    reward_k = config.reward_k or min(50, max(5, len(ids) // 100))
+    reward_k = config.reward_k or default_reward_k(len(ids))
     train_rows = np.flatnonzero(~held_out)
     grpo = GRPOConfig(
         steps=config.steps, queries_per_step=config.queries_per_step, group_size=config.group_size, learning_rate=config.learning_rate,
@@ -123,8 +113,12 @@ def rar_generator(
             samples.extend({"step": row["step"], "query": ids[train_rows[q]], "attributes": text, "reward": float(r)} for q, text, r in row.get("samples", []))
             context.log.info(f"GRPO step {row['step']}: reward {row['reward_mean']:.3f} ± {row['reward_std']:.3f}, valid {row['validity_rate']:.2f}, KL {row['kl']:.4f}")
 
-        train = base.subset(train_rows)
-        history = train_grpo(policy, reference, vocabulary, train.image, train.image_mask, train.text, reward_for(train_rows), grpo, on_step=on_step)
+        policy, history = refine_with_rar(
+            reference, vocabulary, head, text_featurizer, base.subset(train_rows), [titles[i] for i in train_rows],
+            [product_ids[i] for i in train_rows], RARGallery(gallery_embeddings, product_ids, ids), grpo,
+            reward_k=reward_k, invalid_reward=config.invalid_reward, on_step=on_step,
+        )
+        reward_first, reward_last = reward_trend(history)
         mlflow.log_table(pl.DataFrame(samples).to_pandas() if samples else {"step": []}, "sampled_generations.json")
 
         # Held-out comparison: the same encoder and gallery, queries carrying SFT vs RAR attributes.
@@ -132,8 +126,7 @@ def rar_generator(
         queries = base.subset(query_rows)
         comparison = {}
         for name, model in [("sft", reference), ("rar", policy)]:
-            texts = generate_attribute_texts(model, vocabulary, queries.image, queries.image_mask, queries.text)
-            parsed = [parse_attributes(t, set(vocabulary.keys)) for t in texts]
+            _, parsed = written_attributes(model, vocabulary, queries)
             with_attrs = features_of(listing_features, [ids[i] for i in query_rows], text_featurizer, [titles[i] for i in query_rows],
                                      [p.attributes for p in parsed])
             metrics = retrieval_metrics(
@@ -149,8 +142,8 @@ def rar_generator(
             store, prefix, GENERATOR_MODEL_NAME, run,
             {
                 "fingerprint": key,
-                "reward_first_steps": float(np.mean([h["reward_mean"] for h in history[: max(1, len(history) // 5)]])),
-                "reward_last_steps": float(np.mean([h["reward_mean"] for h in history[-max(1, len(history) // 5):]])),
+                "reward_first_steps": reward_first,
+                "reward_last_steps": reward_last,
                 "heldout": comparison,
                 "reward_k": reward_k,
                 "checks": {
@@ -166,7 +159,11 @@ def rar_generator(
     client = mlflow_tracking.client()
     client.set_registered_model_alias(GENERATOR_MODEL_NAME, "rar", manifest["model_version"])
     keeps_recall = comparison["rar"]["recall@1"] >= comparison["sft"]["recall@1"]
-    client.set_registered_model_alias(GENERATOR_MODEL_NAME, "champion", manifest["model_version"] if keeps_recall else attribute_generator["model_version"])
+    sft_r1, rar_r1 = comparison["sft"]["recall@1"], comparison["rar"]["recall@1"]
+    mlflow_tracking.promote(
+        GENERATOR_MODEL_NAME, manifest["model_version"] if keeps_recall else attribute_generator["model_version"],
+        f"held-out R@1 with RAR attributes {rar_r1:.4f} vs SFT attributes {sft_r1:.4f}: {'RAR' if keeps_recall else 'SFT'} generator serves",
+    )
     return dg.MaterializeResult(
         value=manifest,
         metadata={

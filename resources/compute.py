@@ -1,10 +1,27 @@
 """Where torch work runs: CUDA when present, else CPU."""
 
 
+import os
+
 import dagster as dg
 from pydantic import Field
 
 GPU_POOL = "gpu"  # concurrency pool shared by every asset that runs torch models (limit in dagster.yaml)
+
+
+def gpu_op_tags() -> dict:
+    """Tags of the torch assets' steps: with dagster-k8s's ``k8s_job_executor`` each such step
+    runs in its own pod requesting ``AFMRL_K8S_GPUS`` GPUs (default 1; 0 requests none).
+    Elsewhere the tag is inert."""
+    raw = os.environ.get("AFMRL_K8S_GPUS", "1")
+    if not raw.isdigit():
+        raise ValueError(f"AFMRL_K8S_GPUS must be a whole number of GPUs, got {raw!r}")
+    if int(raw) == 0:
+        return {}
+    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": raw}}}}}
+
+
+GPU_OP_TAGS = gpu_op_tags()
 
 
 class TorchCompute(dg.ConfigurableResource):

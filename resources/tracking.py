@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import dagster as dg
 from pydantic import Field
 
-CHAMPION_ALIAS = "champion"
+from afmrl_dagster.promotion import CHAMPION_ALIAS
 
 
 def mlflow_metric_name(name: str) -> str:
@@ -85,6 +85,21 @@ class MlflowTracking(dg.ConfigurableResource):
 
         mlflow.log_metrics({mlflow_metric_name(k): v for k, v in flat_metrics(metrics).items()}, step=step)
 
+    def log_png(self, data: bytes, artifact_file: str) -> None:
+        """Log PNG bytes (a plot, a picture of results) as an image of the active run."""
+        import io
+
+        import mlflow
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as image:
+            mlflow.log_image(image.copy(), artifact_file)
+
+    def run_link(self, run_id: str) -> dg.MetadataValue:
+        """The run as asset metadata: a clickable link on a tracking server, the URI otherwise."""
+        url = self.run_url(run_id)
+        return dg.MetadataValue.url(url) if url.startswith(("http://", "https://")) else dg.MetadataValue.text(url)
+
     def run_url(self, run_id: str) -> str:
         """A link for the Dagster UI: the run page on a server, the run's URI on a local store."""
         if self.tracking_uri.startswith(("http://", "https://")):
@@ -107,5 +122,9 @@ class MlflowTracking(dg.ConfigurableResource):
         except MlflowException:
             return None
 
-    def promote(self, model_name: str, version: str) -> None:
-        self.client().set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
+    def promote(self, model_name: str, version: str, reason: str = "") -> str | None:
+        """Move the ``champion`` alias to ``version``; the replaced champion stays under
+        ``previous_champion`` for ``afmrl rollback``. Returns the replaced version."""
+        from afmrl_dagster.promotion import move_champion
+
+        return move_champion(self.client(), model_name, version, reason)

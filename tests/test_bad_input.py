@@ -94,3 +94,20 @@ def test_too_many_bad_listings_fail_the_run_and_keep_stored_data(setup):
     assert "listing_id='mug-1'" in message and "'image_uri'" in message
     assert stored.get_bytes("tables/raw_catalog/mugs.parquet") == before
     assert pl.read_parquet(io.BytesIO(before)).height == 8
+
+
+def test_a_failed_catalog_stops_attributes_and_features_downstream(setup):
+    """The catalog refresh job: when the line fails validation, nothing downstream materialises."""
+    from afmrl_dagster.definitions import build_definitions
+
+    source, images, resources, instance = setup
+    write_line(source, bad_rows(images, good_rows(images)))
+    job = build_definitions(resources).resolve_job_def("catalog_refresh_job")
+    config = {"ops": {"raw_catalog": {"config": RawCatalogConfig(max_bad_share=0.1).model_dump()}}}
+    result = job.execute_in_process(instance=instance, partition_key="mugs", run_config=config, raise_on_error=False)
+    assert not result.success
+    assert not result.get_asset_materialization_events()
+    for asset in ("raw_catalog", "teacher_attributes", "listing_features"):
+        assert instance.get_latest_materialization_event(dg.AssetKey(asset)) is None, asset
+    stored = resources["artifact_store"].open()
+    assert not stored.exists("tables/teacher_attributes/mugs.parquet") and not stored.exists("tables/listing_features/mugs.parquet")

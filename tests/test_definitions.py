@@ -28,6 +28,7 @@ def graph_snapshot(definitions: dg.Definitions) -> dict:
             "checks": sorted(check.name for check in node.check_keys),
             "kinds": sorted(node.kinds),
             "pools": sorted(node.pools or []),
+            "automation": node.automation_condition.label if node.automation_condition else None,
         }
     return snapshot
 

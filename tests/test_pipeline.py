@@ -3,6 +3,12 @@ Dagster instance, a real MLflow store and the real pretrained towers."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import dagster as dg
 import pytest
 from mlflow.tracking import MlflowClient
@@ -24,9 +30,10 @@ def latest_metadata(instance, asset: str, partition: str | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+def pipeline_run(tmp_path_factory, mlflow_server):
+    """The whole chain, tracked and registered in a real MLflow server."""
     root = tmp_path_factory.mktemp("pipeline")
-    definitions = build_definitions(tiny_resources(root))
+    definitions = build_definitions(tiny_resources(root, tracking_uri=mlflow_server.url))
     (root / "dagster_home").mkdir()
     (root / "dagster_home" / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
     with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
@@ -48,6 +55,23 @@ def test_whole_chain_produces_results_for_every_encoder(pipeline_run):
     assert results["num_queries"][0] > 0
 
 
+def test_evaluation_and_training_metadata_carry_pictures(pipeline_run):
+    import base64
+    import io
+
+    from PIL import Image
+
+    _, instance, _, _ = pipeline_run
+    evaluation = latest_metadata(instance, "retrieval_evaluation")
+    inline = evaluation["retrieval_examples"].split("data:image/png;base64,")[1].rstrip(")")
+    stored = Path(evaluation["retrieval_examples_uri"]).read_bytes()
+    assert base64.b64decode(inline) == stored
+    width, height = Image.open(io.BytesIO(stored)).size
+    assert width > 4 * 112 and height > 112  # a query and four results per line
+    curve = latest_metadata(instance, "agcl_encoder")["training_curve"]
+    assert Image.open(io.BytesIO(base64.b64decode(curve.split("base64,")[1].rstrip(")")))).size[0] > 200
+
+
 def test_every_asset_materialised_and_blocking_checks_passed(pipeline_run):
     definitions, instance, _, _ = pipeline_run
     graph = definitions.resolve_asset_graph()
@@ -64,9 +88,9 @@ def test_every_asset_materialised_and_blocking_checks_passed(pipeline_run):
             assert evaluation.passed, f"{check_key} failed: {evaluation.metadata}"
 
 
-def test_models_are_registered_and_champion_is_set(pipeline_run):
+def test_models_are_registered_and_champion_is_set(pipeline_run, mlflow_server):
     _, _, outcome, root = pipeline_run
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=mlflow_server.url)
     champion = client.get_model_version_by_alias(ENCODER_MODEL_NAME, "champion")
     cit = outcome["cit"]
     assert str(client.get_model_version_by_alias(ENCODER_MODEL_NAME, "cit").version) == cit["model_version"]
@@ -107,12 +131,13 @@ query ($path: [String!]!) { assetOrError(assetKey: {path: $path}) { ... on Asset
 
 
 @pytest.fixture(scope="module")
-def dagster_dev(pipeline_run, tmp_path_factory):
+def dagster_dev(pipeline_run, tmp_path_factory, mlflow_server):
     """The real webserver + daemon over the instance, store and MLflow store of the pipeline run."""
     from dagster_server import running_dagster_dev
 
     _, _, _, root = pipeline_run
-    env = {"AFMRL_STORE": str(root / "store"), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "AFMRL_CATALOG": TINY_CATALOG}
+    # Automation off: the other tests here share this instance and store (test_automation.py runs it on).
+    env = {"AFMRL_STORE": str(root / "store"), "MLFLOW_TRACKING_URI": mlflow_server.url, "AFMRL_CATALOG": TINY_CATALOG, "AFMRL_AUTOMATION": "off"}
     with running_dagster_dev(root / "dagster_home", env, tmp_path_factory.mktemp("dagster-dev")) as server:
         yield server
 
@@ -128,7 +153,9 @@ def test_dagster_dev_shows_the_chain_with_groups_checks_and_metadata(pipeline_ru
     assert {check["name"] for check in nodes[("raw_catalog",)]["assetChecksOrError"]["checks"]} == {"catalog_schema", "images_decodable"}
     evaluation = server.graphql(MATERIALIZATION_QUERY, {"path": ["retrieval_evaluation"]})["assetOrError"]
     labels = {entry["label"] for entry in evaluation["assetMaterializations"][0]["metadataEntries"]}
-    assert {"results", "recall@1", "mlflow_run", "promotion"} <= labels
+    assert {"results", "recall@1", "mlflow_run", "evaluation_set"} <= labels
+    promotion = server.graphql(MATERIALIZATION_QUERY, {"path": ["encoder_promotion"]})["assetOrError"]
+    assert {"promoted", "promotion", "champion_before", "champion_after"} <= {entry["label"] for entry in promotion["assetMaterializations"][0]["metadataEntries"]}
 
 
 BACKFILL_MUTATION = """
@@ -167,29 +194,25 @@ def test_backfill_over_product_lines_runs_through_the_daemon(dagster_dev):
     assert partitions == {"bags", "mugs"}
 
 
-def test_registered_encoder_embeds_listings_from_the_registry(pipeline_run):
+def test_registered_encoder_embeds_listings_from_the_registry(pipeline_run, mlflow_server):
     import mlflow
     import numpy as np
     import pandas as pd
 
     _, _, _, root = pipeline_run
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    mlflow.set_tracking_uri(mlflow_server.url)
     model = mlflow.pyfunc.load_model(f"models:/{ENCODER_MODEL_NAME}@champion")
     embeddings = np.asarray(model.predict(pd.DataFrame({"title": ["red mug", "navy tote"], "attributes_json": ['{"colour": "red"}', None]})))
     assert embeddings.shape == (2, 256)
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-4)
 
 
-def test_search_finds_the_product_of_a_catalog_photo_and_title(pipeline_run, monkeypatch):
-    import json
-    import subprocess
-    import sys
-
+def test_search_finds_the_product_of_a_catalog_photo_and_title(pipeline_run, monkeypatch, mlflow_server):
     from afmrl_dagster.search import SearchEngine, SearchError
     from afmrl_dagster.storage import LocalObjectStore, read_uri_bytes
 
     _, _, _, root = pipeline_run
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
     store = LocalObjectStore(root / "store")
     engine = SearchEngine.from_store(store)
     catalog = store.read_parquet(sorted(key for key in store.list_keys("tables/raw_catalog/") if key.endswith(".parquet"))[0])
@@ -204,7 +227,7 @@ def test_search_finds_the_product_of_a_catalog_photo_and_title(pipeline_run, mon
     with pytest.raises(SearchError, match="photo, a text, or both"):
         engine.search()
     # The documented command, text only, as JSON.
-    env = {**__import__("os").environ, "AFMRL_STORE": str(root / "store"), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env = {**os.environ, "AFMRL_STORE": str(root / "store"), "MLFLOW_TRACKING_URI": mlflow_server.url}
     done = subprocess.run([sys.executable, "-m", "afmrl_dagster.cli", "search", "--text", catalog["title"][0], "--k", "2", "--json"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -215,7 +238,7 @@ def test_search_finds_the_product_of_a_catalog_photo_and_title(pipeline_run, mon
     assert "| generate |" in latency.stdout and "Attribute generation adds" in latency.stdout
 
 
-def test_new_encoder_is_compared_with_the_champion_on_the_same_set(pipeline_run):
+def test_new_encoder_is_compared_with_the_champion_on_the_same_set(pipeline_run, mlflow_server):
     """A second encoder version: the evaluation re-scores the registered champion before deciding."""
     from afmrl_dagster.assets.encoder import EncoderTrainingRunConfig
 
@@ -227,6 +250,137 @@ def test_new_encoder_is_compared_with_the_champion_on_the_same_set(pipeline_run)
         assert definitions.resolve_job_def("catalog_embedding_job").execute_in_process(instance=instance, partition_key=line).success
     retrieval = {"ops": {"rar_generator": {"config": TINY_CONFIG["rar_generator"].model_dump()}}}
     assert definitions.resolve_job_def("retrieval_job").execute_in_process(instance=instance, run_config=retrieval).success
-    metadata = latest_metadata(instance, "retrieval_evaluation")
+    metadata = latest_metadata(instance, "encoder_promotion")
     assert metadata["champion_before"] == "1"
     assert "champion 1" in metadata["promotion"]
+    decision = definitions.load_asset_value("encoder_promotion", instance=instance)
+    assert decision["champion"] is not None and decision["candidate_version"] != "1"  # re-scored, not taken from its tags
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    assert client.get_model_version(ENCODER_MODEL_NAME, decision["candidate_version"]).tags["promotion_decision"] == decision["reason"]
+
+
+def test_rollback_command_restores_the_previous_champion(pipeline_run, mlflow_server):
+    """A promotion keeps the replaced champion under previous_champion; ``afmrl rollback`` (the
+    documented command, against the real server) moves the champion back, and again undoes it."""
+    from afmrl_dagster.promotion import alias_version, move_champion
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    champion = alias_version(client, ENCODER_MODEL_NAME, "champion")
+    other = next(str(v.version) for v in client.search_model_versions(f"name='{ENCODER_MODEL_NAME}'") if str(v.version) != champion)
+    assert move_champion(client, ENCODER_MODEL_NAME, other, "test: a newer candidate") == champion
+    assert alias_version(client, ENCODER_MODEL_NAME, "previous_champion") == champion
+    assert client.get_model_version(ENCODER_MODEL_NAME, other).tags["promotion"] == "test: a newer candidate"
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url}
+
+    def rollback(model: str = ENCODER_MODEL_NAME) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "afmrl_dagster.cli", "rollback", "--model", model],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    done = rollback()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"from version {other} back to version {champion}" in done.stdout
+    assert alias_version(client, ENCODER_MODEL_NAME, "champion") == champion
+    assert alias_version(client, ENCODER_MODEL_NAME, "previous_champion") == other
+    assert client.get_model_version(ENCODER_MODEL_NAME, other).tags["rolled_back"] == f"replaced by version {champion}"
+    assert rollback().returncode == 0 and alias_version(client, ENCODER_MODEL_NAME, "champion") == other  # undone
+    assert rollback().returncode == 0 and alias_version(client, ENCODER_MODEL_NAME, "champion") == champion
+
+    missing = rollback("afmrl-no-such-model")
+    assert missing.returncode == 2 and "nothing to roll back to" in missing.stderr
+
+
+def test_failed_evaluation_gate_stops_promotion_and_cit(pipeline_run, mlflow_server):
+    """A blocking gate that fails keeps what depends on it in the run from materialising."""
+    from afmrl_dagster.promotion import alias_version
+
+    definitions, instance, outcome, _ = pipeline_run
+    assert outcome["results"]["recall@1"][2] < 1.0  # so a floor of 1.0 cannot be met
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    champion = alias_version(client, ENCODER_MODEL_NAME, "champion")
+    config = {"ops": {"retrieval_evaluation": {"config": {"min_gate_metric": 1.0}},
+                      "rar_generator": {"config": TINY_CONFIG["rar_generator"].model_dump()}}}
+    result = definitions.resolve_job_def("retrieval_job").execute_in_process(instance=instance, run_config=config, raise_on_error=False)
+    assert not result.success
+    materialised = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
+    assert "retrieval_evaluation" in materialised
+    assert not materialised & {"encoder_promotion", "cit_encoder"}  # downstream of the gate (RAR is not)
+    floor = next(check for check in result.get_asset_check_evaluations() if check.check_name == "meets_quality_floor")
+    assert not floor.passed and floor.metadata["floor"].value == 1.0
+    assert alias_version(client, ENCODER_MODEL_NAME, "champion") == champion
+
+
+RUNS_FOR_PARTITION = """
+query ($partition: String!) { runsOrError(filter: {tags: [{key: "dagster/partition", value: $partition}]}) {
+    ... on Runs { results { runId status } } } }
+"""
+
+
+def test_ui_in_headless_chromium_materialises_a_line_and_shows_the_evaluation(pipeline_run, dagster_dev, mlflow_server):
+    """What a person does in the Dagster UI, in a real browser: the asset graph, a materialisation
+    of one product line launched from the asset page, and the evaluation's metadata (metrics,
+    MLflow link, the retrieval-examples picture). Screenshots go to .afmrl/test-artifacts/ui
+    (or $AFMRL_TEST_ARTIFACTS/ui)."""
+    from selenium.webdriver.common.by import By
+
+    from browser import button, chromium_driver, click_first, dismiss_prompts, screenshot, wait_for
+
+    shots = Path(os.environ.get("AFMRL_TEST_ARTIFACTS", REPO_ROOT / ".afmrl" / "test-artifacts")) / "ui"
+    url = dagster_dev.url
+    driver = chromium_driver()
+    try:
+        driver.get(f"{url}/asset-groups")
+        wait_for(lambda: "Global asset lineage" in driver.page_source, what="the asset graph")
+        wait_for(lambda: button(driver, "Skip") or "catalog" in driver.find_element(By.TAG_NAME, "body").text, what="the graph's groups")
+        dismiss_prompts(driver)
+        body = wait_for(lambda: driver.find_element(By.TAG_NAME, "body").text, what="the page text")
+        assert {"catalog", "attributes", "encoder", "retrieval", "rar"} <= set(body.split()), body[:500]
+        screenshot(driver, shots, "01-asset-graph")
+
+        before = {run["runId"] for run in dagster_dev.graphql(RUNS_FOR_PARTITION, {"partition": "mugs"})["runsOrError"]["results"]}
+        driver.get(f"{url}/assets/raw_catalog")
+
+        def launch_dialog_open() -> bool:
+            if "Launch runs to materialize" in driver.find_element(By.TAG_NAME, "body").text:
+                return True
+            dismiss_prompts(driver)  # the first-visit prompt may cover the page, or appear late
+            click_first([button(driver, "Materialize…")])
+            return False
+
+        wait_for(launch_dialog_open, interval=2, what="the launch dialog")
+        wait_for(lambda: click_first(driver.find_elements(By.XPATH, "//*[text()='Select a partition or create one']")), what="the partition picker")
+        # The picker's list is drawn last, over the page (which may name the line too).
+        wait_for(lambda: click_first(reversed(driver.find_elements(By.XPATH, "//*[text()='mugs']"))), what="the partition mugs in the picker")
+        wait_for(lambda: "1 partition" in driver.find_element(By.TAG_NAME, "body").text, what="one partition selected")
+        wait_for(lambda: button(driver, "Launch", starts=True), what="the launch button")
+        screenshot(driver, shots, "02-launch-one-line")
+        wait_for(lambda: click_first([button(driver, "Launch", starts=True)]), what="the launch button to take the click")
+
+        def new_run_status():
+            runs = dagster_dev.graphql(RUNS_FOR_PARTITION, {"partition": "mugs"})["runsOrError"]["results"]
+            fresh = [run for run in runs if run["runId"] not in before]
+            return fresh and fresh[0]["status"] in ("SUCCESS", "FAILURE", "CANCELED") and fresh[0]
+
+        run = wait_for(new_run_status, timeout=300, interval=2, what="the launched run to finish")
+        assert run["status"] == "SUCCESS", run
+        driver.get(f"{url}/runs/{run['runId']}")
+        wait_for(lambda: "raw_catalog" in driver.page_source, what="the run page")
+        screenshot(driver, shots, "03-run")
+
+        driver.get(f"{url}/assets/retrieval_evaluation")
+        text = wait_for(lambda: (lambda t: "recall@1" in t and t)(driver.find_element(By.TAG_NAME, "body").text), what="the evaluation's metadata")
+        assert "mlflow_run" in text and "retrieval_examples" in text
+        href = wait_for(lambda: next(h for h in (a.get_attribute("href") or "" for a in driver.find_elements(By.TAG_NAME, "a"))
+                                     if h.startswith(f"{mlflow_server.url}/#/experiments/")), what="the MLflow run link")
+        assert "/runs/" in href
+        # Markdown metadata opens in a dialog from the row's "[Show Markdown]" link.
+        row = driver.find_element(By.XPATH, "//*[text()='retrieval_examples']/ancestor::tr")
+        driver.execute_script("arguments[0].scrollIntoView();", row)
+        wait_for(lambda: click_first(row.find_elements(By.XPATH, ".//*[contains(text(), 'Show Markdown')]")), what="the picture's Show Markdown link")
+        width, height = wait_for(lambda: next((img.size["width"], img.size["height"]) for img in driver.find_elements(By.TAG_NAME, "img")
+                                              if (img.get_attribute("src") or "").startswith("data:image/png") and img.size["width"] > 100),
+                                 what="the retrieval-examples picture")
+        assert height > 50
+        screenshot(driver, shots, "04-evaluation-metadata")
+    finally:
+        driver.quit()

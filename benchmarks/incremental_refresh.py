@@ -6,9 +6,10 @@ rematerialisation with unchanged inputs against the first run.
    the models are trained on them (``model_training_job``, small settings: training is not
    what is measured), each line gets attributes and embeddings (``catalog_embedding_job``),
    and the index is built (``retrieval_index``).
-2. The last line arrives: its refresh and embedding jobs run, and the index is rebuilt from
+2. The same again with unchanged inputs: every job re-runs, and what it finds cached it
+   reads instead of computing.
+3. The last line arrives: its refresh and embedding jobs run, and the index is rebuilt from
    the stored embeddings (no other line is recomputed).
-3. Everything again with unchanged inputs: every line's jobs, the training job and the index.
 
 "Recomputing all N" is the sum of every line's measured data path (refresh + embedding) plus
 one index build, each measured in this run.
@@ -82,13 +83,23 @@ def main(argv: list[str] | None = None) -> int:
 
             instance.add_dynamic_partitions("product_lines", first_lines)
             path: dict[str, float] = {}
-            first = {line: run("catalog_refresh_job", line) for line in first_lines}
-            log(f"first lines refreshed: {first}")
-            training_seconds = run("model_training_job", run_config=training)
-            for line in first_lines:
-                path[line] = first[line] + run("catalog_embedding_job", line)
-            first_index = index()
-            log(f"trained in {training_seconds:.0f} s; data path {path}; index {first_index:.1f} s")
+
+            def first_lines_run() -> tuple[dict[str, float], float, float]:
+                refresh = {line: run("catalog_refresh_job", line) for line in first_lines}
+                trained = run("model_training_job", run_config=training)
+                paths = {line: refresh[line] + run("catalog_embedding_job", line) for line in first_lines}
+                return paths, trained, index()
+
+            started = time.perf_counter()
+            first_paths, training_seconds, first_index = first_lines_run()
+            first_run = time.perf_counter() - started
+            path.update(first_paths)
+            log(f"first run {first_run:.1f} s: trained in {training_seconds:.0f} s; data path {path}; index {first_index:.1f} s")
+
+            started = time.perf_counter()
+            again_paths, again_training, again_index = first_lines_run()
+            again = time.perf_counter() - started
+            log(f"rematerialised with unchanged inputs in {again:.1f} s (training {again_training:.1f} s, index {again_index:.1f} s)")
 
             instance.add_dynamic_partitions("product_lines", [new_line])
             path[new_line] = run("catalog_refresh_job", new_line) + run("catalog_embedding_job", new_line)
@@ -96,20 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             absorb = path[new_line] + new_index
             log(f"new line {new_line}: data path {path[new_line]:.1f} s, index {new_index:.1f} s")
 
-            started = time.perf_counter()
-            for line in lines:
-                run("catalog_refresh_job", line)
-            run("model_training_job", run_config=training)
-            for line in lines:
-                run("catalog_embedding_job", line)
-            index()
-            again = time.perf_counter() - started
-            log(f"rematerialised with unchanged inputs in {again:.1f} s")
-
     total_listings = sum(sizes.values())
     recompute_all = sum(path.values()) + new_index
-    first_run = sum(path.values()) + training_seconds + first_index + new_index
     rows = [f"| {line}{' (new)' if line == new_line else ''} | {sizes[line]} | {path[line]:.1f} |" for line in lines]
+    runs = 2 * len(first_lines) + 2  # Dagster runs in the rematerialisation: refresh and embedding per line, training, index
     text = "\n".join([
         f"Built-in catalog `{args.catalog}`, {len(lines)} lines, {total_listings} listings; each job run in process "
         f"with a fresh store and instance, on this machine's CPU.",
@@ -121,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- Absorbing the new line ({sizes[new_line]} of {total_listings} listings, n/N = {sizes[new_line] / total_listings:.2f}): "
         f"**{absorb:.1f} s**, against {recompute_all:.1f} s to recompute every line: ratio **{absorb / recompute_all:.2f}**.",
-        f"- Rematerialising everything (every line, training, index) with unchanged inputs: **{again:.1f} s**, "
-        f"against {first_run:.1f} s for the first run: **{again / first_run:.1%}**.",
+        f"- Rematerialising the first run ({', '.join(first_lines)}: refresh, training, embeddings, index; {runs} runs) with "
+        f"unchanged inputs: **{again:.1f} s**, against {first_run:.1f} s the first time: **{again / first_run:.1%}** "
+        f"(training {again_training:.1f} s instead of {training_seconds:.1f} s, index {again_index:.1f} s).",
     ])
     return publish_result(text, args.write_readme, BLOCK)
 

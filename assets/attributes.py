@@ -220,7 +220,7 @@ def attribute_generator(
                 },
             },
         )
-    tag_model_version(mlflow_tracking, context, manifest, {"heldout_pair_f1": accuracy["pair_f1"], "heldout_validity_rate": accuracy["validity_rate"]})
+    tag_model_version(mlflow_tracking, context, manifest, {"heldout_pair_f1": accuracy["pair_f1"], "heldout_validity_rate": accuracy["validity_rate"]}, catalog=raw_catalog)
     mlflow_tracking.client().set_registered_model_alias(GENERATOR_MODEL_NAME, "sft", manifest["model_version"])
     return dg.MaterializeResult(
         value=manifest,

@@ -145,7 +145,7 @@ def cit_encoder(
                 },
             },
         )
-    tag_model_version(mlflow_tracking, context, manifest, {f"heldout_{m}": candidate[m] for m in REPORTED_METRICS})
+    tag_model_version(mlflow_tracking, context, manifest, {f"heldout_{m}": candidate[m] for m in REPORTED_METRICS}, catalog=raw_catalog)
     mlflow_tracking.client().set_registered_model_alias(ENCODER_MODEL_NAME, "cit", manifest["model_version"])
     decision = promotion_decision(manifest["model_version"], candidate, champion_version, champion_metrics, "recall@1", config.promotion_margin)
     if decision.promote:

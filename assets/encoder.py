@@ -140,7 +140,7 @@ def agcl_encoder(
                 },
             },
         )
-    tag_model_version(mlflow_tracking, context, manifest, {"final_loss": result.history[-1]["loss"]})
+    tag_model_version(mlflow_tracking, context, manifest, {"final_loss": result.history[-1]["loss"]}, catalog=raw_catalog)
     return dg.MaterializeResult(
         value=manifest,
         metadata={

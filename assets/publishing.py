@@ -80,10 +80,33 @@ def publish_model(
     return manifest
 
 
-def tag_model_version(mlflow_tracking: MlflowTracking, context: dg.AssetExecutionContext, manifest: dict, metrics: dict) -> None:
-    """Record where a version came from and how it scored, on the version itself."""
+def code_version() -> str:
+    """The package version, with the git commit when the code runs from a checkout."""
+    import importlib.metadata
+    import subprocess
+
+    version = importlib.metadata.version("afmrl-dagster")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return version
+    return f"{version}+g{commit.stdout.strip()}" if commit.returncode == 0 and commit.stdout.strip() else version
+
+
+def tag_model_version(
+    mlflow_tracking: MlflowTracking, context: dg.AssetExecutionContext, manifest: dict, metrics: dict, catalog=None
+) -> None:
+    """Record where a version came from (Dagster run, catalog snapshot, code version, input
+    fingerprint) and how it scored, on the version itself."""
+    from afmrl_dagster.fingerprint import fingerprint
+
     client = mlflow_tracking.client()
-    tags = {"dagster_run_id": context.run.run_id, "fingerprint": manifest.get("fingerprint", ""), **{mlflow_metric_name(k): f"{v:.6f}" for k, v in flat_metrics(metrics).items()}}
+    tags = {"dagster_run_id": context.run.run_id, "fingerprint": manifest.get("fingerprint", ""), "code_version": code_version(),
+            **{mlflow_metric_name(k): f"{v:.6f}" for k, v in flat_metrics(metrics).items()}}
+    if catalog is not None:  # the listings it learnt from or was scored on
+        tags["catalog_snapshot"] = fingerprint("catalog", catalog)
+        tags["catalog_listings"] = str(catalog.height)
     for key, value in tags.items():
         client.set_model_version_tag(manifest["model_name"], manifest["model_version"], key, value)
 

@@ -155,7 +155,7 @@ def rar_generator(
                 },
             },
         )
-    tag_model_version(mlflow_tracking, context, manifest, {f"heldout_{k}": v for k, v in comparison["rar"].items()})
+    tag_model_version(mlflow_tracking, context, manifest, {f"heldout_{k}": v for k, v in comparison["rar"].items()}, catalog=raw_catalog)
     client = mlflow_tracking.client()
     client.set_registered_model_alias(GENERATOR_MODEL_NAME, "rar", manifest["model_version"])
     keeps_recall = comparison["rar"]["recall@1"] >= comparison["sft"]["recall@1"]

@@ -194,7 +194,7 @@ def retrieval_evaluation(
     artifact_store.open().put_bytes(picture_key, picture)
     quality = validate_frame(results.select(REPORTED_METRICS), "retrieval_metrics", metric_expectations({m: (0.0, 1.0) for m in REPORTED_METRICS}))
     version = agcl_encoder["model_version"]
-    tag_model_version(mlflow_tracking, context, agcl_encoder, {**{m: candidate[m] for m in REPORTED_METRICS}})
+    tag_model_version(mlflow_tracking, context, agcl_encoder, {**{m: candidate[m] for m in REPORTED_METRICS}}, catalog=raw_catalog)
     mlflow_tracking.client().set_model_version_tag(ENCODER_MODEL_NAME, version, "evaluation_set", evaluation_set)
 
     table = results_markdown(results)

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(args.out, json.dumps(report, indent=2) + "\n")
     text = "\n\n".join([
         f"Mean ± sample sd over {args.seeds} seeds (seed = initialisation and batch order; zero-shot has no seed). "
-        f"Every row reads the image and the bare title; attributes only weight AGCL's negatives in training. "
+        f"The AGCL rows read the image and the bare title, attributes only weighting AGCL's negatives in training; "
+        f"the generator rows (+ distilled generator attributes, + RAR, + CIT) append generated attributes to the title. "
         f"ΔR@1 is each seed's R@1 minus plain InfoNCE's with the same seed. "
         f"Whole run: {total / 60:.1f} min on {torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
         *sections,

@@ -100,6 +100,9 @@ def test_models_are_registered_and_champion_is_set(pipeline_run, mlflow_server):
         assert cit["heldout"]["cit"]["recall@1"] > cit["heldout"]["champion"]["recall@1"]
     else:
         assert float(champion.tags["recall_at_1"]) == pytest.approx(outcome["results"]["recall@1"][2], abs=1e-5)
+    for version in client.search_model_versions(f"name='{ENCODER_MODEL_NAME}'") + client.search_model_versions(f"name='{GENERATOR_MODEL_NAME}'"):
+        assert {"dagster_run_id", "code_version", "catalog_snapshot", "catalog_listings", "fingerprint"} <= set(version.tags), version.tags
+        assert version.tags["code_version"].startswith("0.1.0")
     assert client.get_model_version_by_alias(GENERATOR_MODEL_NAME, "sft") is not None
     assert str(client.get_model_version_by_alias(GENERATOR_MODEL_NAME, "rar").version) == outcome["rar"]["model_version"]
     runs = client.search_runs([client.get_experiment_by_name("afmrl-test").experiment_id])

@@ -161,6 +161,12 @@ def test_dagster_dev_shows_the_chain_with_groups_checks_and_metadata(pipeline_ru
     assert {"promoted", "promotion", "champion_before", "champion_after"} <= {entry["label"] for entry in promotion["assetMaterializations"][0]["metadataEntries"]}
 
 
+RUNS_FOR_PARTITION = """
+query ($partition: String!) { runsOrError(filter: {tags: [{key: "dagster/partition", value: $partition}]}) {
+    ... on Runs { results { runId status } } } }
+"""
+
+
 BACKFILL_MUTATION = """
 mutation ($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
     __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }
@@ -195,6 +201,28 @@ def test_backfill_over_product_lines_runs_through_the_daemon(dagster_dev):
     assert statuses == {"SUCCESS"}, runs
     partitions = {tag["value"] for run in runs for tag in run["tags"] if tag["key"] == "dagster/partition"}
     assert partitions == {"bags", "mugs"}
+
+
+def test_backfill_from_the_cli_runs_through_the_daemon(pipeline_run, dagster_dev, mlflow_server):
+    """The README's backfill command, against the same instance the webserver and daemon use."""
+    import time
+
+    _, _, _, root = pipeline_run
+    before = {run["runId"] for run in dagster_dev.graphql(RUNS_FOR_PARTITION, {"partition": "tops"})["runsOrError"]["results"]}
+    env = {**os.environ, "DAGSTER_HOME": str(root / "dagster_home"), "AFMRL_STORE": str(root / "store"), "MLFLOW_TRACKING_URI": mlflow_server.url,
+           "AFMRL_CATALOG": TINY_CATALOG, "AFMRL_AUTOMATION": "off"}
+    dagster = Path(sys.executable).with_name("dagster")
+    done = subprocess.run([str(dagster), "job", "backfill", "-w", "workspace.yaml", "-j", "catalog_refresh_job", "--partitions", "tops", "--noprompt"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    deadline = time.monotonic() + 240
+    while True:
+        runs = [run for run in dagster_dev.graphql(RUNS_FOR_PARTITION, {"partition": "tops"})["runsOrError"]["results"] if run["runId"] not in before]
+        if runs and all(run["status"] in ("SUCCESS", "FAILURE", "CANCELED") for run in runs):
+            break
+        assert time.monotonic() < deadline, f"the CLI backfill's run did not finish: {runs}"
+        time.sleep(2)
+    assert [run["status"] for run in runs] == ["SUCCESS"], runs
 
 
 def test_registered_encoder_embeds_listings_from_the_registry(pipeline_run, mlflow_server):
@@ -312,11 +340,6 @@ def test_failed_evaluation_gate_stops_promotion_and_cit(pipeline_run, mlflow_ser
     assert not floor.passed and floor.metadata["floor"].value == 1.0
     assert alias_version(client, ENCODER_MODEL_NAME, "champion") == champion
 
-
-RUNS_FOR_PARTITION = """
-query ($partition: String!) { runsOrError(filter: {tags: [{key: "dagster/partition", value: $partition}]}) {
-    ... on Runs { results { runId status } } } }
-"""
 
 
 def test_ui_in_headless_chromium_materialises_a_line_and_shows_the_evaluation(pipeline_run, dagster_dev, mlflow_server):

@@ -1,6 +1,7 @@
 """How a trained model leaves an asset: a registered MLflow version plus a content-addressed
 folder in the artefact store whose manifest (written last) is what downstream assets receive."""
 
+import functools
 import json
 from pathlib import Path
 from typing import Callable
@@ -80,8 +81,9 @@ def publish_model(
     return manifest
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The package version, with the git commit when the code runs from a checkout."""
+    """The package version, with the git commit when the code runs from a checkout (asked once per process)."""
     import importlib.metadata
     import subprocess
 

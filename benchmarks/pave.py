@@ -23,7 +23,7 @@ import torch
 
 from afmrl_dagster.attributes.generator import AttributeGenerator, GeneratorConfig, generate_attribute_texts
 from afmrl_dagster.attributes.vocabulary import AttributeVocabulary
-from afmrl_dagster.catalog.pave import load_wdc_pave
+from afmrl_dagster.attributes.pave import load_wdc_pave
 from afmrl_dagster.catalog.splits import holdout_products
 from afmrl_dagster.encoders.towers import DEFAULT_TEXT_MODEL, TextFeaturizer
 from afmrl_dagster.readme import publish_result

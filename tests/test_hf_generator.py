@@ -8,9 +8,10 @@ import PIL.Image
 import pytest
 import torch
 
-from afmrl_dagster.attributes.hf_generator import HFAttributeGenerator, HFGeneratorConfig, hf_grpo_step, hf_sft_step, repeat_batch
-from afmrl_dagster.encoders.tiny_models import build_tiny_llava, build_tiny_qwen2_vl
+from afmrl_dagster.attributes.hf_generator import HFAttributeGenerator, HFGeneratorConfig
 from afmrl_dagster.training.grpo import GRPOConfig
+from afmrl_dagster.training.hf_generator_training import hf_grpo_step, hf_sft_step, repeat_batch
+from afmrl_dagster.vlm.tiny_models import build_tiny_llava, build_tiny_qwen2_vl
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,7 @@ def test_cache_generates_only_new_or_changed_listings(tmp_path):
 
 
 def test_noise_from_a_served_language_model_is_recorded_invalid_with_its_raw_text(tmp_path):
-    from afmrl_dagster.encoders.tiny_models import build_tiny_causal_lm
+    from afmrl_dagster.vlm.tiny_models import build_tiny_causal_lm
 
     folder = build_tiny_causal_lm(tmp_path / "tiny-lm")
     with teacher_server("--model", f"hf:{folder}") as base_url:

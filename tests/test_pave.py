@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from afmrl_dagster.catalog.loaders import CatalogLoadError
-from afmrl_dagster.catalog.pave import load_wdc_pave
+from afmrl_dagster.attributes.pave import load_wdc_pave
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

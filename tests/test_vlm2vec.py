@@ -9,21 +9,20 @@ import PIL.Image
 import pytest
 import torch
 
-from afmrl_dagster.encoders.tiny_models import (
+from afmrl_dagster.encoders.vlm2vec import (
+    VLM2VecConfig,
+    VLM2VecEncoder,
+    listing_prompt_text,
+)
+from afmrl_dagster.training.agcl import AGCLConfig, AGCLLoss
+from afmrl_dagster.training.bm25 import BM25Scorer
+from afmrl_dagster.training.encoder_training import vlm2vec_batch_loss
+from afmrl_dagster.vlm.processors import AutoProcessorInputs, QwenVLProcessor
+from afmrl_dagster.vlm.tiny_models import (
     build_tiny_idefics3,
     build_tiny_llava,
     build_tiny_qwen2_vl,
 )
-from afmrl_dagster.encoders.vlm2vec import (
-    AutoProcessorInputs,
-    QwenVLProcessor,
-    VLM2VecConfig,
-    VLM2VecEncoder,
-    listing_prompt_text,
-    vlm2vec_batch_loss,
-)
-from afmrl_dagster.training.agcl import AGCLConfig, AGCLLoss
-from afmrl_dagster.training.bm25 import BM25Scorer
 
 HIDDEN = 32  # hidden size of the tiny models
 

@@ -4,27 +4,23 @@ LLaVA, Idefics3 / SmolVLM families), by hub id or local folder, optionally with 
 Prompts are the versioned student prompt; batches are padded on the left so that every row's
 prompt ends where generation starts. Sampled completions are scored again with one forward
 pass over prompt + completion (:meth:`HFAttributeGenerator.completion_log_probs`), which is
-what GRPO needs; :func:`hf_grpo_step` is one GRPO update of such a generator, with the LoRA
-base model (adapters switched off) as the frozen reference, or a separate reference model
-when fine-tuning fully. On machines without torchvision the Qwen-VL processors cannot be
-built; the project's own processor (see :mod:`afmrl_dagster.encoders.vlm2vec`) takes over.
+what distillation and GRPO need; their training steps are in
+:mod:`afmrl_dagster.training.hf_generator_training`. On machines without torchvision the
+Qwen-VL processors cannot be built; the project's own processor (see
+:mod:`afmrl_dagster.vlm.processors`) takes over.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
-import numpy as np
 import PIL.Image
 import torch
 
-from ..encoders.vlm2vec import QWEN_VL_TYPES, add_lora, build_processor
-from ..training.grpo import GRPOConfig, group_advantages, k3_kl
-from .format import parse_attributes
+from ..vlm.lora import add_lora
+from ..vlm.processors import QWEN_VL_TYPES, build_processor
 from .prompts import STUDENT_PROMPT, PromptTemplate
 
 
@@ -142,125 +138,3 @@ class HFAttributeGenerator:
         log_probs = torch.log_softmax(logits, dim=-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
         return log_probs * mask
 
-
-def target_ids(generator: HFAttributeGenerator, targets: Sequence[str], max_new_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of target texts followed by eos, right-padded ``[B, T]``, and their mask."""
-    tokenizer = generator.tokenizer
-    limit = max_new_tokens or generator.config.max_new_tokens
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    rows = [(tokenizer.encode(text, add_special_tokens=False) + eos)[:limit] for text in targets]
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = True
-    return ids.to(generator.device), mask.to(generator.device)
-
-
-def hf_sft_step(
-    generator: HFAttributeGenerator,
-    optimizer: torch.optim.Optimizer,
-    images: Sequence[PIL.Image.Image | None],
-    prompts: Sequence[str],
-    targets: Sequence[str],
-    max_grad_norm: float = 1.0,
-) -> float:
-    """One distillation step: mean token cross-entropy of the teacher's attribute texts given
-    the prompts (LoRA adapters, or every weight without LoRA); returns the loss."""
-    if len(targets) != len(prompts):
-        raise ValueError(f"{len(targets)} targets for {len(prompts)} prompts")
-    generator.model.train()
-    batch = generator.encode_prompts(images, prompts)
-    ids, mask = target_ids(generator, targets)
-    optimizer.zero_grad(set_to_none=True)
-    log_probs = generator.completion_log_probs(batch, ids, mask)
-    loss = -(log_probs.sum() / mask.sum().clamp(min=1))
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(generator.trainable_parameters(), max_grad_norm)
-    optimizer.step()
-    generator.model.eval()
-    return float(loss.detach())
-
-
-def repeat_batch(batch: dict[str, torch.Tensor], times: int, rows: int) -> dict[str, torch.Tensor]:
-    """Each prompt's inputs ``times`` times in a row. Per-image tensors (pixel values and grids,
-    whose first dimension is not the number of prompts) are repeated image by image."""
-    repeated = {}
-    for key, value in batch.items():
-        if value.shape[0] == rows:
-            repeated[key] = value.repeat_interleave(times, dim=0)
-        elif rows == 1:  # one prompt's image patches (Qwen-VL): the whole block once per sample
-            repeated[key] = value.repeat(times, *([1] * (value.dim() - 1)))
-        else:
-            raise ValueError(f"input {key!r} is not per prompt ({value.shape[0]} rows for {rows} prompts); "
-                             "give every prompt an image, or sample one prompt at a time")
-    return repeated
-
-
-@contextlib.contextmanager
-def _reference(generator: HFAttributeGenerator, reference_model):
-    if reference_model is not None:
-        yield reference_model
-    elif generator.config.use_lora:
-        with generator.model.disable_adapter():
-            yield generator.model
-    else:
-        raise ValueError("full fine-tuning needs a separate frozen reference model (reference_model=...)")
-
-
-def hf_grpo_step(
-    generator: HFAttributeGenerator,
-    optimizer: torch.optim.Optimizer,
-    images: Sequence[PIL.Image.Image | None],
-    prompts: Sequence[str],
-    reward_fn: Callable[[list[list[str]]], np.ndarray],
-    config: GRPOConfig,
-    reference_model=None,
-    sample_seed: int | None = None,
-) -> dict:
-    """One GRPO update: sample ``group_size`` completions per prompt, reward them, normalise the
-    rewards within each group, and step on the clipped surrogate plus ``kl_beta`` times the
-    k3 KL to the reference. ``reward_fn(texts [Q][G]) -> [Q, G]``."""
-    started = time.perf_counter()
-    group = config.group_size
-    model = generator.model
-    model.eval()  # dropout off: old and new log-probs are of one distribution
-    if sample_seed is not None:
-        torch.manual_seed(sample_seed)
-    batch = generator.encode_prompts(images, prompts)
-    completion, mask = generator.generate_ids(batch, num_samples=group, do_sample=True, temperature=config.temperature)
-    texts = generator.decode(completion, mask)
-    grouped = [texts[q * group:(q + 1) * group] for q in range(len(prompts))]
-    rewards = np.asarray(reward_fn(grouped), dtype=np.float64)
-    if rewards.shape != (len(prompts), group):
-        raise ValueError(f"reward_fn returned shape {rewards.shape}, expected {(len(prompts), group)}")
-    repeated = repeat_batch(batch, group, len(prompts))
-    mask_f = mask.float()
-    tokens = mask_f.sum().clamp(min=1.0)
-    with torch.no_grad():
-        old = generator.completion_log_probs(repeated, completion, mask, config.temperature)
-        with _reference(generator, reference_model) as reference:
-            reference_log_probs = generator.completion_log_probs(repeated, completion, mask, config.temperature, model=reference)
-    advantages = torch.as_tensor(group_advantages(rewards).reshape(-1), dtype=torch.float32, device=generator.device)[:, None]
-    optimizer.zero_grad(set_to_none=True)
-    new = generator.completion_log_probs(repeated, completion, mask, config.temperature)
-    ratio = torch.exp(new - old)
-    surrogate = -torch.minimum(ratio * advantages, ratio.clamp(1 - config.clip_epsilon, 1 + config.clip_epsilon) * advantages)
-    kl = k3_kl(new, reference_log_probs)
-    loss = ((surrogate + config.kl_beta * kl) * mask_f).sum() / tokens
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(generator.trainable_parameters(), config.max_grad_norm)
-    optimizer.step()
-    parsed = [parse_attributes(text) for text in texts]
-    return {
-        "loss": float(loss.detach()),
-        "kl": float(((kl.detach()) * mask_f).sum() / tokens),
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()),
-        "validity_rate": sum(p.is_valid for p in parsed) / len(parsed),
-        "mean_length": float(mask_f.sum(dim=1).mean()),
-        "grad_norm": float(grad_norm),
-        "seconds": time.perf_counter() - started,
-        "samples": grouped,
-    }

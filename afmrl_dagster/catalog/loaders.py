@@ -34,12 +34,14 @@ class CatalogLoadError(ValueError):
     """Raised for structurally malformed input; the message starts with ``file:line``."""
 
 
-def _fail(path: PathLike, line: int | None, problem: str) -> CatalogLoadError:
+def load_error(path: PathLike, line: int | None, problem: str) -> CatalogLoadError:
+    """The error to raise for ``problem`` at ``path`` (and ``line``, when known)."""
     where = f"{path}:{line}" if line is not None else str(path)
     return CatalogLoadError(f"{where}: {problem}")
 
 
-def _require(path: Path, what: str) -> Path:
+def require_path(path: Path, what: str) -> Path:
+    """``path`` itself, or a :class:`CatalogLoadError` naming ``what`` was expected there."""
     if not path.exists():
         raise CatalogLoadError(f"{path}: not found ({what})")
     return path
@@ -53,7 +55,7 @@ def _clean(text: str | None) -> str | None:
     return text or None
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, text)`` of a UTF-8 text file (``.gz`` too), naming the line of bad bytes."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:
@@ -61,14 +63,14 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise _fail(path, number, f"not valid UTF-8 ({error.reason} at byte {error.start})") from None
+                raise load_error(path, number, f"not valid UTF-8 ({error.reason} at byte {error.start})") from None
             if number == 1:
                 text = text.lstrip("\ufeff")
             yield number, text.rstrip("\r\n")
 
 
 def _read_text(path: Path) -> str:
-    return "\n".join(text for _, text in _read_lines(path))
+    return "\n".join(text for _, text in read_lines(path))
 
 
 # ---- Grocery Store Dataset --------------------------------------------------------------
@@ -86,17 +88,17 @@ def _split_path(root: Path, split_file: PathLike) -> Path:
 
 def _grocery_split(path: Path) -> Iterator[tuple[int, str, int, int]]:
     """Lines ``path, fine_class_id, coarse_class_id`` of a split list, checked."""
-    _require(path, "grocery split list")
-    for number, text in _read_lines(path):
+    require_path(path, "grocery split list")
+    for number, text in read_lines(path):
         if not text.strip():
             continue
         fields = [field.strip() for field in text.split(",")]
         if len(fields) != 3 or not all(fields):
-            raise _fail(path, number, f"expected 'path, fine_class_id, coarse_class_id', got {text!r}")
+            raise load_error(path, number, f"expected 'path, fine_class_id, coarse_class_id', got {text!r}")
         try:
             fine, coarse = int(fields[1]), int(fields[2])
         except ValueError:
-            raise _fail(path, number, f"class ids are not integers: {text!r}") from None
+            raise load_error(path, number, f"class ids are not integers: {text!r}") from None
         yield number, fields[0], fine, coarse
 
 
@@ -108,22 +110,22 @@ def grocery_split_listing_ids(root: PathLike, split_file: PathLike) -> set[str]:
 
 def _grocery_classes(root: Path) -> dict[int, dict]:
     """``classes.csv``: fine class id -> name, coarse class, iconic image and description file."""
-    path = _require(root / "classes.csv", "grocery classes.csv")
+    path = require_path(root / "classes.csv", "grocery classes.csv")
     classes: dict[int, dict] = {}
-    for number, text in _read_lines(path):
+    for number, text in read_lines(path):
         if number == 1 or not text.strip():
             continue
         fields = next(csv.reader([text]))
         if len(fields) != 6:
-            raise _fail(path, number, f"expected 6 fields, got {len(fields)}")
+            raise load_error(path, number, f"expected 6 fields, got {len(fields)}")
         name, fine, coarse_name, coarse, iconic, description = (field.strip() for field in fields)
         try:
             fine_id, coarse_id = int(fine), int(coarse)
         except ValueError:
-            raise _fail(path, number, "class ids are not integers") from None
+            raise load_error(path, number, "class ids are not integers") from None
         classes[fine_id] = {
             "product_id": slugify(name), "name": name, "coarse": coarse_name, "coarse_id": coarse_id,
-            "iconic": _require(root / iconic.lstrip("/"), f"iconic image named in {path.name}:{number}"),
+            "iconic": require_path(root / iconic.lstrip("/"), f"iconic image named in {path.name}:{number}"),
             "description": root / description.lstrip("/"),
         }
     return classes
@@ -136,14 +138,14 @@ def _grocery_information(folder: Path) -> dict[str, str]:
         return {}
     fields: dict[str, str] = {}
     key = None
-    for number, text in _read_lines(files[0]):
+    for number, text in read_lines(files[0]):
         if not text.strip():
             continue
         if text[0].isspace() and key:
             fields[key] += " " + text.strip()
             continue
         if ":" not in text:
-            raise _fail(files[0], number, f"expected 'Key: value', got {text!r}")
+            raise load_error(files[0], number, f"expected 'Key: value', got {text!r}")
         key, value = (part.strip() for part in text.split(":", 1))
         fields[key] = value
     return {name: cleaned for name, value in fields.items() if (cleaned := _clean(value))}
@@ -209,14 +211,14 @@ def load_grocery(root: PathLike, split_files: Sequence[PathLike] | None = None) 
         for number, relative, fine_id, coarse_id in _grocery_split(split_path):
             cls = classes.get(fine_id)
             if cls is None or cls["coarse_id"] != coarse_id:
-                raise _fail(split_path, number, f"class ids ({fine_id}, {coarse_id}) do not match classes.csv")
+                raise load_error(split_path, number, f"class ids ({fine_id}, {coarse_id}) do not match classes.csv")
             listing_id = _grocery_listing_id(relative)
             if listing_id in seen:  # the same photo in two lists is still one listing
                 continue
             seen.add(listing_id)
             image = root / relative
             if not image.is_file():
-                raise _fail(split_path, number, f"photo {image} does not exist")
+                raise load_error(split_path, number, f"photo {image} does not exist")
             rows.append({
                 "listing_id": listing_id,
                 "product_id": cls["product_id"],
@@ -251,31 +253,31 @@ def load_wdc_products(root: PathLike, files: Sequence[PathLike] | None = None) -
     Brand and price become seller attributes; there are no images.
     """
     root = Path(root).absolute()
-    _require(root, "WDC Products folder")
+    require_path(root, "WDC Products folder")
     paths = sorted([*root.glob("*.json.gz"), *root.glob("*.json")]) if files is None else [
         Path(name) if Path(name).is_absolute() else root / name for name in files]
     if not paths:
         raise CatalogLoadError(f"{root}: no WDC Products *.json.gz files found")
     offers: dict[str, dict] = {}
     for path in paths:
-        _require(path, "WDC Products pair file")
-        for number, text in _read_lines(path):
+        require_path(path, "WDC Products pair file")
+        for number, text in read_lines(path):
             if not text.strip():
                 continue
             try:
                 pair = json.loads(text)
             except json.JSONDecodeError as error:
-                raise _fail(path, number, f"not JSON: {error.msg}") from None
+                raise load_error(path, number, f"not JSON: {error.msg}") from None
             if not isinstance(pair, dict):
-                raise _fail(path, number, f"expected a JSON object, got {type(pair).__name__}")
+                raise load_error(path, number, f"expected a JSON object, got {type(pair).__name__}")
             for side in ("left", "right"):
                 missing = [f"{name}_{side}" for name in ("id", "cluster_id", "title") if f"{name}_{side}" not in pair]
                 if missing:
-                    raise _fail(path, number, f"missing field(s) {missing}")
+                    raise load_error(path, number, f"missing field(s) {missing}")
                 offer = _wdc_offer(pair, side)
                 known = offers.setdefault(offer["listing_id"], offer)
                 if known["product_id"] != offer["product_id"]:
-                    raise _fail(path, number, f"offer {pair[f'id_{side}']} has cluster {offer['product_id']}, "
+                    raise load_error(path, number, f"offer {pair[f'id_{side}']} has cluster {offer['product_id']}, "
                                               f"before {known['product_id']}")
     return conform(make_catalog(list(offers.values())))
 
@@ -304,19 +306,19 @@ _AMAZON_GOOGLE_HEADER = ["id", "title", "description", "manufacturer", "price"]
 
 def _read_hash_table(path: Path) -> dict[str, dict[str, str]]:
     rows: dict[str, dict[str, str]] = {}
-    lines = _read_lines(path)
+    lines = read_lines(path)
     header = next(lines, (1, ""))[1].split("#")
     if header != _AMAZON_GOOGLE_HEADER:
-        raise _fail(path, 1, f"expected header {'#'.join(_AMAZON_GOOGLE_HEADER)!r}, got {'#'.join(header)!r}")
+        raise load_error(path, 1, f"expected header {'#'.join(_AMAZON_GOOGLE_HEADER)!r}, got {'#'.join(header)!r}")
     for number, text in lines:
         if not text.strip():
             continue
         fields = text.split("#")
         if len(fields) != len(header):
-            raise _fail(path, number, f"expected {len(header)} '#'-separated fields, got {len(fields)}")
+            raise load_error(path, number, f"expected {len(header)} '#'-separated fields, got {len(fields)}")
         record = dict(zip(header, fields))
         if not record["id"].strip() or record["id"] in rows:
-            raise _fail(path, number, f"missing or duplicate id {record['id']!r}")
+            raise load_error(path, number, f"missing or duplicate id {record['id']!r}")
         rows[record["id"]] = record
     return rows
 
@@ -330,8 +332,8 @@ def load_amazon_google(root: PathLike) -> pl.DataFrame:
     """
     root = Path(root).absolute()
     tables = {
-        "amazon": _read_hash_table(_require(root / "amazon.csv", "Amazon table")),
-        "gp": _read_hash_table(_require(root / "gp.csv", "Google Products table")),
+        "amazon": _read_hash_table(require_path(root / "amazon.csv", "Amazon table")),
+        "gp": _read_hash_table(require_path(root / "gp.csv", "Google Products table")),
     }
     parent: dict[str, str] = {}
 
@@ -341,13 +343,13 @@ def load_amazon_google(root: PathLike) -> pl.DataFrame:
             node = parent[node]
         return node
 
-    gt_path = _require(root / "gt.csv", "match list")
-    for number, text in _read_lines(gt_path):
+    gt_path = require_path(root / "gt.csv", "match list")
+    for number, text in read_lines(gt_path):
         fields = text.strip().split("#")
         if not text.strip() or (number == 1 and not fields[0].isdigit()):  # blank or the "D1#D2" header
             continue
         if len(fields) != 2 or fields[0] not in tables["amazon"] or fields[1] not in tables["gp"]:
-            raise _fail(gt_path, number, f"expected 'amazon_id#gp_id' of existing records, got {text!r}")
+            raise load_error(gt_path, number, f"expected 'amazon_id#gp_id' of existing records, got {text!r}")
         a, b = find(f"amazon-{fields[0]}"), find(f"gp-{fields[1]}")
         if a != b:
             parent[max(a, b, key=_listing_order)] = min(a, b, key=_listing_order)
@@ -416,9 +418,9 @@ def _abo_metadata(path: Path) -> dict:
     try:
         metadata = ast.literal_eval(_read_text(path))  # a Python literal; never eval()
     except (SyntaxError, ValueError) as error:
-        raise _fail(path, getattr(error, "lineno", None), f"not a Python literal dict: {error}") from None
+        raise load_error(path, getattr(error, "lineno", None), f"not a Python literal dict: {error}") from None
     if not isinstance(metadata, dict):
-        raise _fail(path, 1, f"expected a dict, got {type(metadata).__name__}")
+        raise load_error(path, 1, f"expected a dict, got {type(metadata).__name__}")
     return metadata
 
 
@@ -430,7 +432,7 @@ def load_abo(root: PathLike) -> pl.DataFrame:
     dimensions as seller attributes. ``product_line`` is ``product_type`` when present, else "abo".
     """
     root = Path(root).absolute()
-    _require(root, "ABO samples folder")
+    require_path(root, "ABO samples folder")
     rows = []
     for folder in sorted(path for path in root.iterdir() if (path / "metadata.txt").is_file()):
         metadata = _abo_metadata(folder / "metadata.txt")

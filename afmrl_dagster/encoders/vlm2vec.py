@@ -4,20 +4,17 @@ This is the embedder of the AFMRL paper (method.md): a Hugging Face image-text-t
 (Qwen2-VL / Qwen2.5-VL, LLaVA, Idefics3 families) reads an instruction, the listing image if
 any and the listing text (title with its attributes appended, see :func:`listing_prompt_text`);
 the final hidden state of the last real token, L2-normalised, is the listing embedding.
-Training adds LoRA adapters (peft) and leaves the base weights frozen.
+Training adds LoRA adapters (peft) and leaves the base weights frozen; the training step is
+:func:`afmrl_dagster.training.encoder_training.vlm2vec_batch_loss`.
 
-The Qwen2-VL processors need torchvision for their video part and cannot be built without it
-(stack.md); :class:`QwenVLProcessor` then does the same work for images: Qwen2-VL's own PIL
-image processor, ``<|image_pad|>`` repeated ``prod(grid_thw) / merge_size**2`` times, and the
-``mm_token_type_ids`` the model needs for its multimodal rotary positions.
+The model inputs (the model's own processor, or on machines without torchvision the
+project's Qwen-VL processor) come from :mod:`afmrl_dagster.vlm.processors`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -30,15 +27,12 @@ from torch import nn
 
 from afmrl_dagster.attributes.format import Attributes, listing_text
 from afmrl_dagster.local_files import write_folder_atomically
-from afmrl_dagster.training.encoder_training import pair_loss
-
-logger = logging.getLogger(__name__)
+from afmrl_dagster.vlm.lora import add_lora
+from afmrl_dagster.vlm.processors import build_processor
 
 DEFAULT_INSTRUCTION = "Represent this product listing for finding the identical product:"
 CONFIG_FILE = "vlm2vec_config.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-_warned_fallback = False
 
 
 @dataclass
@@ -100,135 +94,6 @@ def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row, for left or right padding alike."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (attention_mask.to(torch.long) * positions).argmax(dim=1)
-
-
-def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad id lists to one length on ``side``: (ids, attention mask)."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
-class QwenVLProcessor:
-    """Qwen2-VL / Qwen2.5-VL inputs built without the official processor (which needs torchvision).
-
-    Each sequence is ``instruction \\n [<|vision_start|> <|image_pad|>*n <|vision_end|>] text <eos>``
-    with n = prod(grid_thw) / merge_size**2 for its image; ``mm_token_type_ids`` is 1 on the
-    image tokens.
-    """
-
-    def __init__(self, tokenizer, image_processor, config):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.merge_size = int(image_processor.merge_size)
-        self.padding_side = "right"
-        ids = {name: tokenizer.convert_tokens_to_ids(name) for name in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")}
-        for token, value in ids.items():
-            if value is None or value == tokenizer.unk_token_id:
-                raise ValueError(f"tokenizer has no {token} token; is this a Qwen2-VL checkpoint?")
-        for name, token_id in (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>")):
-            if getattr(config, name, ids[token_id]) != ids[token_id]:
-                raise ValueError(f"model {name}={getattr(config, name)} but the tokenizer has {token_id}={ids[token_id]}")
-        self.vision_start, self.image_pad, self.vision_end = ids["<|vision_start|>"], ids["<|image_pad|>"], ids["<|vision_end|>"]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            raise ValueError("tokenizer has neither a pad nor an eos token")
-        self.pad_id = int(pad)
-
-    def __call__(self, images: Sequence[PIL.Image.Image | None], prefixes: Sequence[str], texts: Sequence[str], max_length: int, eos: str | None):
-        present = [image for image in images if image is not None]
-        pixel_inputs: dict[str, torch.Tensor] = {}
-        tokens_per_image: list[int] = []
-        if present:
-            pixel_inputs = dict(self.image_processor(images=present, return_tensors="pt"))
-            grids = pixel_inputs["image_grid_thw"]
-            tokens_per_image = (grids.prod(-1) // self.merge_size**2).tolist()
-        eos_ids = self.tokenizer.encode(eos, add_special_tokens=False) if eos else []
-        rows, kinds, next_image = [], [], 0
-        for image, prefix, text in zip(images, prefixes, texts):
-            head = self.tokenizer.encode(prefix, add_special_tokens=False)
-            body = self.tokenizer.encode(text, add_special_tokens=False)[:max_length]
-            vision: list[int] = []
-            if image is not None:
-                vision = [self.vision_start] + [self.image_pad] * tokens_per_image[next_image] + [self.vision_end]
-                next_image += 1
-            row = head + vision + body + eos_ids
-            rows.append(row)
-            kinds.append([1 if token == self.image_pad else 0 for token in row])
-        input_ids, attention_mask = _pad(rows, self.pad_id, self.padding_side)
-        mm_token_type_ids, _ = _pad(kinds, 0, self.padding_side)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids, **pixel_inputs}
-
-
-class AutoProcessorInputs:
-    """Inputs from the model's own ``AutoProcessor`` (LLaVA, Idefics3, Qwen-VL with torchvision)."""
-
-    def __init__(self, processor, model_type: str):
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.image_token = getattr(processor, "image_token", None) or "<image>"
-        if model_type in QWEN_VL_TYPES:
-            # Qwen's chat template frames the placeholder; the plain prompt must do the same.
-            self.image_token = f"<|vision_start|>{self.image_token}<|vision_end|>"
-        # Idefics3-style processors take one list of images per sample.
-        self.nested_images = model_type in ("idefics3", "smolvlm", "idefics2")
-        self.padding_side = "right"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-
-    def __call__(self, images: Sequence[PIL.Image.Image | None], prefixes: Sequence[str], texts: Sequence[str], max_length: int, eos: str | None):
-        prompts = []
-        for image, prefix, text in zip(images, prefixes, texts):
-            # Cut the listing text, never the image tokens the processor will expand.
-            body_ids = self.tokenizer.encode(text, add_special_tokens=False)
-            body = self.tokenizer.decode(body_ids[:max_length]) if len(body_ids) > max_length else text
-            prompts.append(prefix + (self.image_token if image is not None else "") + body + (eos or ""))
-        present = [image for image in images if image is not None]
-        image_arg = None
-        if present:
-            image_arg = [[image] if image is not None else [] for image in images] if self.nested_images else present
-        self.tokenizer.padding_side = self.padding_side
-        encoded = self.processor(images=image_arg, text=prompts, padding=True, return_tensors="pt")
-        return {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor)}
-
-
-def add_lora(model: nn.Module, rank: int, alpha: int, dropout: float, target_modules: Sequence[str], seed: int) -> nn.Module:
-    """``model`` wrapped with fresh LoRA adapters (seeded, without touching the caller's random
-    state); only the adapter weights require grad afterwards."""
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return get_peft_model(model, lora)
-
-
-def build_processor(path: str, hf_config):
-    """The model's AutoProcessor when it builds; for Qwen-VL without torchvision, :class:`QwenVLProcessor`."""
-    global _warned_fallback
-    from transformers import AutoProcessor, AutoTokenizer
-
-    model_type = getattr(hf_config, "model_type", "")
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-        if not hasattr(processor, "tokenizer"):
-            raise ValueError(f"AutoProcessor of {path!r} has no tokenizer")
-        return AutoProcessorInputs(processor, model_type)
-    except (ImportError, OSError, ValueError, TypeError) as error:
-        if model_type not in QWEN_VL_TYPES:
-            raise
-        if not _warned_fallback:
-            _warned_fallback = True
-            warnings.warn(f"AutoProcessor for {path!r} unavailable ({type(error).__name__}); using QwenVLProcessor", stacklevel=3)
-        logger.info("AutoProcessor for %s unavailable (%s); using QwenVLProcessor", path, error)
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
-
-    return QwenVLProcessor(AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path), hf_config)
 
 
 class VLM2VecEncoder(nn.Module):
@@ -384,24 +249,3 @@ def load_saved_config(directory: str | os.PathLike) -> VLM2VecConfig:
     known = {field.name for field in fields(VLM2VecConfig)}
     return VLM2VecConfig(**{key: value for key, value in raw.items() if key in known})
 
-
-def vlm2vec_batch_loss(
-    encoder: VLM2VecEncoder,
-    loss_fn,
-    images: Sequence[PIL.Image.Image | None],
-    texts: Sequence[str],
-    anchors: np.ndarray,
-    positives: np.ndarray,
-    product_codes: np.ndarray,
-    scorer=None,
-) -> dict[str, torch.Tensor]:
-    """AGCL loss of one batch of (anchor, positive) listing pairs through the encoder.
-
-    The counterpart of ``training.encoder_training.batch_loss`` for the VLM2Vec encoder:
-    ``images``/``texts`` hold all listings, ``anchors``/``positives`` index them, ``scorer``
-    is a ``BM25Scorer`` over the listings' attribute texts (needed when AGCL weights are on).
-    """
-    anchors, positives = np.asarray(anchors, dtype=np.int64), np.asarray(positives, dtype=np.int64)
-    both = np.concatenate([anchors, positives])
-    embeddings = encoder([images[i] for i in both], [texts[i] for i in both])
-    return pair_loss(loss_fn, embeddings, encoder.temperature, anchors, positives, product_codes, scorer)

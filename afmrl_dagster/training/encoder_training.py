@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,11 @@ from .checkpoints import (
     unflatten_tensors,
 )
 from .schedules import warmup_cosine
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from ..encoders.vlm2vec import VLM2VecEncoder
 
 SAMPLERS = ("product_line", "random")
 MIXED_PRECISION = ("auto", "bf16", "no")
@@ -236,6 +242,28 @@ def pair_loss(
     codes = np.asarray(product_codes)
     same_product = torch.from_numpy(codes[anchors][:, None] == codes[positives][None, :]).to(device)
     return loss_fn(queries, candidates, temperature, bm25, same_product, bm25_reverse)
+
+
+def vlm2vec_batch_loss(
+    encoder: VLM2VecEncoder,
+    loss_fn: AGCLLoss,
+    images: Sequence[PIL.Image.Image | None],
+    texts: Sequence[str],
+    anchors: np.ndarray,
+    positives: np.ndarray,
+    product_codes: np.ndarray,
+    scorer: BM25Scorer | None = None,
+) -> dict[str, torch.Tensor]:
+    """AGCL loss of one batch of (anchor, positive) listing pairs through the encoder.
+
+    The counterpart of :func:`batch_loss` for the VLM2Vec encoder:
+    ``images``/``texts`` hold all listings, ``anchors``/``positives`` index them, ``scorer``
+    is a ``BM25Scorer`` over the listings' attribute texts (needed when AGCL weights are on).
+    """
+    anchors, positives = np.asarray(anchors, dtype=np.int64), np.asarray(positives, dtype=np.int64)
+    both = np.concatenate([anchors, positives])
+    embeddings = encoder([images[i] for i in both], [texts[i] for i in both])
+    return pair_loss(loss_fn, embeddings, encoder.temperature, anchors, positives, product_codes, scorer)
 
 
 def make_optimizer(head: DualTowerHead, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import polars as pl
 
-from ..attributes.format import normalize_attributes
-from .loaders import CatalogLoadError, _fail, _read_lines, _require
+from ..catalog.loaders import CatalogLoadError, load_error, read_lines, require_path
+from .format import normalize_attributes
 
 PAVE_FILE = "train_large.jsonl"
 NOT_APPLICABLE = "n/a"
@@ -23,9 +23,9 @@ def load_wdc_pave(path: str | Path) -> pl.DataFrame:
     ``path`` is the JSON-lines file or the folder holding ``train_large.jsonl``.
     """
     path = Path(path)
-    file = _require(path / PAVE_FILE if path.is_dir() else path, "WDC-PAVE file")
+    file = require_path(path / PAVE_FILE if path.is_dir() else path, "WDC-PAVE file")
     rows = []
-    for number, text in _read_lines(file):
+    for number, text in read_lines(file):
         if not text.strip():
             continue
         try:
@@ -33,7 +33,7 @@ def load_wdc_pave(path: str | Path) -> pl.DataFrame:
             scores = offer["target_scores"]
             title = offer["input_title"]
         except (ValueError, KeyError, TypeError) as error:
-            raise _fail(file, number, f"not a WDC-PAVE offer ({error!r})") from None
+            raise load_error(file, number, f"not a WDC-PAVE offer ({error!r})") from None
         gold = {key: next(iter(values)) for key, values in scores.items()
                 if isinstance(values, dict) and values and next(iter(values)) != NOT_APPLICABLE}
         rows.append({

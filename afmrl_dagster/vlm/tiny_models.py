@@ -122,7 +122,7 @@ def build_tiny_qwen2_vl(directory: str | os.PathLike, seed: int = 0) -> Path:
     The folder holds config, safetensors weights, the tokenizer and the image processor
     config (patch 4, merge 2: a 16x16 image becomes 4 image tokens). The full Qwen2-VL
     processor needs torchvision for its video part and is not saved; see
-    :class:`afmrl_dagster.encoders.vlm2vec.QwenVLProcessor`.
+    :class:`afmrl_dagster.vlm.processors.QwenVLProcessor`.
     """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil

@@ -73,6 +73,43 @@ def click_first(elements) -> bool:
     return False
 
 
+def page_text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def choose_only_partition(driver, name: str) -> None:
+    """In an open launch dialog, select exactly the partition ``name``, whatever the dialog preselected.
+
+    The dialog's default selection depends on the instance's history (after backfills and
+    failed runs it may open on "All" or "Failed", with no empty picker to click): switch to
+    "Custom", empty the selection with the list's "Select all" box, then tick ``name``.
+    """
+    from selenium.webdriver.common.by import By
+
+    click_first([button(driver, "Custom")])
+
+    def list_open() -> bool:
+        if driver.find_elements(By.XPATH, "//input[@placeholder='Filter partitions']"):
+            return True
+        click_first(driver.find_elements(By.XPATH, "//*[contains(@class, 'TagSelector_tagSelectorContainer')]"))
+        return False
+
+    wait_for(list_open, what="the partition list")
+
+    def nothing_selected() -> bool:
+        if "0 partitions" in page_text(driver):
+            return True
+        click_first(driver.find_elements(By.XPATH, "//*[starts-with(normalize-space(text()), 'Select all')]"))
+        return False
+
+    wait_for(nothing_selected, interval=1, what="an empty partition selection")
+    # The list is drawn last, over the page (which may name the partition too).
+    wait_for(lambda: click_first(reversed(driver.find_elements(By.XPATH, f"//*[text()='{name}']"))), what=f"the partition {name} in the list")
+    wait_for(lambda: "1 partition" in page_text(driver), what="one partition selected")
+
+
 def dismiss_prompts(driver) -> None:
     """Close Dagster's first-visit community prompt when it shows."""
     click_first([button(driver, "Skip")])

@@ -349,7 +349,7 @@ def test_ui_in_headless_chromium_materialises_a_line_and_shows_the_evaluation(pi
     (or $AFMRL_TEST_ARTIFACTS/ui)."""
     from selenium.webdriver.common.by import By
 
-    from browser import button, chromium_driver, click_first, dismiss_prompts, screenshot, wait_for
+    from browser import button, choose_only_partition, chromium_driver, click_first, dismiss_prompts, screenshot, wait_for
 
     shots = Path(os.environ.get("AFMRL_TEST_ARTIFACTS", REPO_ROOT / ".afmrl" / "test-artifacts")) / "ui"
     url = dagster_dev.url
@@ -374,10 +374,7 @@ def test_ui_in_headless_chromium_materialises_a_line_and_shows_the_evaluation(pi
             return False
 
         wait_for(launch_dialog_open, interval=2, what="the launch dialog")
-        wait_for(lambda: click_first(driver.find_elements(By.XPATH, "//*[text()='Select a partition or create one']")), what="the partition picker")
-        # The picker's list is drawn last, over the page (which may name the line too).
-        wait_for(lambda: click_first(reversed(driver.find_elements(By.XPATH, "//*[text()='mugs']"))), what="the partition mugs in the picker")
-        wait_for(lambda: "1 partition" in driver.find_element(By.TAG_NAME, "body").text, what="one partition selected")
+        choose_only_partition(driver, "mugs")
         wait_for(lambda: button(driver, "Launch", starts=True), what="the launch button")
         screenshot(driver, shots, "02-launch-one-line")
         wait_for(lambda: click_first([button(driver, "Launch", starts=True)]), what="the launch button to take the click")
@@ -408,5 +405,9 @@ def test_ui_in_headless_chromium_materialises_a_line_and_shows_the_evaluation(pi
                                  what="the retrieval-examples picture")
         assert height > 50
         screenshot(driver, shots, "04-evaluation-metadata")
+    except Exception:
+        screenshot(driver, shots, "failure")
+        (shots / "failure.html").write_text(driver.page_source)
+        raise
     finally:
         driver.quit()

@@ -39,6 +39,7 @@ from .training.attribute_stages import (
     CITSettings,
     DistillationSettings,
     RARGallery,
+    RARSettings,
     cit_rows,
     default_reward_k,
     distill_generator,
@@ -58,12 +59,13 @@ ATTRIBUTE_ROWS = (DISTILLED_ROW, RAR_ROW, CIT_ROW)
 
 @dataclass
 class AttributeChainSettings:
-    """Defaults are the pipeline's (``AttributeGeneratorConfig``, ``RARConfig``, ``CITConfig``)."""
+    """Defaults are the library's, which the pipeline's ``AttributeGeneratorConfig``, ``RARConfig``
+    and ``CITConfig`` read too."""
 
     distillation: DistillationSettings = field(default_factory=DistillationSettings)
-    grpo: GRPOConfig = field(default_factory=lambda: GRPOConfig(steps=60, queries_per_step=16, group_size=8, learning_rate=3e-4, kl_beta=0.01))
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     reward_k: int | None = None  # None: the pipeline's automatic choice from the gallery size
-    invalid_reward: float = -0.1
+    invalid_reward: float = RARSettings.invalid_reward
     cit: CITSettings = field(default_factory=CITSettings)
 
 

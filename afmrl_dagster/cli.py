@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .settings import DEFAULT_STORE, DEFAULT_TRACKING_URI, TRACKING_URI_ENV, Settings
+
 
 def _add_evaluate(commands) -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
@@ -33,14 +35,17 @@ def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from .search import SearchEngine, SearchError, result_json, result_table
     from .storage import StorageError, open_store
 
-    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///.afmrl/mlflow.db")
+    try:
+        settings = Settings.from_env()
+    except ValueError as error:
+        parser.exit(2, f"afmrl search: error: {error}\n")
+    os.environ.setdefault(TRACKING_URI_ENV, settings.tracking_uri)  # the search engine's MLflow calls read it
     try:
         image = Path(args.image).expanduser().read_bytes() if args.image else None
     except OSError as error:
         parser.exit(2, f"afmrl search: error: cannot read --image {args.image}: {error.strerror}\n")
     try:
-        store = open_store(os.environ.get("AFMRL_STORE", ".afmrl/store"), endpoint_url=os.environ.get("AFMRL_S3_ENDPOINT_URL"),
-                           region_name=os.environ.get("AWS_REGION"))
+        store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
         engine = SearchEngine.from_store(store, encoder=args.encoder, generator=args.generator, device=device_from_env())
         result = engine.search(image=image, text=args.text, k=args.k)
     except (SearchError, StorageError, ValueError) as error:
@@ -49,17 +54,15 @@ def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 
 def _rollback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    import os
-
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from .promotion import RollbackError, rollback_champion
 
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///.afmrl/mlflow.db")
     try:
+        tracking_uri = args.tracking_uri or Settings.from_env().tracking_uri
         rolled_from, rolled_to = rollback_champion(MlflowClient(tracking_uri=tracking_uri), args.model)
-    except (RollbackError, MlflowException) as error:
+    except (RollbackError, MlflowException, ValueError) as error:
         parser.exit(2, f"afmrl rollback: error: {error}\n")
     print(f"{args.model}: champion moved from version {rolled_from} back to version {rolled_to} "
           f"(version {rolled_from} is now previous_champion; run again to undo)")
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     search = commands.add_parser(
         "search", help="find the listings of a photo and/or a text with the champion encoder and the pipeline's index",
         description="Query -> generated attributes -> encoder -> index -> top-k listings. Reads the artefact store "
-        "(AFMRL_STORE, default .afmrl/store) and MLflow (MLFLOW_TRACKING_URI, default sqlite:///.afmrl/mlflow.db).",
+        f"(AFMRL_STORE, default {DEFAULT_STORE}) and MLflow (MLFLOW_TRACKING_URI, default {DEFAULT_TRACKING_URI}).",
     )
     search.add_argument("--image", metavar="PATH", help="photo of the product (local path)")
     search.add_argument("--text", metavar="TEXT", help="title or description typed by the user")
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         "rollback", help="move a registered model's champion alias back to the version it replaced",
         description="Undo the last promotion of a registered model: 'champion' moves back to the 'previous_champion' "
         "version, which in turn becomes the rolled-back version (so a second rollback undoes the first). "
-        "Reads MLflow from --tracking-uri or MLFLOW_TRACKING_URI (default sqlite:///.afmrl/mlflow.db).",
+        f"Reads MLflow from --tracking-uri or MLFLOW_TRACKING_URI (default {DEFAULT_TRACKING_URI}).",
     )
     rollback.add_argument("--model", default="afmrl-encoder", help="registered model name (default afmrl-encoder; "
                           "or afmrl-attribute-generator)")

@@ -2,13 +2,13 @@
 
 Heavy libraries (torch, transformers, mlflow, GX) are imported inside asset bodies, so
 loading these definitions stays fast for the webserver, the daemon and every CLI call.
-Resources read their settings from environment variables when set (see the README), so one
-definition serves a laptop, CI and production; secrets stay ``dg.EnvVar`` references.
+What differs between a laptop, CI and production is chosen here and only here, from one
+:class:`~afmrl_dagster.settings.Settings` read from the environment when the definitions load
+(see the README's configuration table): the resources, the sensors' state and interval, and
+the executor. Secrets stay ``dg.EnvVar`` references.
 """
 
 from __future__ import annotations
-
-import os
 
 import dagster as dg
 
@@ -20,37 +20,37 @@ from .resources.models import EvaluationSplit, FeatureTowers
 from .resources.storage import ArtifactStore
 from .resources.teacher import AttributeTeacherBackend
 from .resources.tracking import MlflowTracking
+from .settings import AWS_ACCESS_KEY_ID_ENV, AWS_SECRET_ACCESS_KEY_ENV, Settings
 
 
-def _secret(name: str):
+def _secret(name: str, settings: Settings):
     """A secret from the environment, resolved only at run time: it never enters run config."""
-    return dg.EnvVar(name) if name in os.environ else None
+    return dg.EnvVar(name) if name in settings.secrets_set else None
 
 
-def build_resources() -> dict:
-    env = os.environ.get
+def build_resources(settings: Settings | None = None) -> dict:
+    """The resources of ``settings`` (default: read from the environment now)."""
+    settings = settings or Settings.from_env()
     store = ArtifactStore(
-        location=env("AFMRL_STORE", ".afmrl/store"),
-        endpoint_url=env("AFMRL_S3_ENDPOINT_URL"),
-        region_name=env("AWS_REGION"),
-        access_key_id=_secret("AWS_ACCESS_KEY_ID"),
-        secret_access_key=_secret("AWS_SECRET_ACCESS_KEY"),
+        location=settings.store,
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.aws_region,
+        access_key_id=_secret(AWS_ACCESS_KEY_ID_ENV, settings),
+        secret_access_key=_secret(AWS_SECRET_ACCESS_KEY_ENV, settings),
     )
     return {
         "artifact_store": store,
         "io_manager": TableIOManager(store=store),
-        "catalog_source": CatalogSource(spec=env("AFMRL_CATALOG", "builtin"), store=store),
-        "mlflow_tracking": MlflowTracking(tracking_uri=env("MLFLOW_TRACKING_URI", "sqlite:///.afmrl/mlflow.db")),
-        "torch_compute": TorchCompute(device=env("AFMRL_DEVICE", "auto")),
-        "feature_towers": FeatureTowers(
-            image_model=env("AFMRL_IMAGE_TOWER", "efficientnet-lite0"), text_model=env("AFMRL_TEXT_TOWER", "all-MiniLM-L6-v2")
-        ),
+        "catalog_source": CatalogSource(spec=settings.catalog, store=store),
+        "mlflow_tracking": MlflowTracking(tracking_uri=settings.tracking_uri),
+        "torch_compute": TorchCompute(device=settings.device),
+        "feature_towers": FeatureTowers(image_model=settings.image_tower, text_model=settings.text_tower),
         "evaluation_split": EvaluationSplit(),
         "attribute_teacher": AttributeTeacherBackend(
-            kind=env("AFMRL_TEACHER", "seller-attributes"),
-            base_url=env("AFMRL_TEACHER_URL"),
-            model=env("AFMRL_TEACHER_MODEL"),
-            revision=env("AFMRL_TEACHER_REVISION", ""),
+            kind=settings.teacher,
+            base_url=settings.teacher_url,
+            model=settings.teacher_model,
+            revision=settings.teacher_revision,
         ),
     }
 
@@ -81,30 +81,31 @@ PIPELINE_ORDER: list[tuple[str, bool]] = [  # (job name, partitioned by product 
 ]
 
 
-def build_executor():
+def build_executor(settings: Settings | None = None):
     """``AFMRL_EXECUTOR``: unset or ``multiprocess`` (Dagster's default, steps as local
     processes) or ``k8s`` (dagster-k8s's ``k8s_job_executor``: every step its own Kubernetes
     job, the torch steps requesting GPUs through their ``dagster-k8s/config`` tags)."""
-    kind = os.environ.get("AFMRL_EXECUTOR", "multiprocess").strip().lower()
-    if kind == "multiprocess":
+    settings = settings or Settings.from_env()
+    if settings.executor == "multiprocess":
         return None
-    if kind == "k8s":
-        try:
-            from dagster_k8s import k8s_job_executor
-        except ImportError as error:
-            raise ImportError("AFMRL_EXECUTOR=k8s needs dagster-k8s: pip install 'afmrl-dagster[deploy]'") from error
-        return k8s_job_executor
-    raise ValueError(f"AFMRL_EXECUTOR must be 'multiprocess' or 'k8s', got {kind!r}")
+    try:
+        from dagster_k8s import k8s_job_executor
+    except ImportError as error:
+        raise ImportError("AFMRL_EXECUTOR=k8s needs dagster-k8s: pip install 'afmrl-dagster[deploy]'") from error
+    return k8s_job_executor
 
 
-def build_definitions(resources: dict | None = None) -> dg.Definitions:
+def build_definitions(resources: dict | None = None, settings: Settings | None = None) -> dg.Definitions:
+    """The code location; ``settings`` (default: read from the environment now) chooses the
+    resources (unless ``resources`` are given), the sensors and the executor."""
+    settings = settings or Settings.from_env()
     return dg.Definitions(
         assets=ASSETS,
         jobs=JOBS,
         schedules=[automation.catalog_refresh_schedule],
-        sensors=[automation.new_product_line_sensor, automation.catalog_automation_sensor],
-        resources=resources if resources is not None else build_resources(),
-        executor=build_executor(),
+        sensors=automation.build_sensors(settings),
+        resources=resources if resources is not None else build_resources(settings),
+        executor=build_executor(settings),
     )
 
 

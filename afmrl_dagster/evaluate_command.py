@@ -55,7 +55,7 @@ from .encoders.towers import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, ImageFeatu
 from .retrieval.tasks import clustering_scores, combine_retrieval, cross_set_retrieval, knn_classification_accuracy
 from .storage import StorageError, read_uri_bytes
 
-DEFAULT_TRACKING_URI = "sqlite:///.afmrl/mlflow.db"
+from .settings import DEFAULT_TRACKING_URI  # written once, in settings.py
 ZERO_SHOT = "zero-shot"
 KNN_K = 5
 GROCERY_ICONIC_PREFIX = "grocery-iconic-"  # listing ids of the loader's catalog images

@@ -122,6 +122,7 @@ def _grocery(root: Path) -> LadderDataset:
     attributes = [by_product.get(product, {}) for product in train["product_id"].to_list()]
     description = ("train on the train.txt photos and the catalog images; val.txt photos query every "
                    "listing not in val.txt (train photos and catalog images)")
+    # Deliberately longer than the pipeline's default: grocery's few training photos per product need more passes.
     return LadderDataset("grocery", description, plan, train, attributes, headline="identical_product",
                          training={"epochs": 150})
 
@@ -215,7 +216,7 @@ class LadderSettings:
 
     seeds: tuple[int, ...] = (0, 1, 2)
     rows: tuple[str, ...] = ROWS
-    training: dict = field(default_factory=lambda: {"epochs": 40, "batch_size": 32, "learning_rate": 1e-3})
+    training: dict = field(default_factory=dict)  # none: the pipeline's schedule, EncoderTrainingConfig's defaults
     agcl: dict = field(default_factory=dict)  # AGCLConfig overrides shared by all rows (delta, bm25_scale)
 
 

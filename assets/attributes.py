@@ -10,6 +10,7 @@ import polars as pl
 from pydantic import Field
 
 from afmrl_dagster.fingerprint import fingerprint
+from afmrl_dagster.training.attribute_stages import DistillationSettings
 
 from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
@@ -125,14 +126,16 @@ def teacher_attributes(
 
 
 class AttributeGeneratorConfig(dg.Config):
+    """Defaults of the student and its SFT come from the library's DistillationSettings."""
+
     min_heldout_validity: float = Field(default=0.9, description="Blocking gate: share of parseable outputs on held-out listings.")
-    epochs: int = Field(default=60, description="SFT epochs over the training listings.")
-    batch_size: int = Field(default=64, description="Listings per SFT step.")
-    learning_rate: float = Field(default=2e-3, description="Peak learning rate (warmup + cosine).")
-    d_model: int = Field(default=128, description="Width of the decoder.")
-    n_layers: int = Field(default=2, description="Decoder layers.")
-    seed: int = Field(default=0, description="Seed of initialisation and shuffling.")
-    constrained_decoding: bool = Field(default=True, description="Decode within the attribute grammar, so every output parses.")
+    epochs: int = Field(default=DistillationSettings.epochs, description="SFT epochs over the training listings.")
+    batch_size: int = Field(default=DistillationSettings.batch_size, description="Listings per SFT step.")
+    learning_rate: float = Field(default=DistillationSettings.learning_rate, description="Peak learning rate (warmup + cosine).")
+    d_model: int = Field(default=DistillationSettings.d_model, description="Width of the decoder.")
+    n_layers: int = Field(default=DistillationSettings.n_layers, description="Decoder layers.")
+    seed: int = Field(default=DistillationSettings.seed, description="Seed of initialisation and shuffling.")
+    constrained_decoding: bool = Field(default=DistillationSettings.constrained_decoding, description="Decode within the attribute grammar, so every output parses.")
 
 
 @dg.asset(
@@ -167,7 +170,7 @@ def attribute_generator(
     from afmrl_dagster.attributes.generator import generate_attribute_texts, save_generator
     from afmrl_dagster.features import align, listing_features as features_of
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
-    from afmrl_dagster.training.attribute_stages import DistillationSettings, distill_generator
+    from afmrl_dagster.training.attribute_stages import distill_generator
     from afmrl_dagster.training.generator_sft import attribute_accuracy
 
     store = artifact_store.open()

@@ -3,13 +3,16 @@ declarative automation (see ``conditions.py``).
 
 ``AFMRL_AUTOMATION=off`` starts both sensors stopped (toggle them in the UI);
 ``AFMRL_SENSOR_INTERVAL_SECONDS`` (default 300) is how often the catalog source is listed.
+The definitions build the sensors from those settings when they load (:func:`build_sensors`);
+the module's own ``new_product_line_sensor`` and ``catalog_automation_sensor`` carry the defaults.
 """
 
 
 import json
-import os
 
 import dagster as dg
+
+from afmrl_dagster.settings import Settings
 
 from ..resources.catalog_source import CatalogSource
 from .partitions import product_lines
@@ -51,33 +54,7 @@ def catalog_refresh_schedule(context: dg.ScheduleEvaluationContext):
     return [dg.RunRequest(run_key=f"{line}-{context.scheduled_execution_time:%Y%m%d}", partition_key=line) for line in lines]
 
 
-def _automation_status() -> dg.DefaultSensorStatus:
-    value = os.environ.get("AFMRL_AUTOMATION", "on").strip().lower()
-    if value not in ("on", "off"):
-        raise ValueError(f"AFMRL_AUTOMATION must be 'on' or 'off', got {value!r}")
-    return dg.DefaultSensorStatus.RUNNING if value == "on" else dg.DefaultSensorStatus.STOPPED
-
-
-def _sensor_interval() -> int:
-    raw = os.environ.get("AFMRL_SENSOR_INTERVAL_SECONDS", "300")
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"AFMRL_SENSOR_INTERVAL_SECONDS must be a whole number of seconds >= 1, got {raw!r}")
-    return int(raw)
-
-
-# Evaluates every asset's automation condition: a refreshed or new line flows on to its
-# attributes, embeddings, the index, the evaluation and the promotion without a click.
-catalog_automation_sensor = dg.AutomationConditionSensorDefinition(
-    "catalog_automation_sensor",
-    target=dg.AssetSelection.all(),
-    default_status=_automation_status(),
-    minimum_interval_seconds=min(30, _sensor_interval()),
-    description="Runs the per-line assets, index, evaluation and promotion when their inputs update (declarative automation).",
-)
-
-
-@dg.sensor(job=catalog_refresh_job, minimum_interval_seconds=_sensor_interval(), default_status=_automation_status())
-def new_product_line_sensor(context: dg.SensorEvaluationContext, catalog_source: CatalogSource):
+def _new_product_line_sensor(context: dg.SensorEvaluationContext, catalog_source: CatalogSource):
     """Adds a partition and requests an ingestion run for each product line that appears in the source."""
     seen = set(json.loads(context.cursor)) if context.cursor else set()
     known = set(context.instance.get_dynamic_partitions(product_lines.name))
@@ -89,3 +66,26 @@ def new_product_line_sensor(context: dg.SensorEvaluationContext, catalog_source:
         dynamic_partitions_requests=[product_lines.build_add_request(new_lines)],
         cursor=json.dumps(sorted(seen | set(new_lines))),
     )
+
+
+def build_sensors(settings: Settings) -> list[dg.SensorDefinition]:
+    """The new-product-line sensor and the automation sensor, running or stopped and listing
+    the catalog as often as ``settings`` say."""
+    status = dg.DefaultSensorStatus.RUNNING if settings.automation else dg.DefaultSensorStatus.STOPPED
+    new_lines = dg.sensor(
+        name="new_product_line_sensor", job=catalog_refresh_job,
+        minimum_interval_seconds=settings.sensor_interval_seconds, default_status=status,
+    )(_new_product_line_sensor)
+    # Evaluates every asset's automation condition: a refreshed or new line flows on to its
+    # attributes, embeddings, the index, the evaluation and the promotion without a click.
+    automation = dg.AutomationConditionSensorDefinition(
+        "catalog_automation_sensor",
+        target=dg.AssetSelection.all(),
+        default_status=status,
+        minimum_interval_seconds=min(30, settings.sensor_interval_seconds),
+        description="Runs the per-line assets, index, evaluation and promotion when their inputs update (declarative automation).",
+    )
+    return [new_lines, automation]
+
+
+new_product_line_sensor, catalog_automation_sensor = build_sensors(Settings())

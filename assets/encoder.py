@@ -7,7 +7,10 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from afmrl_dagster.encoders.dual_tower import DualTowerConfig
 from afmrl_dagster.fingerprint import fingerprint
+from afmrl_dagster.training.agcl import AGCLConfig
+from afmrl_dagster.training.encoder_training import EncoderTrainingConfig
 
 from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
@@ -27,15 +30,17 @@ from .publishing import (
 
 
 class EncoderTrainingRunConfig(dg.Config):
-    epochs: int = Field(default=40, description="Passes over the training products.")
-    batch_size: int = Field(default=32, description="(anchor, positive) pairs per batch.")
-    learning_rate: float = Field(default=1e-3, description="Peak learning rate (warmup + cosine).")
-    embed_dim: int = Field(default=256, description="Embedding size.")
-    use_attribute_weights: bool = Field(default=True, description="AGCL weights exp(1 + tanh(BM25)) on negatives; off = plain InfoNCE weights.")
-    use_false_negative_mask: bool = Field(default=True, description="Drop negatives with s_ij > s_ii + delta.")
-    delta: float = Field(default=0.1, description="Margin of the false-negative mask.")
-    sampler: str = Field(default="product_line", description="'product_line' (siblings as hard negatives) or 'random'.")
-    seed: int = Field(default=0, description="Seed of initialisation and batching.")
+    """Defaults come from the library: EncoderTrainingConfig, AGCLConfig and DualTowerConfig."""
+
+    epochs: int = Field(default=EncoderTrainingConfig.epochs, description="Passes over the training products.")
+    batch_size: int = Field(default=EncoderTrainingConfig.batch_size, description="(anchor, positive) pairs per batch.")
+    learning_rate: float = Field(default=EncoderTrainingConfig.learning_rate, description="Peak learning rate (warmup + cosine).")
+    embed_dim: int = Field(default=DualTowerConfig.embed_dim, description="Embedding size.")
+    use_attribute_weights: bool = Field(default=AGCLConfig.use_weights, description="AGCL weights exp(1 + tanh(BM25)) on negatives; off = plain InfoNCE weights.")
+    use_false_negative_mask: bool = Field(default=AGCLConfig.use_false_negative_mask, description="Drop negatives with s_ij > s_ii + delta.")
+    delta: float = Field(default=AGCLConfig.delta, description="Margin of the false-negative mask.")
+    sampler: str = Field(default=EncoderTrainingConfig.sampler, description="'product_line' (siblings as hard negatives) or 'random'.")
+    seed: int = Field(default=EncoderTrainingConfig.seed, description="Seed of initialisation and batching.")
 
 
 @dg.asset(
@@ -70,12 +75,11 @@ def agcl_encoder(
     import torch
 
     from afmrl_dagster.attributes.format import attributes_to_text
-    from afmrl_dagster.encoders.dual_tower import DualTowerConfig, save_head
+    from afmrl_dagster.encoders.dual_tower import save_head
     from afmrl_dagster.features import align, listing_features as features_of
     from afmrl_dagster.plots import curve_png
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
-    from afmrl_dagster.training.agcl import AGCLConfig
-    from afmrl_dagster.training.encoder_training import EncoderTrainingConfig, train_encoder
+    from afmrl_dagster.training.encoder_training import train_encoder
 
     store = artifact_store.open()
     split = evaluation_split.split()

@@ -9,6 +9,8 @@ import polars as pl
 from pydantic import Field
 
 from afmrl_dagster.fingerprint import fingerprint
+from afmrl_dagster.training.attribute_stages import RARSettings
+from afmrl_dagster.training.grpo import GRPOConfig
 
 from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
@@ -19,20 +21,22 @@ from .retrieval import load_encoder_head
 
 
 class RARConfig(dg.Config):
-    steps: int = Field(default=60, description="GRPO steps.")
-    queries_per_step: int = Field(default=16, description="Training queries per step.")
-    group_size: int = Field(default=8, description="G: attribute outputs sampled per query.")
-    learning_rate: float = Field(default=3e-4, description="Policy learning rate.")
-    kl_beta: float = Field(default=0.01, description="Weight of the KL penalty to the SFT generator.")
-    clip_epsilon: float = Field(default=0.2, description="Clipping of the importance ratio.")
-    temperature: float = Field(default=1.0, description="Sampling temperature of the group.")
+    """Defaults come from the library: GRPOConfig (the schedule) and RARSettings (the reward)."""
+
+    steps: int = Field(default=GRPOConfig.steps, description="GRPO steps.")
+    queries_per_step: int = Field(default=GRPOConfig.queries_per_step, description="Training queries per step.")
+    group_size: int = Field(default=GRPOConfig.group_size, description="G: attribute outputs sampled per query.")
+    learning_rate: float = Field(default=GRPOConfig.learning_rate, description="Policy learning rate.")
+    kl_beta: float = Field(default=GRPOConfig.kl_beta, description="Weight of the KL penalty to the SFT generator.")
+    clip_epsilon: float = Field(default=GRPOConfig.clip_epsilon, description="Clipping of the importance ratio.")
+    temperature: float = Field(default=GRPOConfig.temperature, description="Sampling temperature of the group.")
     reward_k: int = Field(
-        default=0,
+        default=RARSettings.reward_k,
         description="Reward = Recall@k of the query's true matches. 0 = auto: 50 as in the paper, capped at 1% of the gallery "
         "(at least 5), since on a small catalog Recall@50 is 1 for nearly every output and GRPO would get no signal.",
     )
-    invalid_reward: float = Field(default=-0.1, description="Reward of output that does not parse.")
-    seed: int = Field(default=0, description="Seed of query sampling and generation.")
+    invalid_reward: float = Field(default=RARSettings.invalid_reward, description="Reward of output that does not parse.")
+    seed: int = Field(default=GRPOConfig.seed, description="Seed of query sampling and generation.")
 
 
 @dg.asset(
@@ -74,7 +78,6 @@ def rar_generator(
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
     from afmrl_dagster.retrieval.metrics import retrieval_metrics
     from afmrl_dagster.training.attribute_stages import RARGallery, default_reward_k, refine_with_rar, reward_trend, written_attributes
-    from afmrl_dagster.training.grpo import GRPOConfig
 
     store = artifact_store.open()
     split = evaluation_split.split()

@@ -27,6 +27,7 @@ from afmrl_dagster.attributes.pave import load_wdc_pave
 from afmrl_dagster.catalog.splits import holdout_products
 from afmrl_dagster.encoders.towers import DEFAULT_TEXT_MODEL, TextFeaturizer
 from afmrl_dagster.readme import publish_result
+from afmrl_dagster.settings import Settings
 from afmrl_dagster.training.generator_sft import SFTConfig, attribute_accuracy, train_generator_sft
 
 BLOCK = "pave-check"
@@ -36,8 +37,8 @@ TOP_KEYS = 8
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.path.join(os.environ.get("AFMRL_DATA", "../shared/data"), "wdc_pave"))
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--data", default=os.path.join(Settings.from_env().data, "wdc_pave"))
+    parser.add_argument("--epochs", type=int, default=SFTConfig.epochs)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N offers (a quick look)")
     parser.add_argument("--seed", type=int, default=0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -30,6 +29,8 @@ from afmrl_dagster.encoders.towers import DEFAULT_TEXT_MODEL, TextFeaturizer
 from afmrl_dagster.evaluate_command import write_atomic
 from afmrl_dagster.quality_ladder import LadderSettings, dataset_features, ladder_markdown, load_ladder_dataset, run_ladder
 from afmrl_dagster.readme import publish_result
+from afmrl_dagster.settings import Settings
+from afmrl_dagster.training.encoder_training import EncoderTrainingConfig
 
 BLOCK = "quality-ladder"  # README markers <!-- quality-ladder:start --> ... <!-- quality-ladder:end -->
 DATASETS = {  # name -> (catalog spec, folder under --data or None)
@@ -47,7 +48,7 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from: " + ", ".join(DATASETS))
-    parser.add_argument("--data", default=os.environ.get("AFMRL_DATA", "../shared/data"), help="folder holding the dataset folders")
+    parser.add_argument("--data", default=Settings.from_env().data, help="folder holding the dataset folders")
     parser.add_argument("--builtin", default="builtin", help="catalog spec of the built-in dataset (e.g. builtin:families=4)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None, help="override every dataset's epochs (a quick look)")
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                            f"Recall@k of the training queries' products, {chain.grpo.steps} GRPO steps):\n\n"
                            + attribute_chain_markdown(chain_records, dataset.headline))
         seconds = time.perf_counter() - started
-        epochs = {**settings.training, **dataset.training}["epochs"]
+        epochs = {"epochs": EncoderTrainingConfig.epochs, **settings.training, **dataset.training}["epochs"]
         results.append({"dataset": name, "spec": spec, "description": dataset.description, "seconds": seconds,
                         "feature_seconds": feature_seconds, "epochs": epochs, "records": records,
                         "train_listings": dataset.train.height, "queries": len(dataset.plan.query_ids)})

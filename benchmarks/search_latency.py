@@ -15,6 +15,7 @@ import torch
 
 from afmrl_dagster.readme import publish_result
 from afmrl_dagster.search import CATALOG_TABLES, SearchEngine
+from afmrl_dagster.settings import TRACKING_URI_ENV, Settings
 from afmrl_dagster.storage import open_store, read_uri_bytes
 
 BLOCK = "search-latency"
@@ -27,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--write-readme", metavar="README")
     args = parser.parse_args(argv)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///.afmrl/mlflow.db")
-    store = open_store(os.environ.get("AFMRL_STORE", ".afmrl/store"))
+    settings = Settings.from_env()
+    os.environ.setdefault(TRACKING_URI_ENV, settings.tracking_uri)
+    store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
     engine = SearchEngine.from_store(store)
     keys = sorted(key for key in store.list_keys(CATALOG_TABLES) if key.endswith(".parquet"))
     listings = [row for key in keys for row in store.read_parquet(key).iter_rows(named=True)][: args.queries]

@@ -5,6 +5,7 @@ from pydantic import Field
 
 from afmrl_dagster.catalog.schema import CatalogBatch
 from afmrl_dagster.catalog.source import list_product_lines, load_product_line
+from afmrl_dagster.settings import DEFAULT_CATALOG
 
 from .storage import ArtifactStore
 
@@ -13,7 +14,7 @@ class CatalogSource(dg.ConfigurableResource):
     """``builtin`` (default; inline size as ``builtin:families=2,siblings=3,listings=4``),
     ``<loader>:<root>`` for a real dataset, or ``parquet:<folder or s3://...>`` for your own catalog."""
 
-    spec: str = Field(default="builtin", description="Catalog source spec, e.g. builtin, grocery:/data/grocery_store, parquet:s3://bucket/catalog")
+    spec: str = Field(default=DEFAULT_CATALOG, description="Catalog source spec, e.g. builtin, grocery:/data/grocery_store, parquet:s3://bucket/catalog")
     store: ArtifactStore = Field(description="Gives the S3 endpoint and credentials for parquet:s3://... sources.")
 
     def _s3_options(self) -> dict:

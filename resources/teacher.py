@@ -7,6 +7,8 @@ from typing import Callable, Optional
 import dagster as dg
 from pydantic import Field
 
+from afmrl_dagster.settings import DEFAULT_TEACHER, TEACHER_API_KEY_ENV
+
 TEACHER_KINDS = ("seller-attributes", "openai-compatible")
 
 
@@ -17,11 +19,11 @@ class AttributeTeacherBackend(dg.ConfigurableResource):
     stored in configuration.
     """
 
-    kind: str = Field(default="seller-attributes", description="'seller-attributes' or 'openai-compatible'.")
+    kind: str = Field(default=DEFAULT_TEACHER, description="'seller-attributes' or 'openai-compatible'.")
     base_url: Optional[str] = Field(default=None, description="Endpoint base URL, e.g. http://gpu-box:8000/v1.")
     model: Optional[str] = Field(default=None, description="Served model name.")
     revision: str = Field(default="", description="Model revision; part of the cache key, bump it when the served weights change.")
-    api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding the API key.")
+    api_key_env: str = Field(default=TEACHER_API_KEY_ENV, description="Environment variable holding the API key.")
     concurrency: int = Field(default=8, description="Requests in flight.")
     timeout_s: float = Field(default=120.0, description="Timeout of one request.")
     max_retries: int = Field(default=5, description="Retries of a request (backoff, Retry-After honoured).")

@@ -15,6 +15,7 @@ import dagster as dg
 from pydantic import Field
 
 from afmrl_dagster.promotion import CHAMPION_ALIAS
+from afmrl_dagster.settings import DEFAULT_TRACKING_URI
 
 
 def mlflow_metric_name(name: str) -> str:
@@ -36,7 +37,7 @@ def flat_metrics(values: dict, prefix: str = "") -> dict[str, float]:
 class MlflowTracking(dg.ConfigurableResource):
     """Where runs and registered models go. Point ``tracking_uri`` at your MLflow server."""
 
-    tracking_uri: str = Field(default="sqlite:///.afmrl/mlflow.db", description="MLflow tracking URI (server URL or sqlite:///path).")
+    tracking_uri: str = Field(default=DEFAULT_TRACKING_URI, description="MLflow tracking URI (server URL or sqlite:///path).")
     registry_uri: Optional[str] = Field(default=None, description="Model registry URI; None = the tracking URI.")
     experiment_name: str = Field(default="afmrl", description="Experiment every pipeline run logs into.")
     artifact_location: Optional[str] = Field(

@@ -24,6 +24,7 @@ from typing import Callable
 import polars as pl
 import requests
 
+from ..settings import TEACHER_API_KEY_ENV
 from .prompts import TEACHER_PROMPT, PromptTemplate
 
 RETRIED_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -40,7 +41,7 @@ class EndpointConfig:
     base_url: str  # e.g. http://gpu-box:8000/v1
     model: str  # the served model name
     revision: str = ""  # recorded in the cache key: bump it when the served weights change
-    api_key_env: str = "OPENAI_API_KEY"  # read at call time; unset = no Authorization header
+    api_key_env: str = TEACHER_API_KEY_ENV  # read at call time; unset = no Authorization header
     concurrency: int = 8
     timeout_s: float = 120.0
     max_retries: int = 5

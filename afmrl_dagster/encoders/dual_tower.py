@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..local_files import write_folder_atomically
+from ..settings import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
 
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 1.0
@@ -74,8 +75,8 @@ class DualTowerConfig:
     dropout: float = 0.1
     init_temperature: float = 0.05
     learn_temperature: bool = True
-    image_tower: str = "efficientnet-lite0"
-    text_tower: str = "all-MiniLM-L6-v2"
+    image_tower: str = DEFAULT_IMAGE_TOWER
+    text_tower: str = DEFAULT_TEXT_TOWER
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "image_dim", "text_dim", "hidden_dim"):

@@ -19,6 +19,8 @@ from ..encoders.dual_tower import DualTowerHead
 from ..encoders.towers import TextFeaturizer
 from .metrics import top_indices
 
+INVALID_REWARD = -0.1  # reward of a generated text that does not parse (the pipeline's default)
+
 
 class RetrievalReward:
     """``reward_fn(query_indices, texts) -> float32 [Q, G]`` for GRPO; ``texts[q][g]`` is raw generated text."""
@@ -36,7 +38,7 @@ class RetrievalReward:
         gallery_product_ids: Sequence[str],
         gallery_listing_ids: Sequence[str],
         k: int = 50,
-        invalid_reward: float = -0.1,
+        invalid_reward: float = INVALID_REWARD,
         vocabulary: set[str] | None = None,
     ):
         n = len(query_titles)

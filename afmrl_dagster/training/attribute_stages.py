@@ -19,7 +19,7 @@ from ..attributes.vocabulary import AttributeVocabulary
 from ..catalog.splits import holdout_products
 from ..encoders.dual_tower import DualTowerHead, ListingFeatures
 from ..encoders.towers import TextFeaturizer
-from ..retrieval.reward import RetrievalReward
+from ..retrieval.reward import INVALID_REWARD, RetrievalReward
 from .agcl import AGCLConfig
 from .encoder_training import EncoderTrainingConfig, TrainingResult, train_encoder
 from .generator_sft import SFTConfig, train_generator_sft
@@ -28,16 +28,17 @@ from .grpo import GRPOConfig, train_grpo
 
 @dataclass
 class DistillationSettings:
-    """The student's size and its SFT schedule (the defaults of the pipeline's asset)."""
+    """The student's size and its SFT schedule; the defaults are the generator's and SFT's own,
+    and the pipeline's (``AttributeGeneratorConfig`` of the ``attribute_generator`` asset reads them)."""
 
-    d_model: int = 128
-    n_layers: int = 2
+    d_model: int = GeneratorConfig.d_model
+    n_layers: int = GeneratorConfig.n_layers
     constrained_decoding: bool = True
-    epochs: int = 60
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    seed: int = 0
-    device: str = "cpu"
+    epochs: int = SFTConfig.epochs
+    batch_size: int = SFTConfig.batch_size
+    learning_rate: float = SFTConfig.learning_rate
+    seed: int = SFTConfig.seed
+    device: str = SFTConfig.device
 
 
 def distill_generator(
@@ -75,6 +76,15 @@ def default_reward_k(gallery_size: int) -> int:
 
 
 @dataclass
+class RARSettings:
+    """RAR's reward (its GRPO schedule is :class:`GRPOConfig`); the pipeline's defaults
+    (``RARConfig`` of the ``rar_generator`` asset reads them)."""
+
+    reward_k: int = 0  # reward = Recall@reward_k; 0 = default_reward_k(gallery size)
+    invalid_reward: float = INVALID_REWARD
+
+
+@dataclass
 class RARGallery:
     """The catalog the reward searches: its embeddings under the frozen encoder, product and
     listing id per row."""
@@ -95,7 +105,7 @@ def refine_with_rar(
     gallery: RARGallery,
     config: GRPOConfig,
     reward_k: int | None = None,
-    invalid_reward: float = -0.1,
+    invalid_reward: float = RARSettings.invalid_reward,
     on_step: Callable[[dict], None] | None = None,
 ) -> tuple[AttributeGenerator, list[dict]]:
     """RAR: a copy of the distilled generator ``reference`` trained with GRPO.
@@ -125,7 +135,8 @@ def reward_trend(history: list[dict]) -> tuple[float, float]:
 
 @dataclass
 class CITSettings:
-    """One more AGCL round from the stage-1 head (the pipeline's defaults)."""
+    """One more AGCL round from the stage-1 head; the pipeline's defaults (``CITConfig`` of the
+    ``cit_encoder`` asset reads them)."""
 
     train_fraction: float = 0.3
     epochs: int = 20

@@ -53,10 +53,11 @@ NOT_FINGERPRINTED = ("device", "checkpoint_dir", "checkpoint_every_steps", "max_
 
 @dataclass
 class EncoderTrainingConfig:
-    """Optimisation settings; ``agcl`` and ``head`` also accept plain dicts (e.g. from run config)."""
+    """Optimisation settings; ``agcl`` and ``head`` also accept plain dicts (e.g. from run config).
+    The defaults are the pipeline's (``EncoderTrainingRunConfig`` of the ``agcl_encoder`` asset reads them)."""
 
-    epochs: int = 30
-    batch_size: int = 64
+    epochs: int = 40
+    batch_size: int = 32
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1

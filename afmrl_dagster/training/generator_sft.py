@@ -24,7 +24,7 @@ from .schedules import warmup_cosine
 
 @dataclass
 class SFTConfig:
-    epochs: int = 40
+    epochs: int = 60  # the pipeline's (AttributeGeneratorConfig reads it through DistillationSettings)
     batch_size: int = 64
     learning_rate: float = 2e-3
     weight_decay: float = 0.01

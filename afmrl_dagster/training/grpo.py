@@ -42,11 +42,13 @@ LOGGED_SAMPLES = 4
 
 @dataclass
 class GRPOConfig:
-    steps: int = 30
+    """The GRPO schedule; the defaults are the pipeline's (``RARConfig`` of the ``rar_generator`` asset reads them)."""
+
+    steps: int = 60
     queries_per_step: int = 16
     group_size: int = 8
-    learning_rate: float = 1e-4
-    kl_beta: float = 0.04
+    learning_rate: float = 3e-4
+    kl_beta: float = 0.01
     clip_epsilon: float = 0.2
     temperature: float = 1.0
     updates_per_batch: int = 2

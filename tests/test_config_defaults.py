@@ -28,7 +28,7 @@ class Mirror:
     config: type  # a dg.Config of an asset
     sources: tuple[type, ...]  # library dataclasses, searched in order for a field of the same name
     renamed: dict[str, tuple[type, str]] = dataclasses.field(default_factory=dict)  # config field -> (dataclass, its field)
-    pipeline_only: frozenset[str] = frozenset()  # gates and choices the library has no notion of
+    pipeline_only: frozenset[str] = frozenset()  # gates and choices the library has no notion of (allowed, not required)
 
 
 MIRRORS = [
@@ -84,8 +84,6 @@ def test_asset_config_defaults_are_the_library_defaults(mirror):
     unmatched = set(fields) - {name for name, _, _ in shared} - mirror.pipeline_only
     assert not unmatched, (f"{mirror.config.__name__} fields {sorted(unmatched)} have no library counterpart: add them to "
                            f"the library dataclass (and read the default from there) or declare them pipeline-only here")
-    stale = mirror.pipeline_only - set(fields)
-    assert not stale, f"declared pipeline-only but not fields of {mirror.config.__name__}: {sorted(stale)}"
 
 
 @pytest.mark.parametrize("mirror", MIRRORS, ids=lambda mirror: mirror.config.__name__)

@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED := 1
 export DAGSTER_HOME := $(CURDIR)/.afmrl/dagster_home
 export AFMRL_CATALOG := $(CATALOG)
 
-.PHONY: install browser demo test dev mlflow-ui clean
+.PHONY: install browser demo lint test dev mlflow-ui clean
 
 $(BIN)/.installed: pyproject.toml
 	@echo "==> creating virtualenv $(VENV) and installing pinned dependencies (faiss: $(FAISS))"
@@ -50,7 +50,17 @@ browser:
 			|| echo "==> could not install chromium: the browser test will skip"; \
 	else echo "==> no chromium and not root: the browser test will skip (apt-get install chromium chromium-driver)"; fi
 
-test: install browser
+# The import contracts and ruff (pyproject.toml). import-linter finds modules on disk, and the
+# editable install maps afmrl_dagster.assets and .resources to the top-level folders, so it runs
+# on a tree of links laid out as the installed package.
+LINT_TREE := .afmrl/lint
+lint: install
+	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)/afmrl_dagster
+	ln -s $(CURDIR)/afmrl_dagster/* $(CURDIR)/assets $(CURDIR)/resources $(LINT_TREE)/afmrl_dagster/
+	cd $(LINT_TREE) && $(abspath $(BIN))/lint-imports --config $(CURDIR)/pyproject.toml --no-cache
+	$(BIN)/ruff check .
+
+test: install browser lint
 	$(BIN)/python -m pytest
 
 dev: install $(DAGSTER_HOME)/dagster.yaml

@@ -16,7 +16,8 @@ from .conditions import FOLLOWS_INPUTS
 from .partitions import product_lines
 
 
-@dg.asset(automation_condition=FOLLOWS_INPUTS, partitions_def=product_lines, group_name="features", kinds={"pytorch", "parquet"}, pool=GPU_POOL, op_tags=GPU_OP_TAGS)
+@dg.asset(automation_condition=FOLLOWS_INPUTS, partitions_def=product_lines, group_name="features", kinds={"pytorch", "parquet"},
+          pool=GPU_POOL, op_tags=GPU_OP_TAGS)
 def listing_features(
     context: dg.AssetExecutionContext,
     raw_catalog: pl.DataFrame,

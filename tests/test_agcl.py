@@ -69,7 +69,7 @@ def hand_loss(s, tau, bm25, same, use_weights, use_mask, delta, weight_positive=
     size = len(s)
     losses, dropped = [], 0
     for i in range(size):
-        w = lambda j: math.exp(1 + math.tanh(bm25[i][j])) if use_weights else 1.0  # noqa: E731
+        w = lambda j: math.exp(1 + math.tanh(bm25[i][j])) if use_weights else 1.0  # noqa: E731, B023 (called within the iteration)
         positive = (w(i) if weight_positive or not use_weights else math.e) * math.exp(s[i][i] / tau)
         negatives = 0.0
         for j in range(size):

@@ -69,7 +69,10 @@ def test_grpo_raises_the_reward_and_keeps_the_reference(weak_policy):
 
 def test_grpo_is_deterministic_with_its_seed(weak_policy):
     runs = [_run(weak_policy, steps=2, grad_accumulation=2)[0] for _ in range(2)]
-    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    def strip(history):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
     assert strip(runs[0]) == strip(runs[1])
     other = _run(weak_policy, steps=2, seed=1)[0]
     assert strip(other) != strip(runs[0])

@@ -167,7 +167,8 @@ def test_attribute_chain_runs_distillation_rar_and_cit_per_seed(small_builtin):
         distillation=DistillationSettings(epochs=10, d_model=32, n_layers=1), grpo=GRPOConfig(steps=2, queries_per_step=4, group_size=4),
         cit=CITSettings(epochs=3),
     )
-    records = run_attribute_chain(dataset, features, TextFeaturizer(DEFAULT_TEXT_MODEL), LadderSettings(seeds=(0, 1), training={"epochs": 10, "batch_size": 8}), chain)
+    settings = LadderSettings(seeds=(0, 1), training={"epochs": 10, "batch_size": 8})
+    records = run_attribute_chain(dataset, features, TextFeaturizer(DEFAULT_TEXT_MODEL), settings, chain)
     assert [(r["row"], r["seed"]) for r in records] == [(row, seed) for seed in (0, 1) for row in ATTRIBUTE_ROWS]
     by = {(r["row"], r["seed"]): r for r in records}
     for seed in (0, 1):

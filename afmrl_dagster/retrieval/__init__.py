@@ -10,6 +10,6 @@ from ..lazy_exports import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "index": ["IndexConfig", "build_index", "load_index", "recall_against_exact", "save_index", "search"],
     "metrics": ["recall_fraction_at_k", "retrieval_metrics", "top_indices"],
-    "reward": ["RetrievalReward"],
+    "reward": ["INVALID_REWARD", "RetrievalReward"],
     "tasks": ["clustering_scores", "combine_retrieval", "cross_set_retrieval", "knn_classification_accuracy"],
 })

@@ -10,7 +10,7 @@ from ..lazy_exports import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "agcl": ["AGCLConfig", "AGCLLoss"],
-    "attribute_stages": ["CITSettings", "DistillationSettings", "RARGallery", "cit_rows", "default_reward_k",
+    "attribute_stages": ["CITSettings", "DistillationSettings", "RARGallery", "RARSettings", "cit_rows", "default_reward_k",
                          "distill_generator", "refine_with_rar", "reward_trend", "train_cit_round", "written_attributes"],
     "bm25": ["BM25Scorer", "pair_tokens", "word_tokens"],
     "checkpoints": ["flatten_tensors", "has_checkpoint", "load_checkpoint", "save_checkpoint", "unflatten_tensors"],

@@ -19,7 +19,8 @@ import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
-from ..settings import DEFAULT_IMAGE_TOWER as DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_TOWER as DEFAULT_TEXT_MODEL  # the defaults of AFMRL_IMAGE_TOWER, AFMRL_TEXT_TOWER
+# the defaults of AFMRL_IMAGE_TOWER, AFMRL_TEXT_TOWER
+from ..settings import DEFAULT_IMAGE_TOWER as DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_TOWER as DEFAULT_TEXT_MODEL
 
 _TEXT_MODEL_ALIASES = {DEFAULT_TEXT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 # EfficientNet-Lite's ImageNet weights were trained on TF-style inputs (pixel - 127) / 128,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .settings import DEFAULT_STORE, DEFAULT_TRACKING_URI, TRACKING_URI_ENV, Settings
+from .settings import DEFAULT_STORE, DEFAULT_TRACKING_URI, Settings
 
 
 def _add_evaluate(commands) -> argparse.ArgumentParser:
@@ -19,8 +19,8 @@ def _add_evaluate(commands) -> argparse.ArgumentParser:
                           help="catalog source: builtin[:...], grocery:PATH, wdc_products:PATH, amazon_google:PATH, abo:PATH, parquet:LOCATION")
     evaluate.add_argument("--split", metavar="PATH", help="split list (grocery) or pair file(s), comma-separated (wdc_products)")
     evaluate.add_argument("--encoder", default="zero-shot", metavar="ENCODER",
-                          help="'zero-shot', a head folder (head.safetensors + config.json) or an MLflow model URI "
-                          "such as models:/afmrl-encoder@champion (default: zero-shot)")
+                          help="'zero-shot', 'champion' (the encoder the pipeline's serving record names), a head folder "
+                          "(head.safetensors + config.json) or an MLflow model URI such as models:/afmrl-encoder/3 (default: zero-shot)")
     evaluate.add_argument("--out", required=True, metavar="PATH", help="where to write the metrics JSON")
     evaluate.add_argument("--markdown", metavar="PATH", help="also write the metrics as a markdown table")
     evaluate.add_argument("--limit", type=int, metavar="N", help="score only the first N queries by listing id")
@@ -28,7 +28,6 @@ def _add_evaluate(commands) -> argparse.ArgumentParser:
 
 
 def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    import os
     from pathlib import Path
 
     from .evaluate_command import device_from_env
@@ -39,14 +38,13 @@ def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         settings = Settings.from_env()
     except ValueError as error:
         parser.exit(2, f"afmrl search: error: {error}\n")
-    os.environ.setdefault(TRACKING_URI_ENV, settings.tracking_uri)  # the search engine's MLflow calls read it
     try:
         image = Path(args.image).expanduser().read_bytes() if args.image else None
     except OSError as error:
         parser.exit(2, f"afmrl search: error: cannot read --image {args.image}: {error.strerror}\n")
     try:
         store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
-        engine = SearchEngine.from_store(store, encoder=args.encoder, generator=args.generator, device=device_from_env())
+        engine = SearchEngine.from_store(store, device=device_from_env())
         result = engine.search(image=image, text=args.text, k=args.k)
     except (SearchError, StorageError, ValueError) as error:
         parser.exit(2, f"afmrl search: error: {error}\n")
@@ -59,13 +57,25 @@ def _rollback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
     from .promotion import RollbackError, rollback_champion
 
+    from .registry import ENCODER_MODEL_NAME
+    from .serving import ServingError, publish_champion_record
+    from .storage import StorageError, open_store
+
     try:
-        tracking_uri = args.tracking_uri or Settings.from_env().tracking_uri
-        rolled_from, rolled_to = rollback_champion(MlflowClient(tracking_uri=tracking_uri), args.model)
+        settings = Settings.from_env()
+        client = MlflowClient(tracking_uri=args.tracking_uri or settings.tracking_uri)
+        rolled_from, rolled_to = rollback_champion(client, args.model)
     except (RollbackError, MlflowException, ValueError) as error:
         parser.exit(2, f"afmrl rollback: error: {error}\n")
     print(f"{args.model}: champion moved from version {rolled_from} back to version {rolled_to} "
           f"(version {rolled_from} is now previous_champion; run again to undo)")
+    if args.model == ENCODER_MODEL_NAME:  # search serves what the record names: it follows the champion
+        try:
+            store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
+            record, uri = publish_champion_record(client, store, args.model)
+        except (ServingError, StorageError, MlflowException, ValueError) as error:
+            parser.exit(2, f"afmrl rollback: error: the champion moved, but the serving record was not rewritten: {error}\n")
+        print(f"serving record {uri}: version {record.encoder_version} with index {record.index_uri}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,14 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(serve_teacher)
     search = commands.add_parser(
         "search", help="find the listings of a photo and/or a text with the champion encoder and the pipeline's index",
-        description="Query -> generated attributes -> encoder -> index -> top-k listings. Reads the artefact store "
-        f"(AFMRL_STORE, default {DEFAULT_STORE}) and MLflow (MLFLOW_TRACKING_URI, default {DEFAULT_TRACKING_URI}).",
+        description="Query -> generated attributes -> encoder -> index -> top-k listings, with what the serving record "
+        f"of the artefact store (AFMRL_STORE, default {DEFAULT_STORE}) names: the champion encoder, its index and its generator.",
     )
     search.add_argument("--image", metavar="PATH", help="photo of the product (local path)")
     search.add_argument("--text", metavar="TEXT", help="title or description typed by the user")
     search.add_argument("--k", type=int, default=10, help="listings to return (default 10)")
-    search.add_argument("--encoder", default="models:/afmrl-encoder@champion", help="registered model URI or head folder")
-    search.add_argument("--generator", help="registered model URI or folder (default: the generator that wrote the gallery's attributes)")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     rollback = commands.add_parser(
         "rollback", help="move a registered model's champion alias back to the version it replaced",

@@ -66,6 +66,7 @@ ASSETS = [
     retrieval.retrieval_index,
     retrieval.retrieval_evaluation,
     retrieval.encoder_promotion,
+    retrieval.serving_record,
     rar.rar_generator,
     cit.cit_encoder,
 ]

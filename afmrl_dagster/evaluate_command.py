@@ -57,6 +57,7 @@ from .storage import StorageError, read_uri_bytes
 
 from .settings import DEFAULT_TRACKING_URI  # written once, in settings.py
 ZERO_SHOT = "zero-shot"
+CHAMPION = "champion"  # the encoder the serving record names
 KNN_K = 5
 GROCERY_ICONIC_PREFIX = "grocery-iconic-"  # listing ids of the loader's catalog images
 AMAZON_GOOGLE_TABLES = {"amazon-": "amazon", "gp-": "google"}  # listing id prefix -> table
@@ -261,13 +262,32 @@ def _head_encoder(name: str, folder: Path) -> Encoder:
     return Encoder(name, head.config.image_tower, head.config.text_tower, head)
 
 
+def _served_encoder() -> Encoder:
+    """The encoder the serving record of the artefact store (``AFMRL_STORE``) names."""
+    from .encoders.dual_tower import load_stored_head
+    from .serving import ServingError, read_serving_record
+    from .settings import Settings
+    from .storage import open_store
+
+    settings = Settings.from_env()
+    try:
+        store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
+        record = read_serving_record(store)
+        head = load_stored_head(store, record.encoder_uri)
+    except (ServingError, StorageError) as error:
+        raise EvaluationError(f"encoder 'champion': {error}") from error
+    return Encoder(f"{record.encoder_model} version {record.encoder_version} (serving record)", head.config.image_tower, head.config.text_tower, head)
+
+
 def resolve_encoder(spec: str) -> Encoder:
-    """``zero-shot``, a folder written by ``save_head``, or an MLflow model URI
+    """``zero-shot``, ``champion`` (what the serving record names), a folder written by ``save_head``, or an MLflow model URI
     (``models:/afmrl-encoder@champion``, ``runs:/<id>/encoder``; tracking URI from
     ``MLFLOW_TRACKING_URI``, default ``sqlite:///.afmrl/mlflow.db``)."""
     if spec == ZERO_SHOT:
         return Encoder(ZERO_SHOT, os.environ.get("AFMRL_IMAGE_TOWER", DEFAULT_IMAGE_MODEL),
                        os.environ.get("AFMRL_TEXT_TOWER", DEFAULT_TEXT_MODEL))
+    if spec == CHAMPION:
+        return _served_encoder()
     if Path(spec).expanduser().is_dir():
         return _head_encoder(spec, Path(spec).expanduser())
     if not _MODEL_URI.match(spec):
@@ -326,7 +346,9 @@ class EmbeddedListings:
     unreadable_images: list[str]
 
 
-def tower_features(encoder: Encoder, listings: pl.DataFrame, images: dict[str, bytes] | None = None, text_batch: int = 512) -> tuple[ListingFeatures, list[str]]:
+def tower_features(
+    encoder: Encoder, listings: pl.DataFrame, images: dict[str, bytes] | None = None, text_batch: int = 512
+) -> tuple[ListingFeatures, list[str]]:
     """Frozen-tower features of ``listings`` (image, and the bare title as text) and the ids
     whose image could not be decoded."""
     image, mask, unreadable = _image_features(encoder, listings, images or {})
@@ -447,6 +469,7 @@ def run_evaluate(
         "catalog": catalog,
         "split": split,
         "encoder": encoder,
+        "encoder_resolved": resolved.name,
         "towers": {"image": resolved.image_tower, "text": resolved.text_tower},
         "limit": limit,
         "protocol": {

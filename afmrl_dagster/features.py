@@ -2,8 +2,9 @@
 
 The image tower is the expensive part of every stage on CPU; its features (and those of the
 bare title) are computed once per listing and reused by the generator, the encoder and the
-evaluation. Text features of title + attributes depend on which attributes are appended, so
-they are computed where needed (the text tower caches repeated strings).
+evaluation. Text features of title + generated attributes are computed once too, by the
+asset that generates the attributes (column ``text_features``), and read downstream with
+:func:`served_listing_features`.
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ def listing_features(
         text=rows["title_features"].to_numpy().astype(np.float32),
     )
     return features if text_featurizer is None else with_listing_text(features, text_featurizer, titles, attributes)
+
+
+def served_listing_features(features_table: pl.DataFrame, attributes_table: pl.DataFrame, listing_ids: Sequence[str]) -> ListingFeatures:
+    """Features of ``listing_ids`` as the encoder sees them when serving: image features from
+    ``features_table`` and the text features of title + generated attributes stored in the
+    ``text_features`` column of ``attributes_table``."""
+    if "text_features" not in attributes_table.columns:
+        raise KeyError("the attribute table has no text_features column: rematerialise generated_attributes")
+    base = listing_features(features_table, listing_ids)
+    text = align(attributes_table.select("listing_id", "text_features"), listing_ids)["text_features"].to_numpy().astype(np.float32)
+    return ListingFeatures(base.listing_ids, base.image, base.image_mask, text)
 
 
 def with_listing_text(

@@ -80,3 +80,18 @@ def retrieval_grid_png(
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
+
+
+def held_out_examples_png(catalog, embeddings, query_mask, read_image, count: int, k: int = 4) -> bytes:
+    """The first ``count`` queries of ``query_mask`` by listing id whose product has another
+    listing, with their top-``k`` results (the same pictures every run); ``read_image(uri)``
+    gives a decoded image."""
+    import numpy as np
+
+    products = catalog["product_id"].to_list()
+    shared = {product for product, n in catalog.group_by("product_id").len().rows() if n > 1}
+    order = np.argsort(np.array(catalog["listing_id"].to_list()), kind="stable")
+    rows = [int(i) for i in order if query_mask[i] and products[i] in shared][:count]
+    uris, titles = catalog["image_uri"].to_list(), catalog["title"].to_list()
+    return retrieval_grid_png(retrieval_examples(rows, embeddings, products, k=k),
+                              lambda row: read_image(uris[row]) if uris[row] else None, lambda row: titles[row])

@@ -32,8 +32,45 @@ def promotion_decision(
         raise ValueError(f"champion version {champion_version} must be scored on the same evaluation set before comparing")
     champion = champion_metrics[metric]
     if candidate > champion + margin:
-        return PromotionDecision(True, f"version {candidate_version} {metric}={candidate:.4f} beats champion {champion_version} ({champion:.4f}) by more than {margin}")
-    return PromotionDecision(False, f"version {candidate_version} {metric}={candidate:.4f} does not beat champion {champion_version} ({champion:.4f}) by more than {margin}; champion kept")
+        return PromotionDecision(
+            True, f"version {candidate_version} {metric}={candidate:.4f} beats champion {champion_version} ({champion:.4f}) by more than {margin}"
+        )
+    return PromotionDecision(
+        False,
+        f"version {candidate_version} {metric}={candidate:.4f} does not beat champion {champion_version} ({champion:.4f}) "
+        f"by more than {margin}; champion kept",
+    )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A registered encoder version offered for serving, scored on validation queries."""
+
+    name: str  # e.g. "AGCL encoder", "CIT encoder"
+    version: str
+    metrics: dict[str, float]
+    evaluation_set: str  # fingerprint of the validation queries it was scored on
+    serving_tags: dict[str, str]  # what it would serve with (see serving.serving_tags)
+
+
+def best_candidate(candidates: list[Candidate], metric: str, evaluation_set: str) -> tuple[Candidate | None, list[str]]:
+    """The candidate with the highest ``metric`` among those scored on ``evaluation_set`` (the
+    first listed wins a tie), and one line for each candidate left out and why."""
+    comparable, notes = [], []
+    for candidate in candidates:
+        if candidate.evaluation_set != evaluation_set:
+            notes.append(f"{candidate.name} version {candidate.version} left out: scored on another evaluation set "
+                         f"({candidate.evaluation_set[:12]} vs {evaluation_set[:12]}); rematerialise it")
+        elif metric not in candidate.metrics:
+            raise KeyError(f"promotion metric {metric!r} not among {candidate.name}'s metrics {sorted(candidate.metrics)}")
+        else:
+            comparable.append(candidate)
+    if not comparable:
+        return None, notes
+    best = max(comparable, key=lambda candidate: candidate.metrics[metric])  # max keeps the first of equals
+    notes += [f"{other.name} version {other.version} {metric}={other.metrics[metric]:.4f} not chosen: {best.name} scores "
+              f"{best.metrics[metric]:.4f}" for other in comparable if other is not best]
+    return best, notes
 
 
 # ---- the registry's aliases ----------------------------------------------------------------------

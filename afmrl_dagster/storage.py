@@ -123,6 +123,17 @@ class ObjectStore(ABC):
     def uri(self, key: str) -> str:
         """The URI of ``key`` (an absolute path for local stores, ``s3://bucket/key`` on S3)."""
 
+    def key_of(self, uri: str) -> str:
+        """The key behind ``uri`` (the inverse of :meth:`uri`); StorageError when ``uri`` lies outside this store.
+
+        Artefacts are referenced by URI in manifests and the serving record; this is how a
+        reader turns one back into a key without rebuilding paths from fingerprints.
+        """
+        root = self.root_uri.rstrip("/") + "/"
+        if not isinstance(uri, str) or not uri.startswith(root):
+            raise StorageError(f"{uri!r} is not inside the artefact store {self.root_uri}")
+        return validate_key(uri[len(root):].rstrip("/"), what=f"key of {uri!r}")
+
     @abstractmethod
     def exists(self, key: str) -> bool:
         """Whether an object is stored at ``key``."""

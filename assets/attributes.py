@@ -6,6 +6,7 @@ query at search time."""
 import json
 
 import dagster as dg
+import numpy as np
 import polars as pl
 from pydantic import Field
 
@@ -80,7 +81,8 @@ def _table_metadata(table: pl.DataFrame) -> dict:
     }
 
 
-@dg.asset(automation_condition=FOLLOWS_INPUTS, partitions_def=product_lines, group_name="attributes", kinds={"polars", "parquet"}, check_specs=_attribute_checks("teacher_attributes"))
+@dg.asset(automation_condition=FOLLOWS_INPUTS, partitions_def=product_lines, group_name="attributes", kinds={"polars", "parquet"},
+          check_specs=_attribute_checks("teacher_attributes"))
 def teacher_attributes(
     context: dg.AssetExecutionContext,
     config: AttributeQualityConfig,
@@ -135,7 +137,8 @@ class AttributeGeneratorConfig(dg.Config):
     d_model: int = Field(default=DistillationSettings.d_model, description="Width of the decoder.")
     n_layers: int = Field(default=DistillationSettings.n_layers, description="Decoder layers.")
     seed: int = Field(default=DistillationSettings.seed, description="Seed of initialisation and shuffling.")
-    constrained_decoding: bool = Field(default=DistillationSettings.constrained_decoding, description="Decode within the attribute grammar, so every output parses.")
+    constrained_decoding: bool = Field(default=DistillationSettings.constrained_decoding,
+                                       description="Decode within the attribute grammar, so every output parses.")
 
 
 @dg.asset(
@@ -223,7 +226,8 @@ def attribute_generator(
                 },
             },
         )
-    tag_model_version(mlflow_tracking, context, manifest, {"heldout_pair_f1": accuracy["pair_f1"], "heldout_validity_rate": accuracy["validity_rate"]}, catalog=raw_catalog)
+    tag_model_version(mlflow_tracking, context, manifest, {"heldout_pair_f1": accuracy["pair_f1"], "heldout_validity_rate": accuracy["validity_rate"]},
+                      catalog=raw_catalog)
     mlflow_tracking.client().set_registered_model_alias(GENERATOR_MODEL_NAME, "sft", manifest["model_version"])
     return dg.MaterializeResult(
         value=manifest,
@@ -236,29 +240,39 @@ def attribute_generator(
     )
 
 
-@dg.asset(automation_condition=FOLLOWS_INPUTS, partitions_def=product_lines, group_name="attributes", kinds={"pytorch", "parquet"}, pool=GPU_POOL, op_tags=GPU_OP_TAGS, check_specs=_attribute_checks("generated_attributes"))
+@dg.asset(automation_condition=FOLLOWS_INPUTS, partitions_def=product_lines, group_name="attributes", kinds={"pytorch", "parquet"},
+          pool=GPU_POOL, op_tags=GPU_OP_TAGS, check_specs=_attribute_checks("generated_attributes"))
 def generated_attributes(
     context: dg.AssetExecutionContext,
     config: AttributeQualityConfig,
+    raw_catalog: pl.DataFrame,
     attribute_generator: dict,
     listing_features: pl.DataFrame,
+    feature_towers: FeatureTowers,
+    torch_compute: TorchCompute,
     artifact_store: ArtifactStore,
 ):
-    """Attributes the student generator writes for every listing of the line (greedy decoding).
+    """Attributes the student generator writes for every listing of the line (greedy decoding),
+    with the text-tower features of title + those attributes (``text_features``).
 
-    These are what the encoder sees at search time, for the gallery and for a query alike.
+    These are what the encoder sees at search time, for the gallery and for a query alike;
+    the embeddings, the evaluation and the promotion read the features from here.
     Unparseable generations are recorded as invalid with their raw text, never fatal.
     """
     from afmrl_dagster.attributes.generator import generate_attribute_texts, load_stored_generator
     from afmrl_dagster.attributes.teacher import attribute_table
-    from afmrl_dagster.features import listing_features as features_of
+    from afmrl_dagster.features import align, listing_features as features_of, with_listing_text
 
-    store = artifact_store.open()
-    model, vocabulary = load_stored_generator(store, f"models/attribute_generator/{attribute_generator['fingerprint']}")
+    device = torch_compute.torch_device()
+    model, vocabulary = load_stored_generator(artifact_store.open(), attribute_generator["uri"], device=device)
     ids = listing_features["listing_id"].to_list()
     features = features_of(listing_features, ids)
     texts = generate_attribute_texts(model, vocabulary, features.image, features.image_mask, features.text)
     table = attribute_table(ids, texts, f"{attribute_generator['model_name']}@{attribute_generator['model_version']}", vocabulary.keys)
+    titles = align(raw_catalog.select("listing_id", "title"), ids)["title"].to_list()
+    attributes = [json.loads(text) if text else None for text in table["attributes_json"].to_list()]
+    served = with_listing_text(features, feature_towers.text_featurizer(device), titles, attributes)
+    table = table.with_columns(pl.Series("text_features", served.text.astype(np.float32)))
     return dg.MaterializeResult(
         value=table,
         metadata={"generator_version": attribute_generator["model_version"], **_table_metadata(table)},

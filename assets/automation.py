@@ -37,11 +37,12 @@ catalog_embedding_job = dg.define_asset_job(
     partitions_def=product_lines,
     description="Generate attributes for and embed one product line with the current models.",
 )
-# Across all lines: index, evaluate and promote, then refine the generator with RAR.
+# Across all lines: index and evaluate, RAR and CIT, then the one promotion and the serving record.
 retrieval_job = dg.define_asset_job(
     "retrieval_job",
-    selection=dg.AssetSelection.assets("retrieval_index", "retrieval_evaluation", "encoder_promotion", "rar_generator", "cit_encoder"),
-    description="Build the index, evaluate and promote the encoder, refine the generator with RAR, and retrain the encoder on its attributes (CIT).",
+    selection=dg.AssetSelection.assets("retrieval_index", "retrieval_evaluation", "rar_generator", "cit_encoder", "encoder_promotion", "serving_record"),
+    description="Build the index and evaluate, refine the generator with RAR and retrain the encoder on its attributes (CIT), "
+    "promote the best candidate encoder and publish the serving record.",
 )
 
 

@@ -36,7 +36,8 @@ class EncoderTrainingRunConfig(dg.Config):
     batch_size: int = Field(default=EncoderTrainingConfig.batch_size, description="(anchor, positive) pairs per batch.")
     learning_rate: float = Field(default=EncoderTrainingConfig.learning_rate, description="Peak learning rate (warmup + cosine).")
     embed_dim: int = Field(default=DualTowerConfig.embed_dim, description="Embedding size.")
-    use_attribute_weights: bool = Field(default=AGCLConfig.use_weights, description="AGCL weights exp(1 + tanh(BM25)) on negatives; off = plain InfoNCE weights.")
+    use_attribute_weights: bool = Field(default=AGCLConfig.use_weights,
+                                        description="AGCL weights exp(1 + tanh(BM25)) on negatives; off = plain InfoNCE weights.")
     use_false_negative_mask: bool = Field(default=AGCLConfig.use_false_negative_mask, description="Drop negatives with s_ij > s_ii + delta.")
     delta: float = Field(default=AGCLConfig.delta, description="Margin of the false-negative mask.")
     sampler: str = Field(default=EncoderTrainingConfig.sampler, description="'product_line' (siblings as hard negatives) or 'random'.")

@@ -17,7 +17,6 @@ from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
 from .publishing import cached_manifest, cached_result, check_results, model_check, model_metadata, publish_model, tag_model_version
-from .retrieval import load_encoder_head
 
 
 class RARConfig(dg.Config):
@@ -44,8 +43,8 @@ class RARConfig(dg.Config):
     kinds={"pytorch", "mlflow"},
     pool=GPU_POOL, op_tags=GPU_OP_TAGS,
     check_specs=[
-        dg.AssetCheckSpec("rar_heldout_validity", asset="rar_generator", description="At least 99% of held-out outputs parse."),
-        dg.AssetCheckSpec("rar_keeps_recall", asset="rar_generator", description="RAR attributes do not lower held-out R@1 against SFT attributes."),
+        dg.AssetCheckSpec("rar_validity", asset="rar_generator", description="At least 99% of outputs on validation products parse."),
+        dg.AssetCheckSpec("rar_keeps_recall", asset="rar_generator", description="RAR attributes do not lower validation R@1 against SFT attributes."),
     ],
 )
 def rar_generator(
@@ -67,12 +66,14 @@ def rar_generator(
     Each training query samples a group of attribute outputs; each is appended to the query,
     embedded and searched; its reward is Recall@k of the query's product (``invalid_reward``
     when it does not parse). Group-normalised advantages, a clipped ratio and a KL penalty to
-    the SFT generator. Held-out queries then compare SFT and RAR attributes; the new version
-    is registered with alias ``rar`` and becomes the generator ``champion`` unless it lowers R@1.
+    the SFT generator. Reward queries and gallery are training listings only. Queries of
+    validation products then compare SFT and RAR attributes (test products are reported); the
+    new version is registered with alias ``rar``. It serves only through ``encoder_promotion``,
+    with the CIT encoder trained on its attributes.
     """
 
     from afmrl_dagster.attributes.generator import load_stored_generator, save_generator
-    from afmrl_dagster.encoders.dual_tower import embed_features
+    from afmrl_dagster.encoders.dual_tower import embed_features, load_stored_head
     from afmrl_dagster.evaluation import REPORTED_METRICS
     from afmrl_dagster.features import align, listing_features as features_of
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
@@ -89,24 +90,26 @@ def rar_generator(
 
     device = torch_compute.torch_device()
     text_featurizer = feature_towers.text_featurizer(device)
-    head = load_encoder_head(store, agcl_encoder)
-    reference, vocabulary = load_stored_generator(store, f"models/attribute_generator/{attribute_generator['fingerprint']}")
+    head = load_stored_head(store, agcl_encoder["uri"], device=device)
+    reference, vocabulary = load_stored_generator(store, attribute_generator["uri"], device=device)
 
     ids = raw_catalog["listing_id"].to_list()
-    gallery = align(catalog_embeddings, ids)
-    gallery_embeddings = gallery["embedding"].to_numpy().astype(np.float32)
+    gallery_embeddings = align(catalog_embeddings, ids)["embedding"].to_numpy().astype(np.float32)
     product_ids = raw_catalog["product_id"].to_list()
     titles = raw_catalog["title"].to_list()
-    held_out = split.query_mask(raw_catalog)
     base = features_of(listing_features, ids)
+    # Reward queries and the reward gallery are training listings only: no validation or test listing.
+    train_rows = np.flatnonzero(split.mask(raw_catalog, "train"))
+    reward_gallery = RARGallery(gallery_embeddings[train_rows], [product_ids[i] for i in train_rows], [ids[i] for i in train_rows])
 
-    reward_k = config.reward_k or default_reward_k(len(ids))
-    train_rows = np.flatnonzero(~held_out)
+    reward_k = config.reward_k or default_reward_k(len(train_rows))
     grpo = GRPOConfig(
         steps=config.steps, queries_per_step=config.queries_per_step, group_size=config.group_size, learning_rate=config.learning_rate,
         kl_beta=config.kl_beta, clip_epsilon=config.clip_epsilon, temperature=config.temperature, seed=config.seed, device=device,
     )
-    with mlflow_tracking.start_run(context, "rar_generator", params={**config.model_dump(), "reward_k_used": reward_k, "train_queries": len(train_rows), "sft_version": attribute_generator["model_version"], "encoder_version": agcl_encoder["model_version"]}) as run:
+    params = {**config.model_dump(), "reward_k_used": reward_k, "train_queries": len(train_rows),
+              "sft_version": attribute_generator["model_version"], "encoder_version": agcl_encoder["model_version"]}
+    with mlflow_tracking.start_run(context, "rar_generator", params=params) as run:
         import mlflow
 
         samples: list[dict] = []
@@ -114,30 +117,34 @@ def rar_generator(
         def on_step(row: dict) -> None:
             mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
             samples.extend({"step": row["step"], "query": ids[train_rows[q]], "attributes": text, "reward": float(r)} for q, text, r in row.get("samples", []))
-            context.log.info(f"GRPO step {row['step']}: reward {row['reward_mean']:.3f} ± {row['reward_std']:.3f}, valid {row['validity_rate']:.2f}, KL {row['kl']:.4f}")
+            context.log.info(f"GRPO step {row['step']}: reward {row['reward_mean']:.3f} ± {row['reward_std']:.3f}, "
+                             f"valid {row['validity_rate']:.2f}, KL {row['kl']:.4f}")
 
         policy, history = refine_with_rar(
             reference, vocabulary, head, text_featurizer, base.subset(train_rows), [titles[i] for i in train_rows],
-            [product_ids[i] for i in train_rows], RARGallery(gallery_embeddings, product_ids, ids), grpo,
+            [product_ids[i] for i in train_rows], reward_gallery, grpo,
             reward_k=reward_k, invalid_reward=config.invalid_reward, on_step=on_step,
         )
         reward_first, reward_last = reward_trend(history)
         mlflow.log_table(pl.DataFrame(samples).to_pandas() if samples else {"step": []}, "sampled_generations.json")
 
-        # Held-out comparison: the same encoder and gallery, queries carrying SFT vs RAR attributes.
-        query_rows = np.flatnonzero(held_out)
-        queries = base.subset(query_rows)
-        comparison = {}
-        for name, model in [("sft", reference), ("rar", policy)]:
-            _, parsed = written_attributes(model, vocabulary, queries)
-            with_attrs = features_of(listing_features, [ids[i] for i in query_rows], text_featurizer, [titles[i] for i in query_rows],
-                                     [p.attributes for p in parsed])
-            metrics = retrieval_metrics(
-                embed_features(head, with_attrs, device=device), gallery_embeddings, [product_ids[i] for i in query_rows], product_ids,
-                query_listing_ids=[ids[i] for i in query_rows], gallery_listing_ids=ids,
-            )
-            comparison[name] = {**{m: float(metrics[m]) for m in REPORTED_METRICS}, "validity_rate": float(np.mean([p.is_valid for p in parsed]))}
-            mlflow_tracking.log_metrics({f"heldout_{name}_{m}": v for m, v in comparison[name].items()})
+        # The same encoder and gallery, queries of unseen products carrying SFT vs RAR attributes:
+        # validation decides (the checks), test is reported.
+        comparison: dict[str, dict[str, dict[str, float]]] = {"validation": {}, "test": {}}
+        for part in comparison:
+            query_rows = np.flatnonzero(split.mask(raw_catalog, part))
+            gallery_rows = np.flatnonzero(split.gallery_mask(raw_catalog, part))
+            for name, model in [("sft", reference), ("rar", policy)]:
+                _, parsed = written_attributes(model, vocabulary, base.subset(query_rows))
+                with_attrs = features_of(listing_features, [ids[i] for i in query_rows], text_featurizer, [titles[i] for i in query_rows],
+                                         [p.attributes for p in parsed])
+                metrics = retrieval_metrics(
+                    embed_features(head, with_attrs, device=device), gallery_embeddings[gallery_rows], [product_ids[i] for i in query_rows],
+                    [product_ids[i] for i in gallery_rows], query_listing_ids=[ids[i] for i in query_rows], gallery_listing_ids=[ids[i] for i in gallery_rows],
+                )
+                comparison[part][name] = {**{m: float(metrics[m]) for m in REPORTED_METRICS}, "validity_rate": float(np.mean([p.is_valid for p in parsed]))}
+                mlflow_tracking.log_metrics({f"{part}_{name}_{m}": v for m, v in comparison[part][name].items()})
+        validation = comparison["validation"]
 
         manifest = publish_model(
             context, "generator",
@@ -147,36 +154,29 @@ def rar_generator(
                 "fingerprint": key,
                 "reward_first_steps": reward_first,
                 "reward_last_steps": reward_last,
-                "heldout": comparison,
+                **comparison,
                 "reward_k": reward_k,
                 "checks": {
-                    "rar_heldout_validity": model_check(comparison["rar"]["validity_rate"] >= 0.99, blocking=False, validity_rate=comparison["rar"]["validity_rate"]),
+                    "rar_validity": model_check(validation["rar"]["validity_rate"] >= 0.99, blocking=False, validity_rate=validation["rar"]["validity_rate"]),
                     "rar_keeps_recall": model_check(
-                        comparison["rar"]["recall@1"] >= comparison["sft"]["recall@1"], blocking=False,
-                        rar_recall_at_1=comparison["rar"]["recall@1"], sft_recall_at_1=comparison["sft"]["recall@1"],
+                        validation["rar"]["recall@1"] >= validation["sft"]["recall@1"], blocking=False,
+                        rar_recall_at_1=validation["rar"]["recall@1"], sft_recall_at_1=validation["sft"]["recall@1"],
                     ),
                 },
             },
         )
-    tag_model_version(mlflow_tracking, context, manifest, {f"heldout_{k}": v for k, v in comparison["rar"].items()}, catalog=raw_catalog)
-    client = mlflow_tracking.client()
-    client.set_registered_model_alias(GENERATOR_MODEL_NAME, "rar", manifest["model_version"])
-    keeps_recall = comparison["rar"]["recall@1"] >= comparison["sft"]["recall@1"]
-    sft_r1, rar_r1 = comparison["sft"]["recall@1"], comparison["rar"]["recall@1"]
-    mlflow_tracking.promote(
-        GENERATOR_MODEL_NAME, manifest["model_version"] if keeps_recall else attribute_generator["model_version"],
-        f"held-out R@1 with RAR attributes {rar_r1:.4f} vs SFT attributes {sft_r1:.4f}: {'RAR' if keeps_recall else 'SFT'} generator serves",
-    )
+    rar_scores = {f"{part}_{k}": v for part in comparison for k, v in comparison[part]["rar"].items()}
+    tag_model_version(mlflow_tracking, context, manifest, rar_scores, catalog=raw_catalog)
+    mlflow_tracking.client().set_registered_model_alias(GENERATOR_MODEL_NAME, "rar", manifest["model_version"])
     return dg.MaterializeResult(
         value=manifest,
         metadata={
             **model_metadata(manifest, mlflow_tracking),
             "reward_first_steps": manifest["reward_first_steps"],
             "reward_last_steps": manifest["reward_last_steps"],
-            "heldout_sft_recall@1": comparison["sft"]["recall@1"],
-            "heldout_rar_recall@1": comparison["rar"]["recall@1"],
-            "heldout_rar_validity": comparison["rar"]["validity_rate"],
-            "generator_champion": "rar" if keeps_recall else "sft",
+            "validation_sft_recall@1": validation["sft"]["recall@1"],
+            "validation_rar_recall@1": validation["rar"]["recall@1"],
+            "validation_rar_validity": validation["rar"]["validity_rate"],
             "reward_k": reward_k,
         },
         check_results=check_results(manifest),

@@ -1,6 +1,6 @@
 """Latency of one search, stage by stage, and what attribute generation adds: catalog listings
 (photo + title) sent one at a time through :class:`afmrl_dagster.search.SearchEngine` over what
-``make demo`` stored (the champion encoder, the pipeline's generator and index).
+``make demo`` stored, as its serving record names it (the champion encoder, its index and generator).
 
     python benchmarks/search_latency.py [--queries 50] [--write-readme README.md]
 """
@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 
 import torch
 
 from afmrl_dagster.readme import publish_result
-from afmrl_dagster.search import CATALOG_TABLES, SearchEngine
-from afmrl_dagster.settings import TRACKING_URI_ENV, Settings
+from afmrl_dagster.search import SearchEngine
+from afmrl_dagster.settings import Settings
 from afmrl_dagster.storage import open_store, read_uri_bytes
 
 BLOCK = "search-latency"
@@ -29,11 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-readme", metavar="README")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    os.environ.setdefault(TRACKING_URI_ENV, settings.tracking_uri)
     store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
     engine = SearchEngine.from_store(store)
-    keys = sorted(key for key in store.list_keys(CATALOG_TABLES) if key.endswith(".parquet"))
-    listings = [row for key in keys for row in store.read_parquet(key).iter_rows(named=True)][: args.queries]
+    listings = list(engine.listings.head(args.queries).iter_rows(named=True))  # the served index's own listings
     engine.search(image=read_uri_bytes(listings[0]["image_uri"]), text=listings[0]["title"], k=args.k)  # warm-up
     timings = {stage: [] for stage in STAGES}
     for listing in listings:

@@ -6,6 +6,7 @@ import functools
 import dagster as dg
 from pydantic import Field
 
+from afmrl_dagster.evaluation import HeldOutSplit
 from afmrl_dagster.settings import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
 
 
@@ -43,12 +44,15 @@ class FeatureTowers(dg.ConfigurableResource):
 
 
 class EvaluationSplit(dg.ConfigurableResource):
-    """Which products are held out of training and query the catalog in evaluation."""
+    """Which products train, which decide (validation) and which are only reported (test).
 
-    holdout_fraction: float = Field(default=0.3, description="Share of each product line's products held out.")
-    seed: int = Field(default=0, description="Seed of the held-out choice.")
+    Defaults come from the library's HeldOutSplit."""
 
-    def split(self):
-        from afmrl_dagster.evaluation import HeldOutSplit
+    holdout_fraction: float = Field(default=HeldOutSplit.fraction,
+                                    description="Share of each product line's products held out as test products: never trained on, never decided on.")
+    validation_fraction: float = Field(default=HeldOutSplit.validation_fraction,
+                                       description="Share of the other products kept out of training as validation products, on which every decision is taken.")
+    seed: int = Field(default=HeldOutSplit.seed, description="Seed of the choice of products.")
 
-        return HeldOutSplit(self.holdout_fraction, self.seed)
+    def split(self) -> HeldOutSplit:
+        return HeldOutSplit(self.holdout_fraction, self.seed, self.validation_fraction)

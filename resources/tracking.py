@@ -122,10 +122,3 @@ class MlflowTracking(dg.ConfigurableResource):
             return self.client().get_model_version_by_alias(model_name, CHAMPION_ALIAS)
         except MlflowException:
             return None
-
-    def promote(self, model_name: str, version: str, reason: str = "") -> str | None:
-        """Move the ``champion`` alias to ``version``; the replaced champion stays under
-        ``previous_champion`` for ``afmrl rollback``. Returns the replaced version."""
-        from afmrl_dagster.promotion import move_champion
-
-        return move_champion(self.client(), model_name, version, reason)

@@ -44,15 +44,13 @@ def pipeline_run(tmp_path_factory, mlflow_server):
 def test_whole_chain_produces_results_for_every_encoder(pipeline_run):
     _, _, outcome, _ = pipeline_run
     results = outcome["results"]
-    assert results["encoder"].to_list() == [
-        "zero-shot towers (title)",
-        "zero-shot towers (title + attributes)",
-        "AGCL encoder (title + attributes)",
-    ]
+    encoders = ["zero-shot towers (title)", "zero-shot towers (title + attributes)", "AGCL encoder (title + attributes)"]
+    assert results["encoder"].to_list() == encoders * 2
+    assert results["products"].to_list() == ["unseen (validation)"] * 3 + ["unseen (test)"] * 3
     for metric in ("recall@1", "recall@5", "recall@10", "map@10"):
         assert all(0.0 <= value <= 1.0 for value in results[metric])
-    assert results["recall@10"][2] >= results["recall@1"][2]
-    assert results["num_queries"][0] > 0
+    assert all(r10 >= r1 for r1, r10 in zip(results["recall@1"], results["recall@10"]))
+    assert all(n > 0 for n in results["num_queries"])
 
 
 def test_evaluation_and_training_metadata_carry_pictures(pipeline_run):
@@ -92,14 +90,22 @@ def test_models_are_registered_and_champion_is_set(pipeline_run, mlflow_server):
     _, _, outcome, root = pipeline_run
     client = MlflowClient(tracking_uri=mlflow_server.url)
     champion = client.get_model_version_by_alias(ENCODER_MODEL_NAME, "champion")
-    cit = outcome["cit"]
+    cit, promotion, serving = outcome["cit"], outcome["promotion"], outcome["serving"]
     assert str(client.get_model_version_by_alias(ENCODER_MODEL_NAME, "cit").version) == cit["model_version"]
-    # The champion is the CIT encoder only when CIT beat the stage-1 encoder on the same held-out set.
-    if cit["promoted"]:
-        assert str(champion.version) == cit["model_version"]
-        assert cit["heldout"]["cit"]["recall@1"] > cit["heldout"]["champion"]["recall@1"]
-    else:
-        assert float(champion.tags["recall_at_1"]) == pytest.approx(outcome["results"]["recall@1"][2], abs=1e-5)
+    # Both candidates were scored on the same validation set; the better one serves (no champion before).
+    assert promotion["champion_before"] is None and promotion["promoted"]
+    assert set(promotion["candidates"]) == {"AGCL encoder", "CIT encoder"}
+    best = max(promotion["candidates"].values(), key=lambda entry: entry["recall@1"])
+    assert str(champion.version) == promotion["champion_after"] == serving["encoder_version"]
+    assert promotion["candidates"][promotion["candidate_name"]]["recall@1"] == best["recall@1"]
+    assert {entry["evaluation_set"] for entry in promotion["candidates"].values()} == {promotion["evaluation_set"]}
+    # The AGCL candidate is judged on its validation row, never on the test one.
+    results = outcome["results"]
+    validation_row = results.filter((results["products"] == "unseen (validation)") & results["encoder"].str.starts_with("AGCL"))
+    assert promotion["candidates"]["AGCL encoder"]["recall@1"] == validation_row["recall@1"][0]
+    # The champion carries what it serves with; the generator champion is the one that wrote its index.
+    assert champion.tags["serving.index_uri"] == serving["index_uri"]
+    assert str(client.get_model_version_by_alias(GENERATOR_MODEL_NAME, "champion").version) == serving["generator_version"]
     for version in client.search_model_versions(f"name='{ENCODER_MODEL_NAME}'") + client.search_model_versions(f"name='{GENERATOR_MODEL_NAME}'"):
         assert {"dagster_run_id", "code_version", "catalog_snapshot", "catalog_listings", "fingerprint"} <= set(version.tags), version.tags
         assert version.tags["code_version"].startswith("0.1.0")
@@ -121,6 +127,22 @@ def test_rerun_with_unchanged_inputs_reuses_outputs(pipeline_run):
     assert definitions.resolve_job_def("model_training_job").execute_in_process(instance=instance, run_config=config).success
     assert latest_metadata(instance, "attribute_generator")["status"] == "cached"
     assert latest_metadata(instance, "agcl_encoder")["status"] == "cached"
+
+
+def test_cached_cit_encoder_returns_the_whole_manifest(pipeline_run):
+    """A cached rerun of cit_encoder returns what the run that trained it returned (its index and
+    validation scores included), since encoder_promotion and the serving record read them."""
+    definitions, instance, _, _ = pipeline_run
+    config = {"ops": {name: {"config": TINY_CONFIG[name].model_dump()} for name in ("rar_generator", "cit_encoder")}}
+    job = definitions.resolve_job_def("retrieval_job")
+    selection = [dg.AssetKey("cit_encoder")]
+    assert job.execute_in_process(instance=instance, run_config=config, asset_selection=selection).success
+    first = definitions.load_asset_value("cit_encoder", instance=instance)
+    assert job.execute_in_process(instance=instance, run_config=config, asset_selection=selection).success
+    assert latest_metadata(instance, "cit_encoder")["status"] == "cached"
+    cached = definitions.load_asset_value("cit_encoder", instance=instance)
+    assert cached == first
+    assert {"index", "validation", "test", "evaluation_set", "uri", "model_version"} <= set(cached)
 
 
 ASSET_QUERY = """
@@ -158,7 +180,8 @@ def test_dagster_dev_shows_the_chain_with_groups_checks_and_metadata(pipeline_ru
     labels = {entry["label"] for entry in evaluation["assetMaterializations"][0]["metadataEntries"]}
     assert {"results", "recall@1", "mlflow_run", "evaluation_set"} <= labels
     promotion = server.graphql(MATERIALIZATION_QUERY, {"path": ["encoder_promotion"]})["assetOrError"]
-    assert {"promoted", "promotion", "champion_before", "champion_after"} <= {entry["label"] for entry in promotion["assetMaterializations"][0]["metadataEntries"]}
+    labels = {entry["label"] for entry in promotion["assetMaterializations"][0]["metadataEntries"]}
+    assert {"promoted", "promotion", "champion_before", "champion_after"} <= labels
 
 
 RUNS_FOR_PARTITION = """
@@ -269,28 +292,92 @@ def test_search_finds_the_product_of_a_catalog_photo_and_title(pipeline_run, mon
     assert "| generate |" in latency.stdout and "Attribute generation adds" in latency.stdout
 
 
-def test_new_encoder_is_compared_with_the_champion_on_the_same_set(pipeline_run, mlflow_server):
-    """A second encoder version: the evaluation re-scores the registered champion before deciding."""
+def test_search_and_evaluate_open_artefacts_only_through_the_serving_record(pipeline_run, tmp_path):
+    """The serving record is the whole contract: in a copy of the store whose internal folders
+    are renamed (and whose asset manifests and tables are gone), a record that names the new
+    URIs still serves, through the library and through both documented commands."""
+    import shutil
+
+    from afmrl_dagster.search import SearchEngine
+    from afmrl_dagster.serving import SERVING_RECORD_KEY
+    from afmrl_dagster.storage import LocalObjectStore
+
+    _, _, outcome, root = pipeline_run
+    record = json.loads((root / "store" / SERVING_RECORD_KEY).read_text())
+    copy = tmp_path / "moved-store"
+    moved = {}
+    for field in ("encoder_uri", "index_uri", "generator_uri"):
+        source = Path(record[field])
+        target = copy / "relocated" / field / source.name
+        shutil.copytree(source, target)
+        moved[field] = str(target)
+    (copy / "serving").mkdir(parents=True)
+    (copy / SERVING_RECORD_KEY).write_text(json.dumps({**record, **moved}))
+    assert not (copy / "manifests").exists() and not (copy / "tables").exists() and not (copy / "models").exists()
+
+    engine = SearchEngine.from_store(LocalObjectStore(copy))
+    assert engine.record.encoder_version == outcome["serving"]["encoder_version"]
+    listing = engine.listings.row(0, named=True)
+    assert engine.search(text=listing["title"], k=3).hits[0].product_id == listing["product_id"]
+
+    env = {**os.environ, "AFMRL_STORE": str(copy), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9/unused"}  # no registry needed
+    done = subprocess.run([sys.executable, "-m", "afmrl_dagster.cli", "search", "--text", listing["title"], "--k", "2", "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(json.loads(done.stdout)["hits"]) == 2
+    report = tmp_path / "champion.json"
+    done = subprocess.run([sys.executable, "-m", "afmrl_dagster.cli", "evaluate", "--catalog", TINY_CATALOG, "--encoder", "champion",
+                           "--out", str(report), "--limit", "6"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"version {record['encoder_version']} (serving record)" in report.read_text()
+
+
+@pytest.fixture
+def registry_restored(pipeline_run, mlflow_server):
+    """For tests that move aliases or publish another serving record: put the aliases and the
+    record back afterwards, so every other test sees the pipeline run's state, in any order."""
+    from afmrl_dagster.promotion import alias_version
+    from afmrl_dagster.serving import SERVING_RECORD_KEY
+    from afmrl_dagster.storage import LocalObjectStore
+
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    store = LocalObjectStore(pipeline_run[3] / "store")
+    aliases = {(model, alias): alias_version(client, model, alias)
+               for model in (ENCODER_MODEL_NAME, GENERATOR_MODEL_NAME) for alias in ("champion", "previous_champion")}
+    record = store.get_bytes(SERVING_RECORD_KEY)
+    yield
+    for (model, alias), version in aliases.items():
+        if version is not None:
+            client.set_registered_model_alias(model, alias, version)
+        elif alias_version(client, model, alias) is not None:
+            client.delete_registered_model_alias(model, alias)
+    store.put_bytes(SERVING_RECORD_KEY, record)
+
+
+def test_new_encoder_is_compared_with_the_champion_on_the_same_set(pipeline_run, mlflow_server, registry_restored):
+    """A second encoder version: the promotion re-scores the registered champion before deciding."""
     from afmrl_dagster.assets.encoder import EncoderTrainingRunConfig
+    from afmrl_dagster.promotion import alias_version
 
     definitions, instance, _, _ = pipeline_run
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    champion = alias_version(client, ENCODER_MODEL_NAME, "champion")
     config = {"ops": {"agcl_encoder": {"config": EncoderTrainingRunConfig(epochs=2, batch_size=8, seed=1).model_dump()},
                       "attribute_generator": {"config": TINY_CONFIG["attribute_generator"].model_dump()}}}
     assert definitions.resolve_job_def("model_training_job").execute_in_process(instance=instance, run_config=config).success
     for line in instance.get_dynamic_partitions("product_lines"):
         assert definitions.resolve_job_def("catalog_embedding_job").execute_in_process(instance=instance, partition_key=line).success
-    retrieval = {"ops": {"rar_generator": {"config": TINY_CONFIG["rar_generator"].model_dump()}}}
+    retrieval = {"ops": {name: {"config": TINY_CONFIG[name].model_dump()} for name in ("rar_generator", "cit_encoder", "retrieval_evaluation")}}
     assert definitions.resolve_job_def("retrieval_job").execute_in_process(instance=instance, run_config=retrieval).success
     metadata = latest_metadata(instance, "encoder_promotion")
-    assert metadata["champion_before"] == "1"
-    assert "champion 1" in metadata["promotion"]
+    assert metadata["champion_before"] == champion
+    assert f"champion {champion}" in metadata["promotion"]
     decision = definitions.load_asset_value("encoder_promotion", instance=instance)
-    assert decision["champion"] is not None and decision["candidate_version"] != "1"  # re-scored, not taken from its tags
-    client = MlflowClient(tracking_uri=mlflow_server.url)
+    assert decision["champion"] is not None and decision["candidate_version"] != champion  # re-scored, not taken from its tags
     assert client.get_model_version(ENCODER_MODEL_NAME, decision["candidate_version"]).tags["promotion_decision"] == decision["reason"]
 
 
-def test_rollback_command_restores_the_previous_champion(pipeline_run, mlflow_server):
+def test_rollback_command_restores_the_previous_champion(pipeline_run, mlflow_server, registry_restored):
     """A promotion keeps the replaced champion under previous_champion; ``afmrl rollback`` (the
     documented command, against the real server) moves the champion back, and again undoes it."""
     from afmrl_dagster.promotion import alias_version, move_champion
@@ -298,11 +385,15 @@ def test_rollback_command_restores_the_previous_champion(pipeline_run, mlflow_se
     client = MlflowClient(tracking_uri=mlflow_server.url)
     champion = alias_version(client, ENCODER_MODEL_NAME, "champion")
     other = next(str(v.version) for v in client.search_model_versions(f"name='{ENCODER_MODEL_NAME}'") if str(v.version) != champion)
+    for key, value in client.get_model_version(ENCODER_MODEL_NAME, champion).tags.items():  # as the promotion would tag it
+        if key.startswith("serving."):
+            client.set_model_version_tag(ENCODER_MODEL_NAME, other, key, value)
     assert move_champion(client, ENCODER_MODEL_NAME, other, "test: a newer candidate") == champion
     assert alias_version(client, ENCODER_MODEL_NAME, "previous_champion") == champion
     assert client.get_model_version(ENCODER_MODEL_NAME, other).tags["promotion"] == "test: a newer candidate"
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url}
+    _, _, _, root = pipeline_run
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "AFMRL_STORE": str(root / "store")}
 
     def rollback(model: str = ENCODER_MODEL_NAME) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "afmrl_dagster.cli", "rollback", "--model", model],
@@ -313,6 +404,8 @@ def test_rollback_command_restores_the_previous_champion(pipeline_run, mlflow_se
     assert f"from version {other} back to version {champion}" in done.stdout
     assert alias_version(client, ENCODER_MODEL_NAME, "champion") == champion
     assert alias_version(client, ENCODER_MODEL_NAME, "previous_champion") == other
+    assert f"serving record {root / 'store'}" in done.stdout  # what search serves follows the champion
+    assert json.loads((root / "store" / "serving" / "record.json").read_text())["encoder_version"] == champion
     assert client.get_model_version(ENCODER_MODEL_NAME, other).tags["rolled_back"] == f"replaced by version {champion}"
     assert rollback().returncode == 0 and alias_version(client, ENCODER_MODEL_NAME, "champion") == other  # undone
     assert rollback().returncode == 0 and alias_version(client, ENCODER_MODEL_NAME, "champion") == champion
@@ -321,7 +414,7 @@ def test_rollback_command_restores_the_previous_champion(pipeline_run, mlflow_se
     assert missing.returncode == 2 and "nothing to roll back to" in missing.stderr
 
 
-def test_failed_evaluation_gate_stops_promotion_and_cit(pipeline_run, mlflow_server):
+def test_failed_evaluation_gate_stops_promotion_and_cit(pipeline_run, mlflow_server, registry_restored):
     """A blocking gate that fails keeps what depends on it in the run from materialising."""
     from afmrl_dagster.promotion import alias_version
 
@@ -329,15 +422,16 @@ def test_failed_evaluation_gate_stops_promotion_and_cit(pipeline_run, mlflow_ser
     assert outcome["results"]["recall@1"][2] < 1.0  # so a floor of 1.0 cannot be met
     client = MlflowClient(tracking_uri=mlflow_server.url)
     champion = alias_version(client, ENCODER_MODEL_NAME, "champion")
-    config = {"ops": {"retrieval_evaluation": {"config": {"min_gate_metric": 1.0}},
+    config = {"ops": {"retrieval_evaluation": {"config": {"min_gate_metric": 1.0, "min_gain_over_zero_shot": 1.0}},
                       "rar_generator": {"config": TINY_CONFIG["rar_generator"].model_dump()}}}
     result = definitions.resolve_job_def("retrieval_job").execute_in_process(instance=instance, run_config=config, raise_on_error=False)
     assert not result.success
     materialised = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
     assert "retrieval_evaluation" in materialised
-    assert not materialised & {"encoder_promotion", "cit_encoder"}  # downstream of the gate (RAR is not)
-    floor = next(check for check in result.get_asset_check_evaluations() if check.check_name == "meets_quality_floor")
-    assert not floor.passed and floor.metadata["floor"].value == 1.0
+    assert not materialised & {"encoder_promotion", "cit_encoder", "serving_record"}  # downstream of the gate (RAR is not)
+    checks = {check.check_name: check for check in result.get_asset_check_evaluations()}
+    assert not checks["meets_quality_floor"].passed and checks["meets_quality_floor"].metadata["floor"].value == 1.0
+    assert not checks["trained_beats_zero_shot"].passed and checks["trained_beats_zero_shot"].metadata["required_gain"].value == 1.0
     assert alias_version(client, ENCODER_MODEL_NAME, "champion") == champion
 
 

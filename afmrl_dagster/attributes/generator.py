@@ -397,7 +397,7 @@ __all__ = [
 ]
 
 
-def load_stored_generator(store, key_prefix: str, device: str = "cpu") -> tuple[AttributeGenerator, AttributeVocabulary]:
-    """Load a generator folder kept in an artefact store (``models/<asset>/<fingerprint>``)."""
+def load_stored_generator(store, uri: str, device: str = "cpu") -> tuple[AttributeGenerator, AttributeVocabulary]:
+    """Load the generator folder kept at ``uri`` of an artefact store (a manifest's ``uri``)."""
     with tempfile.TemporaryDirectory(prefix="afmrl-generator-") as scratch:
-        return load_generator(store.download_directory(key_prefix, Path(scratch) / "generator"), device=device)
+        return load_generator(store.download_directory(store.key_of(uri), Path(scratch) / "generator"), device=device)

@@ -210,3 +210,11 @@ def load_head(directory: str | os.PathLike, device: str = "cpu") -> DualTowerHea
     head = DualTowerHead(config)
     head.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
     return head.to(device).eval()
+
+
+def load_stored_head(store, uri: str, device: str = "cpu") -> DualTowerHead:
+    """Load the head folder kept at ``uri`` of an artefact store (a manifest's ``uri``), checksums verified."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="afmrl-head-") as scratch:
+        return load_head(store.download_directory(store.key_of(uri), Path(scratch) / "head"), device=device)

@@ -127,3 +127,38 @@ def recall_against_exact(index: faiss.Index, embeddings: np.ndarray, sample_size
     _, found = search(index, queries, k)
     overlap = sum(len(set(t.tolist()) & set(f.tolist()) - {-1}) for t, f in zip(truth, found))
     return overlap / (len(queries) * k)
+
+
+# ---- indexes kept in the artefact store ----------------------------------------------------------
+
+INDEX_FILE = "index.faiss"
+LISTINGS_FILE = "listings.parquet"  # row i of the index is row i of this table (listing_id, product_id, title, image_uri)
+
+
+def publish_index(store, prefix: str, index: faiss.Index, listings, manifest: dict) -> dict:
+    """Keep ``index`` with its listing table and ``manifest`` under ``prefix`` of ``store``
+    (complete-or-absent; an already complete folder is left as it is). Returns the manifest
+    with the folder's ``uri``; every index the pipeline serves is written here."""
+    if index.ntotal != listings.height:
+        raise ValueError(f"the index holds {index.ntotal} vectors but its listing table {listings.height} rows")
+    manifest = {**manifest, "uri": store.uri(prefix), "rows": int(index.ntotal)}
+    if not store.is_complete_directory(prefix):
+        import json
+
+        with tempfile.TemporaryDirectory(prefix="afmrl-index-") as scratch:
+            folder = Path(scratch) / "index"
+            folder.mkdir()
+            save_index(index, folder / INDEX_FILE)
+            listings.write_parquet(folder / LISTINGS_FILE)
+            (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            store.upload_directory(folder, prefix)
+    return manifest
+
+
+def open_published_index(store, uri: str, use_gpu: bool = False):
+    """The index and its listing table published at ``uri`` (checksums verified on download)."""
+    import polars as pl
+
+    with tempfile.TemporaryDirectory(prefix="afmrl-index-") as scratch:
+        folder = store.download_directory(store.key_of(uri), Path(scratch) / "index")
+        return load_index(folder / INDEX_FILE, use_gpu=use_gpu), pl.read_parquet(folder / LISTINGS_FILE)

@@ -1,5 +1,5 @@
-"""Result tables in the README are written by the scripts that measure them, between markers
-``<!-- NAME:start -->`` and ``<!-- NAME:end -->``."""
+"""Result tables in docs/results.md (and the demo's in the README) are written by the scripts
+that measure them, between markers ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``."""
 
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ def write_block(path: str | os.PathLike, name: str, content: str) -> bool:
     return True
 
 
-def publish_result(text: str, readme: str | os.PathLike | None, name: str) -> int:
-    """Print a benchmark's result and, with ``readme``, write it into that file's ``name`` block;
-    the exit status: 1 when the file lacks the block, else 0."""
+def publish_result(text: str, results_file: str | os.PathLike | None, name: str) -> int:
+    """Print a benchmark's result and, with ``results_file`` (docs/results.md), write it into that
+    file's ``name`` block; the exit status: 1 when the file lacks the block, else 0."""
     import sys
 
     print(text)
-    if readme and not write_block(readme, name, text):
-        print(f"{readme} has no <!-- {name}:start --> ... <!-- {name}:end --> block", file=sys.stderr)
+    if results_file and not write_block(results_file, name, text):
+        print(f"{results_file} has no <!-- {name}:start --> ... <!-- {name}:end --> block", file=sys.stderr)
         return 1
     return 0

@@ -5,7 +5,7 @@ backward + optimizer step. Both losses train their own copy of one head on the s
 steps alternate between the two so that machine load drifts affect both alike. Features
 are random; attribute texts are realistic ``key: value`` lists drawn from a vocabulary.
 
-    python benchmarks/agcl_step.py [--steps 30] [--threads N] [--write-readme README.md]
+    python benchmarks/agcl_step.py [--steps 30] [--threads N] [--write-results docs/results.md]
 """
 
 from __future__ import annotations
@@ -141,12 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--write-readme", type=Path, default=None)
+    parser.add_argument("--write-results", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(args.batch_size, args.embed_dim, args.attributes, args.steps, args.warmup, args.products, args.seed)
-    return publish_result(table(result, args), args.write_readme, "agcl-step")
+    return publish_result(table(result, args), args.write_results, "agcl-step")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ catalog's teacher attributes so that its outputs have realistic lengths (it stop
 on their values. Both modes run greedy decoding with the key-value cache; timings alternate
 between the modes so machine load drifts affect both alike.
 
-    python benchmarks/generation.py [--listings 256] [--batch-sizes 16,64,256] [--write-readme README.md]
+    python benchmarks/generation.py [--listings 256] [--batch-sizes 16,64,256] [--write-results docs/results.md]
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="16,64,256")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--write-readme", metavar="README")
+    parser.add_argument("--write-results", metavar="FILE")
     args = parser.parse_args(argv)
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     print("generation: distilling the generator ...", file=sys.stderr, flush=True)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(model, vocabulary, args.listings, batch_sizes, args.one_at_a_time, args.repeats, args.seed)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     text = table(result, args)
-    return publish_result(text, args.write_readme, BLOCK)
+    return publish_result(text, args.write_results, BLOCK)
 
 
 if __name__ == "__main__":

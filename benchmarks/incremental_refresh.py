@@ -14,7 +14,7 @@ rematerialisation with unchanged inputs against the first run.
 "Recomputing all N" is the sum of every line's measured data path (refresh + embedding) plus
 one index build, each measured in this run.
 
-    python benchmarks/incremental_refresh.py [--catalog builtin] [--write-readme README.md]
+    python benchmarks/incremental_refresh.py [--catalog builtin] [--write-results docs/results.md]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--catalog", default="builtin", help="built-in catalog spec with two or more lines")
     parser.add_argument("--workdir", help="where the store, MLflow and the instance go (default: a temporary folder)")
-    parser.add_argument("--write-readme", metavar="README")
+    parser.add_argument("--write-results", metavar="FILE")
     args = parser.parse_args(argv)
 
     import dagster as dg
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         f"unchanged inputs: **{again:.1f} s**, against {first_run:.1f} s the first time: **{again / first_run:.1%}** "
         f"(training {again_training:.1f} s instead of {training_seconds:.1f} s, index {again_index:.1f} s).",
     ])
-    return publish_result(text, args.write_readme, BLOCK)
+    return publish_result(text, args.write_results, BLOCK)
 
 
 if __name__ == "__main__":

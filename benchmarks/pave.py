@@ -7,7 +7,7 @@ The built-in generator writes values from a closed vocabulary (those seen in tra
 the table also gives the ceiling that implies: the share of test pairs whose value occurs in
 the training set.
 
-    python benchmarks/pave.py [--data ../shared/data/wdc_pave] [--epochs 60] [--write-readme README.md]
+    python benchmarks/pave.py [--data ../shared/data/wdc_pave] [--epochs 60] [--write-results docs/results.md]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N offers (a quick look)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--write-readme", metavar="README")
+    parser.add_argument("--write-results", metavar="FILE")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     offers = load_wdc_pave(args.data)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         *(f"| {key} | {key_counts[key]} | {scores['key_exact_match'][key]:.3f} |" for key in top),
     ]
     text_block = "\n".join(lines)
-    return publish_result(text_block, args.write_readme, BLOCK)
+    return publish_result(text_block, args.write_results, BLOCK)
 
 
 if __name__ == "__main__":

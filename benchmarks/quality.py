@@ -10,7 +10,7 @@ table are written at the end; a dataset whose folder is missing is skipped with 
 
     python benchmarks/quality.py [--datasets builtin,grocery,wdc_products,amazon_google]
         [--data ../shared/data] [--seeds 3] [--epochs N] [--attribute-rows builtin,grocery]
-        [--write-readme README.md]
+        [--write-results docs/results.md]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from afmrl_dagster.readme import publish_result
 from afmrl_dagster.settings import Settings
 from afmrl_dagster.training.encoder_training import EncoderTrainingConfig
 
-BLOCK = "quality-ladder"  # README markers <!-- quality-ladder:start --> ... <!-- quality-ladder:end -->
+BLOCK = "quality-ladder"  # docs/results.md markers <!-- quality-ladder:start --> ... <!-- quality-ladder:end -->
 DATASETS = {  # name -> (catalog spec, folder under --data or None)
     "builtin": ("builtin", None),
     "grocery": ("grocery:{}", "grocery_store"),
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="datasets that also run the generator rows (distilled generator, RAR, CIT); '' for none")
     parser.add_argument("--rar-steps", type=int, default=None, help="GRPO steps of the RAR rows (default: the pipeline's)")
     parser.add_argument("--reward-k", type=int, default=None, help="RAR reward = Recall@k (default: the pipeline's choice)")
-    parser.add_argument("--write-readme", metavar="README", help=f"replace the {BLOCK} block of this file with the tables")
+    parser.add_argument("--write-results", metavar="FILE", help=f"replace the {BLOCK} block of this file with the tables")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.datasets.split(",") if name.strip()]
     unknown = [name for name in names if name not in DATASETS]
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Whole run: {total / 60:.1f} min on {torch.get_num_threads()} CPU threads, torch {torch.__version__}.",
         *sections,
     ])
-    return publish_result(text, args.write_readme, BLOCK)
+    return publish_result(text, args.write_results, BLOCK)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 (photo + title) sent one at a time through :class:`afmrl_dagster.search.SearchEngine` over what
 ``make demo`` stored, as its serving record names it (the champion encoder, its index and generator).
 
-    python benchmarks/search_latency.py [--queries 50] [--write-readme README.md]
+    python benchmarks/search_latency.py [--queries 50] [--write-results docs/results.md]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--write-readme", metavar="README")
+    parser.add_argument("--write-results", metavar="FILE")
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({medians['generate'] / (total - medians['generate']):.0%} on top of search without it).",
     ]
     text = "\n".join(lines)
-    return publish_result(text, args.write_readme, BLOCK)
+    return publish_result(text, args.write_results, BLOCK)
 
 
 if __name__ == "__main__":

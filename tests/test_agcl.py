@@ -294,7 +294,7 @@ def test_agcl_step_benchmark_runs_and_writes_its_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("<!-- agcl-step:start -->\n<!-- agcl-step:end -->\n")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "agcl_step.py"
-    done = subprocess.run([sys.executable, str(script), "--batch-size", "16", "--steps", "2", "--warmup", "1", "--write-readme", str(readme)],
+    done = subprocess.run([sys.executable, str(script), "--batch-size", "16", "--steps", "2", "--warmup", "1", "--write-results", str(readme)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "**ratio AGCL / InfoNCE**" in readme.read_text()

@@ -207,7 +207,7 @@ def test_generation_benchmark_reports_batched_and_one_at_a_time(tmp_path):
     readme.write_text("<!-- generation-throughput:start -->\n<!-- generation-throughput:end -->\n")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "generation.py"
     done = subprocess.run([sys.executable, str(script), "--listings", "8", "--one-at-a-time", "2", "--batch-sizes", "8",
-                           "--repeats", "1", "--write-readme", str(readme)], capture_output=True, text=True, timeout=600)
+                           "--repeats", "1", "--write-results", str(readme)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in readme.read_text().splitlines() if line.startswith("| one at a time") or line.startswith("| batches of 8")]
     assert len(rows) == 2 and rows[0].endswith("| 1.0x |") and "x** |" in rows[1]

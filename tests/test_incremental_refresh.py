@@ -11,7 +11,7 @@ def test_incremental_refresh_benchmark_writes_its_table(tmp_path):
     readme.write_text("x\n<!-- incremental-refresh:start -->\n<!-- incremental-refresh:end -->\n")
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "incremental_refresh.py"), "--catalog", "builtin:families=2,siblings=2,listings=2,lines=mugs+tops",
-         "--workdir", str(tmp_path / "work"), "--write-readme", str(readme)],
+         "--workdir", str(tmp_path / "work"), "--write-results", str(readme)],
         capture_output=True, text=True, timeout=900, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]

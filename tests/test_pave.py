@@ -34,7 +34,7 @@ def test_pave_check_runs_on_the_real_file(shared_data, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("<!-- pave-check:start -->\n<!-- pave-check:end -->\n")
     done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "pave.py"), "--data", str(shared_data / "wdc_pave"),
-                           "--limit", "150", "--epochs", "2", "--write-readme", str(readme)], capture_output=True, text=True, timeout=600)
+                           "--limit", "150", "--epochs", "2", "--write-results", str(readme)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     text = readme.read_text()
     assert "| brand |" in text and "pair F1" in text

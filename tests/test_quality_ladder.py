@@ -130,7 +130,7 @@ def test_benchmark_script_writes_json_and_the_readme_block(tmp_path):
     out = tmp_path / "quality.json"
     done = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), "--datasets", "builtin", "--builtin", "builtin:families=2,siblings=2,listings=3",
-         "--seeds", "2", "--epochs", "3", "--rar-steps", "2", "--cache", str(tmp_path / "cache"), "--out", str(out), "--write-readme", str(readme)],
+         "--seeds", "2", "--epochs", "3", "--rar-steps", "2", "--cache", str(tmp_path / "cache"), "--out", str(out), "--write-results", str(readme)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]

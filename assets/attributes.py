@@ -21,11 +21,10 @@ from ..resources.tracking import MlflowTracking, flat_metrics
 from .conditions import FOLLOWS_INPUTS
 from .partitions import product_lines
 from .publishing import (
-    cached_manifest,
-    cached_result,
     check_results,
     model_check,
     model_metadata,
+    model_slot,
     publish_model,
     tag_model_version,
     weights_finite,
@@ -178,11 +177,9 @@ def attribute_generator(
 
     store = artifact_store.open()
     split = evaluation_split.split()
-    key = fingerprint("attribute_generator", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split)
-    prefix = f"models/attribute_generator/{key}"
-    cached = cached_manifest(store, prefix)
-    if cached:
-        return cached_result(cached)
+    slot = model_slot(store, "attribute_generator", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split)
+    if slot.cached:
+        return slot.cached
 
     teacher = align(teacher_attributes, raw_catalog["listing_id"].to_list())
     held_out = split.query_mask(raw_catalog)
@@ -212,9 +209,9 @@ def attribute_generator(
         manifest = publish_model(
             context, "generator",
             lambda folder: save_generator(model, vocabulary, folder, extra_json={"towers.json": feature_towers.as_json()}),
-            store, prefix, GENERATOR_MODEL_NAME, run,
+            store, slot.prefix, GENERATOR_MODEL_NAME, run,
             {
-                "fingerprint": key,
+                "fingerprint": slot.key,
                 "heldout_accuracy": accuracy,
                 "final_loss": history[-1]["loss"] if history else None,
                 "checks": {

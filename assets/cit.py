@@ -14,7 +14,7 @@ from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
-from .publishing import cached_manifest, cached_result, check_results, model_check, model_metadata, publish_model, tag_model_version, weights_finite
+from .publishing import check_results, model_check, model_metadata, model_slot, publish_model, tag_model_version, weights_finite
 
 
 class CITConfig(dg.Config):
@@ -61,77 +61,65 @@ def cit_encoder(
     ``encoder_promotion`` decides whether it serves. Runs only after the evaluation's blocking
     checks pass.
     """
-    from afmrl_dagster.attributes.format import attributes_to_text
     from afmrl_dagster.attributes.generator import load_stored_generator
-    from afmrl_dagster.encoders.dual_tower import embed_features, load_stored_head, save_head
-    from afmrl_dagster.evaluation import REPORTED_METRICS, evaluate_parts, evaluation_set_fingerprint
-    from afmrl_dagster.features import listing_features as features_of
+    from afmrl_dagster.encoders.dual_tower import load_stored_head, save_head
+    from afmrl_dagster.evaluation import REPORTED_METRICS, evaluation_set_fingerprint
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
     from afmrl_dagster.retrieval.index import build_index, publish_index
-    from afmrl_dagster.training.attribute_stages import cit_rows, train_cit_round, written_attributes
+    from afmrl_dagster.training.attribute_stages import run_cit_stage
 
     store = artifact_store.open()
     split = evaluation_split.split()
-    key = fingerprint("cit_encoder", raw_catalog, listing_features, agcl_encoder["fingerprint"], rar_generator["fingerprint"], config.model_dump(), split)
-    prefix = f"models/cit_encoder/{key}"
-    cached = cached_manifest(store, prefix)
-    if cached:
-        return cached_result(cached)
+    slot = model_slot(store, "cit_encoder", raw_catalog, listing_features, agcl_encoder["fingerprint"], rar_generator["fingerprint"],
+                      config.model_dump(), split)
+    if slot.cached:
+        return slot.cached
 
     device = torch_compute.torch_device()
     stage_one = load_stored_head(store, agcl_encoder["uri"], device=device)
     generator, vocabulary = load_stored_generator(store, rar_generator["uri"], device=device)
-    ids, titles = raw_catalog["listing_id"].to_list(), raw_catalog["title"].to_list()
-    products, lines = raw_catalog["product_id"].to_list(), raw_catalog["product_line"].to_list()
-    base = features_of(listing_features, ids)
-    rar_attributes = [parsed.attributes or {} for parsed in written_attributes(generator, vocabulary, base)[1]]
-    with_rar = features_of(listing_features, ids, feature_towers.text_featurizer(device), titles, rar_attributes)
-
-    training = [i for i, train in enumerate(split.mask(raw_catalog, "train")) if train]
-    rows = cit_rows(products, lines, training, config.train_fraction, config.seed)
-    settings = CITSettings(**config.model_dump(), device=device)
-    with mlflow_tracking.start_run(context, "cit_encoder", params={**config.model_dump(), "cit_listings": len(rows),
-                                                                   "cit_products": len({products[i] for i in rows}),
-                                                                   "stage_one_version": agcl_encoder["model_version"],
+    with mlflow_tracking.start_run(context, "cit_encoder", params={**config.model_dump(), "stage_one_version": agcl_encoder["model_version"],
                                                                    "rar_version": rar_generator["model_version"]}) as run:
-        result = train_cit_round(
-            stage_one, with_rar.subset(rows), [products[i] for i in rows], [lines[i] for i in rows],
-            [attributes_to_text(rar_attributes[i]) for i in rows], settings,
+        outcome = run_cit_stage(
+            stage_one, generator, vocabulary, listing_features, raw_catalog, split, feature_towers.text_featurizer(device),
+            CITSettings(**config.model_dump(), device=device),
             on_epoch=lambda row: mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
         )
-        gallery = embed_features(result.head, with_rar, device=device)
-        scores = evaluate_parts(raw_catalog, gallery, split)
+        scores = outcome.scores
         for part, metrics in scores.items():
             mlflow_tracking.log_metrics({f"{part}_cit_{m}": metrics[m] for m in REPORTED_METRICS})
-        index = publish_index(store, f"indexes/cit-{key}", build_index(gallery), raw_catalog.select("listing_id", "product_id", "title", "image_uri"), {
-            "fingerprint": f"cit-{key}", "kind": "flat", "encoder_uri": store.uri(prefix),
+        index = publish_index(store, f"indexes/cit-{slot.key}", build_index(outcome.gallery),
+                              raw_catalog.select("listing_id", "product_id", "title", "image_uri"), {
+            "fingerprint": f"cit-{slot.key}", "kind": "flat", "encoder_uri": store.uri(slot.prefix),
             "generator_uri": rar_generator["uri"], "generator_version": rar_generator["model_version"],
             "catalog_snapshot": fingerprint("catalog", raw_catalog),
         })
-        stage_one_r1 = retrieval_evaluation.filter((pl.col("encoder").str.starts_with("AGCL")) & (pl.col("products") == "unseen (validation)"))["recall@1"][0]
+        agcl = retrieval_evaluation.filter(pl.col("encoder").str.starts_with("AGCL") & (pl.col("products") == "unseen (validation)"))
+        stage_one_r1 = float(agcl["recall@1"][0])
         manifest = publish_model(
-            context, "encoder", lambda folder: save_head(result.head, folder), store, prefix, ENCODER_MODEL_NAME, run,
+            context, "encoder", lambda folder: save_head(outcome.head, folder), store, slot.prefix, ENCODER_MODEL_NAME, run,
             {
-                "fingerprint": key,
+                "fingerprint": slot.key,
                 "validation": scores["validation"],
                 "test": scores["test"],
                 "evaluation_set": evaluation_set_fingerprint(raw_catalog, split.mask(raw_catalog, "validation")),
                 "index": index,
-                "cit_listings": len(rows),
+                "cit_listings": len(outcome.rows),
                 "checks": {
-                    "cit_weights_finite": model_check(weights_finite(result.head), blocking=True),
+                    "cit_weights_finite": model_check(weights_finite(outcome.head), blocking=True),
                     "cit_keeps_recall": model_check(scores["validation"]["recall@1"] >= stage_one_r1, blocking=False,
-                                                    cit_recall_at_1=scores["validation"]["recall@1"], agcl_recall_at_1=float(stage_one_r1)),
+                                                    cit_recall_at_1=scores["validation"]["recall@1"], agcl_recall_at_1=stage_one_r1),
                 },
             },
         )
-    tag_model_version(mlflow_tracking, context, manifest, {f"{part}_{m}": scores[part][m] for part in scores for m in REPORTED_METRICS}, catalog=raw_catalog)
+    tag_model_version(mlflow_tracking, context, manifest, {f"{part}_{m}": scores[part][m] for part in scores for m in REPORTED_METRICS},
+                      catalog=raw_catalog)
     mlflow_tracking.client().set_registered_model_alias(ENCODER_MODEL_NAME, "cit", manifest["model_version"])
     return dg.MaterializeResult(
         value=manifest,
         metadata={
             **model_metadata(manifest, mlflow_tracking),
-            "cit_listings": len(rows),
+            "cit_listings": len(outcome.rows),
             "validation_cit_recall@1": scores["validation"]["recall@1"],
             "test_cit_recall@1": scores["test"]["recall@1"],
             "index_uri": index["uri"],

@@ -8,7 +8,6 @@ import polars as pl
 from pydantic import Field
 
 from afmrl_dagster.encoders.dual_tower import DualTowerConfig
-from afmrl_dagster.fingerprint import fingerprint
 from afmrl_dagster.training.agcl import AGCLConfig
 from afmrl_dagster.training.encoder_training import EncoderTrainingConfig
 
@@ -17,11 +16,10 @@ from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
 from .publishing import (
-    cached_manifest,
-    cached_result,
     check_results,
     model_check,
     model_metadata,
+    model_slot,
     png_metadata,
     publish_model,
     tag_model_version,
@@ -84,11 +82,9 @@ def agcl_encoder(
 
     store = artifact_store.open()
     split = evaluation_split.split()
-    key = fingerprint("agcl_encoder", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split)
-    prefix = f"models/agcl_encoder/{key}"
-    cached = cached_manifest(store, prefix)
-    if cached:
-        return cached_result(cached)
+    slot = model_slot(store, "agcl_encoder", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split)
+    if slot.cached:
+        return slot.cached
 
     device = torch_compute.torch_device()
     train_rows = raw_catalog.filter(~pl.Series(split.query_mask(raw_catalog)))
@@ -131,9 +127,9 @@ def agcl_encoder(
         curve = curve_png(result.history, ["loss", "temperature", "mean_negative_weight", "masked_fraction"], "epoch", "AGCL training")
         mlflow_tracking.log_png(curve, "training_curve.png")
         manifest = publish_model(
-            context, "encoder", lambda folder: save_head(result.head, folder), store, prefix, ENCODER_MODEL_NAME, run,
+            context, "encoder", lambda folder: save_head(result.head, folder), store, slot.prefix, ENCODER_MODEL_NAME, run,
             {
-                "fingerprint": key,
+                "fingerprint": slot.key,
                 "final_loss": result.history[-1]["loss"],
                 "loss": "plain InfoNCE" if not (config.use_attribute_weights or config.use_false_negative_mask) else "AGCL",
                 "checks": {

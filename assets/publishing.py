@@ -3,6 +3,7 @@ folder in the artefact store whose manifest (written last) is what downstream as
 
 import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,27 @@ def cached_result(manifest: dict) -> dg.MaterializeResult:
         metadata={"status": "cached", "uri": manifest["uri"], "model_version": manifest["model_version"]},
         check_results=check_results(manifest),
     )
+
+
+@dataclass(frozen=True)
+class ModelSlot:
+    """Where a model asset's output lives for its current inputs: ``models/<asset>/<key>``,
+    and the cached result when a complete output is already there."""
+
+    key: str
+    prefix: str
+    cached: dg.MaterializeResult | None
+
+
+def model_slot(store, asset: str, *inputs) -> ModelSlot:
+    """The prologue every model asset shares: fingerprint the inputs and configuration, and
+    return the stored output when one exists for them (``status: cached``)."""
+    from afmrl_dagster.fingerprint import fingerprint
+
+    key = fingerprint(asset, *inputs)
+    prefix = f"models/{asset}/{key}"
+    manifest = cached_manifest(store, prefix)
+    return ModelSlot(key, prefix, cached_result(manifest) if manifest else None)
 
 
 def model_check(passed: bool, blocking: bool, **metadata) -> dict:

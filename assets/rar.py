@@ -8,7 +8,6 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from afmrl_dagster.fingerprint import fingerprint
 from afmrl_dagster.training.attribute_stages import RARSettings
 from afmrl_dagster.training.grpo import GRPOConfig
 
@@ -16,7 +15,7 @@ from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
-from .publishing import cached_manifest, cached_result, check_results, model_check, model_metadata, publish_model, tag_model_version
+from .publishing import check_results, model_check, model_metadata, model_slot, publish_model, tag_model_version
 
 
 class RARConfig(dg.Config):
@@ -73,20 +72,17 @@ def rar_generator(
     """
 
     from afmrl_dagster.attributes.generator import load_stored_generator, save_generator
-    from afmrl_dagster.encoders.dual_tower import embed_features, load_stored_head
-    from afmrl_dagster.evaluation import REPORTED_METRICS
+    from afmrl_dagster.encoders.dual_tower import load_stored_head
     from afmrl_dagster.features import align, listing_features as features_of
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
-    from afmrl_dagster.retrieval.metrics import retrieval_metrics
-    from afmrl_dagster.training.attribute_stages import RARGallery, default_reward_k, refine_with_rar, reward_trend, written_attributes
+    from afmrl_dagster.training.attribute_stages import RARGallery, compare_query_attributes, default_reward_k, refine_with_rar, reward_trend
 
     store = artifact_store.open()
     split = evaluation_split.split()
-    key = fingerprint("rar_generator", attribute_generator["fingerprint"], agcl_encoder["fingerprint"], catalog_embeddings, config.model_dump(), split)
-    prefix = f"models/rar_generator/{key}"
-    cached = cached_manifest(store, prefix)
-    if cached:
-        return cached_result(cached)
+    slot = model_slot(store, "rar_generator", attribute_generator["fingerprint"], agcl_encoder["fingerprint"], catalog_embeddings,
+                      config.model_dump(), split)
+    if slot.cached:
+        return slot.cached
 
     device = torch_compute.torch_device()
     text_featurizer = feature_towers.text_featurizer(device)
@@ -130,28 +126,19 @@ def rar_generator(
 
         # The same encoder and gallery, queries of unseen products carrying SFT vs RAR attributes:
         # validation decides (the checks), test is reported.
-        comparison: dict[str, dict[str, dict[str, float]]] = {"validation": {}, "test": {}}
-        for part in comparison:
-            query_rows = np.flatnonzero(split.mask(raw_catalog, part))
-            gallery_rows = np.flatnonzero(split.gallery_mask(raw_catalog, part))
-            for name, model in [("sft", reference), ("rar", policy)]:
-                _, parsed = written_attributes(model, vocabulary, base.subset(query_rows))
-                with_attrs = features_of(listing_features, [ids[i] for i in query_rows], text_featurizer, [titles[i] for i in query_rows],
-                                         [p.attributes for p in parsed])
-                metrics = retrieval_metrics(
-                    embed_features(head, with_attrs, device=device), gallery_embeddings[gallery_rows], [product_ids[i] for i in query_rows],
-                    [product_ids[i] for i in gallery_rows], query_listing_ids=[ids[i] for i in query_rows], gallery_listing_ids=[ids[i] for i in gallery_rows],
-                )
-                comparison[part][name] = {**{m: float(metrics[m]) for m in REPORTED_METRICS}, "validity_rate": float(np.mean([p.is_valid for p in parsed]))}
-                mlflow_tracking.log_metrics({f"{part}_{name}_{m}": v for m, v in comparison[part][name].items()})
+        comparison = compare_query_attributes({"sft": reference, "rar": policy}, vocabulary, head, text_featurizer, listing_features,
+                                              raw_catalog, gallery_embeddings, split, device=device)
+        for part, by_generator in comparison.items():
+            for name, metrics in by_generator.items():
+                mlflow_tracking.log_metrics({f"{part}_{name}_{m}": v for m, v in metrics.items()})
         validation = comparison["validation"]
 
         manifest = publish_model(
             context, "generator",
             lambda folder: save_generator(policy, vocabulary, folder, extra_json={"towers.json": feature_towers.as_json()}),
-            store, prefix, GENERATOR_MODEL_NAME, run,
+            store, slot.prefix, GENERATOR_MODEL_NAME, run,
             {
-                "fingerprint": key,
+                "fingerprint": slot.key,
                 "reward_first_steps": reward_first,
                 "reward_last_steps": reward_last,
                 **comparison,

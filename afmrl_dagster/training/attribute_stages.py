@@ -180,3 +180,87 @@ def train_cit_round(
         device=settings.device, agcl=AGCLConfig(), head=stage_one.config, pca_init=False,
     )
     return train_encoder(features, product_ids, product_lines, attribute_texts, config, on_epoch=on_epoch, initial_head=stage_one)
+
+
+# ---- the stages as the pipeline runs them over a catalog split by product ------------------------
+
+
+@dataclass
+class CITOutcome:
+    """One CIT round over a catalog: the new head, every listing embedded with the refined
+    attributes, its scores per part of the split, and the rows it trained on."""
+
+    head: DualTowerHead
+    gallery: np.ndarray
+    scores: dict[str, dict[str, float]]
+    rows: np.ndarray
+    history: list[dict]
+
+
+def run_cit_stage(
+    stage_one: DualTowerHead,
+    generator: AttributeGenerator,
+    vocabulary: AttributeVocabulary,
+    features_table,
+    catalog,
+    split,
+    text_featurizer: TextFeaturizer,
+    settings: CITSettings,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> CITOutcome:
+    """The refined ``generator`` writes every listing's attributes; the stage-1 head trains one
+    more AGCL round on ``settings.train_fraction`` of the training products (``split``'s train
+    part only); the whole catalog is embedded with those attributes and scored on validation
+    and test products (:func:`afmrl_dagster.evaluation.evaluate_parts`)."""
+    from ..attributes.format import attributes_to_text
+    from ..encoders.dual_tower import embed_features
+    from ..evaluation import evaluate_parts
+    from ..features import listing_features, with_listing_text
+
+    ids, titles = catalog["listing_id"].to_list(), catalog["title"].to_list()
+    products, lines = catalog["product_id"].to_list(), catalog["product_line"].to_list()
+    base = listing_features(features_table, ids)
+    refined = [parsed.attributes or {} for parsed in written_attributes(generator, vocabulary, base)[1]]
+    features = with_listing_text(base, text_featurizer, titles, refined)
+    rows = cit_rows(products, lines, np.flatnonzero(split.mask(catalog, "train")).tolist(), settings.train_fraction, settings.seed)
+    result = train_cit_round(stage_one, features.subset(rows), [products[i] for i in rows], [lines[i] for i in rows],
+                             [attributes_to_text(refined[i]) for i in rows], settings, on_epoch=on_epoch)
+    gallery = embed_features(result.head, features, device=settings.device)
+    return CITOutcome(result.head, gallery, evaluate_parts(catalog, gallery, split), rows, result.history)
+
+
+def compare_query_attributes(
+    generators: dict[str, AttributeGenerator],
+    vocabulary: AttributeVocabulary,
+    head: DualTowerHead,
+    text_featurizer: TextFeaturizer,
+    features_table,
+    catalog,
+    gallery: np.ndarray,
+    split,
+    parts: Sequence[str] = ("validation", "test"),
+    device: str = "cpu",
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{part: {name: metrics + validity_rate}}``: the same encoder and gallery (every listing of
+    ``catalog`` embedded as served), the queries of each part carrying the attributes each
+    generator writes; each part's queries search the gallery its split gives it."""
+    from ..encoders.dual_tower import embed_features
+    from ..evaluation import REPORTED_METRICS
+    from ..features import listing_features, with_listing_text
+    from ..retrieval.metrics import retrieval_metrics
+
+    ids, titles, products = catalog["listing_id"].to_list(), catalog["title"].to_list(), catalog["product_id"].to_list()
+    comparison: dict[str, dict[str, dict[str, float]]] = {}
+    for part in parts:
+        rows, gallery_rows = np.flatnonzero(split.mask(catalog, part)), np.flatnonzero(split.gallery_mask(catalog, part))
+        base = listing_features(features_table, [ids[i] for i in rows])
+        comparison[part] = {}
+        for name, model in generators.items():
+            _, parsed = written_attributes(model, vocabulary, base)
+            queries = with_listing_text(base, text_featurizer, [titles[i] for i in rows], [p.attributes for p in parsed])
+            metrics = retrieval_metrics(
+                embed_features(head, queries, device=device), gallery[gallery_rows], [products[i] for i in rows], [products[i] for i in gallery_rows],
+                query_listing_ids=[ids[i] for i in rows], gallery_listing_ids=[ids[i] for i in gallery_rows],
+            )
+            comparison[part][name] = {**{m: float(metrics[m]) for m in REPORTED_METRICS}, "validity_rate": float(np.mean([p.is_valid for p in parsed]))}
+    return comparison

@@ -30,7 +30,7 @@ def _add_evaluate(commands) -> argparse.ArgumentParser:
 def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from pathlib import Path
 
-    from .evaluate_command import device_from_env
+    from .devices import resolve_device
     from .search import SearchEngine, SearchError, result_json, result_table
     from .storage import StorageError, open_store
 
@@ -44,7 +44,7 @@ def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.exit(2, f"afmrl search: error: cannot read --image {args.image}: {error.strerror}\n")
     try:
         store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
-        engine = SearchEngine.from_store(store, device=device_from_env())
+        engine = SearchEngine.from_store(store, device=resolve_device())
         result = engine.search(image=image, text=args.text, k=args.k)
     except (SearchError, StorageError, ValueError) as error:
         parser.exit(2, f"afmrl search: error: {error}\n")

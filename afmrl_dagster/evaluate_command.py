@@ -53,6 +53,7 @@ from .encoders.dual_tower import (
 )
 from .encoders.towers import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, ImageFeaturizer, TextFeaturizer, decode_image
 from .retrieval.tasks import clustering_scores, combine_retrieval, cross_set_retrieval, knn_classification_accuracy
+from .devices import resolve_device
 from .storage import StorageError, read_uri_bytes
 
 from .settings import DEFAULT_TRACKING_URI  # written once, in settings.py
@@ -244,21 +245,11 @@ class Encoder:
     head: DualTowerHead | None = None
 
 
-def device_from_env() -> str:
-    """``AFMRL_DEVICE`` (default ``auto``: CUDA when present, else CPU)."""
-    import torch
-
-    device = os.environ.get("AFMRL_DEVICE", "auto")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _head_encoder(name: str, folder: Path) -> Encoder:
     missing = [file for file in (WEIGHTS_FILE, CONFIG_FILE) if not (folder / file).is_file()]
     if missing:
         raise EvaluationError(f"encoder folder {folder} lacks {', '.join(missing)} (expected a folder written by save_head)")
-    head = load_head(folder, device=device_from_env())
+    head = load_head(folder, device=resolve_device())
     return Encoder(name, head.config.image_tower, head.config.text_tower, head)
 
 
@@ -313,7 +304,7 @@ def _image_features(encoder: Encoder, listings: pl.DataFrame, images: dict[str, 
     if not wanted:
         dim = encoder.head.config.image_dim if encoder.head else DualTowerConfig().image_dim
         return np.zeros((len(ids), dim), np.float32), np.zeros(len(ids), bool), []
-    featurizer = ImageFeaturizer(encoder.image_tower, device=device_from_env())
+    featurizer = ImageFeaturizer(encoder.image_tower, device=resolve_device())
     features = np.zeros((len(ids), featurizer.dim), np.float32)
     mask = np.zeros(len(ids), bool)
     unreadable = []
@@ -353,7 +344,7 @@ def tower_features(
     whose image could not be decoded."""
     image, mask, unreadable = _image_features(encoder, listings, images or {})
     texts = [listing_text(title) for title in listings["title"].to_list()]
-    featurizer = TextFeaturizer(encoder.text_tower, device=device_from_env())
+    featurizer = TextFeaturizer(encoder.text_tower, device=resolve_device())
     chunks = []
     for start in range(0, len(texts), text_batch):
         chunks.append(featurizer.encode(texts[start : start + text_batch]))
@@ -368,7 +359,7 @@ def embed_listings(encoder: Encoder, listings: pl.DataFrame, images: dict[str, b
     if encoder.head is None:
         embeddings = zero_shot_embeddings(features)
     else:
-        embeddings = embed_features(encoder.head, features, device=device_from_env())
+        embeddings = embed_features(encoder.head, features, device=resolve_device())
     return EmbeddedListings(embeddings, int(features.image_mask.sum()), unreadable)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from .attributes.format import attributes_to_text
 from .encoders.dual_tower import ListingFeatures, embed_features
 from .encoders.towers import TextFeaturizer
-from .evaluate_command import score_plan
+from .evaluation.scoring import score_plan
 from .features import with_listing_text
 from .quality_ladder import TRAINED_ROWS, LadderDataset, LadderSettings, rows_of
 from .training.attribute_stages import (

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
 
         run_demo(write_readme=args.write_readme)
     elif args.command == "evaluate":
-        from .evaluate_command import EvaluationError, run_evaluate
+        from .evaluate_command import run_evaluate
+        from .evaluation.protocols import EvaluationError
 
         try:
             run_evaluate(args.catalog, args.encoder, args.out, split=args.split, markdown=args.markdown, limit=args.limit)

@@ -68,7 +68,7 @@ def materialize_pipeline(definitions, instance, asset_config: dict | None = None
 def results_report(outcome: dict, seconds: float) -> str:
     """The demo's results: the test table (products unseen in training, never used to decide),
     then RAR, CIT and the promotion, each decided on validation products."""
-    from .evaluation import results_markdown
+    from .evaluation.report import results_markdown
 
     results, rar, cit, promotion = outcome["results"], outcome["rar"], outcome["cit"], outcome["promotion"]
     test = results.filter(results["products"] == "unseen (test)")

@@ -38,9 +38,9 @@ from .catalog.loaders import load_wdc_products, parse_catalog_spec
 from .catalog.splits import holdout_products
 from .encoders.dual_tower import ListingFeatures, embed_features, zero_shot_embeddings
 from .encoders.towers import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
-from .evaluate_command import (
+from .evaluation.encoders import Encoder, tower_features
+from .evaluation.protocols import (
     GROCERY_ICONIC_PREFIX,
-    Encoder,
     EvaluationPlan,
     RetrievalTask,
     amazon_google_plan,
@@ -48,9 +48,9 @@ from .evaluate_command import (
     grocery_plan,
     make_plan,
     resolve_splits,
-    score_plan,
-    tower_features,
 )
+from .evaluation.report import RETRIEVAL_COLUMNS
+from .evaluation.scoring import score_plan
 from .training.encoder_training import EncoderTrainingConfig, train_encoder
 
 ZERO_SHOT_ROW = "zero-shot towers"
@@ -188,6 +188,7 @@ def _features_key(listings: pl.DataFrame, image_tower: str, text_tower: str) -> 
 def dataset_features(
     dataset: LadderDataset, cache_dir: str | Path | None = None,
     image_tower: str = DEFAULT_IMAGE_MODEL, text_tower: str = DEFAULT_TEXT_MODEL,
+    progress: Callable[[str], None] = lambda message: None,
 ) -> ListingFeatures:
     """Tower features of every listing of ``dataset`` (in :meth:`LadderDataset.listings` order),
     read from ``cache_dir`` when an earlier run computed them for the same listings and towers."""
@@ -198,7 +199,7 @@ def dataset_features(
         if path.is_file():
             with np.load(path) as stored:
                 return ListingFeatures(listings["listing_id"].to_list(), stored["image"], stored["image_mask"], stored["text"])
-    features, _ = tower_features(Encoder("zero-shot", image_tower, text_tower), listings, dataset.images)
+    features, _ = tower_features(Encoder("zero-shot", image_tower, text_tower), listings, dataset.images, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp.npz")
@@ -286,8 +287,7 @@ def ladder_markdown(dataset: str, records: list[dict], headline: str = "identica
         rows.setdefault(record["row"], []).append(record)
     first = records[0]["metrics"]
     other_tasks = [name for name, values in first.items() if name != headline and "recall@1" in values]
-    names = {"recall@1": "R@1", "recall@5": "R@5", "recall@10": "R@10", "map@10": "mAP@10", "mrr": "MRR"}
-    header = ["encoder", "seeds", *(names[m] for m in metrics), *(f"R@1 {task}" for task in other_tasks), "ΔR@1 vs InfoNCE (paired)"]
+    header = ["encoder", "seeds", *(RETRIEVAL_COLUMNS[m] for m in metrics), *(f"R@1 {task}" for task in other_tasks), "ΔR@1 vs InfoNCE (paired)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     has_baseline = "plain InfoNCE" in rows
     for row, group in rows.items():

@@ -64,7 +64,8 @@ def cit_encoder(
     from afmrl_dagster.attributes.format import attributes_to_text
     from afmrl_dagster.attributes.generator import load_stored_generator
     from afmrl_dagster.encoders.dual_tower import embed_features, load_stored_head, save_head
-    from afmrl_dagster.evaluation import REPORTED_METRICS, evaluate_parts, evaluation_set_fingerprint
+    from afmrl_dagster.evaluation.report import REPORTED_METRICS
+    from afmrl_dagster.evaluation.scoring import evaluate_parts, evaluation_set_fingerprint
     from afmrl_dagster.features import listing_features as features_of
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
     from afmrl_dagster.retrieval.index import build_index, publish_index

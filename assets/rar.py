@@ -74,7 +74,7 @@ def rar_generator(
 
     from afmrl_dagster.attributes.generator import load_stored_generator, save_generator
     from afmrl_dagster.encoders.dual_tower import embed_features, load_stored_head
-    from afmrl_dagster.evaluation import REPORTED_METRICS
+    from afmrl_dagster.evaluation.report import REPORTED_METRICS
     from afmrl_dagster.features import align, listing_features as features_of
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
     from afmrl_dagster.retrieval.metrics import retrieval_metrics

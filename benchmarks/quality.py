@@ -26,8 +26,8 @@ import torch
 
 from afmrl_dagster.attribute_ladder import AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
 from afmrl_dagster.encoders.towers import DEFAULT_TEXT_MODEL, TextFeaturizer
-from afmrl_dagster.evaluate_command import write_atomic
 from afmrl_dagster.quality_ladder import LadderSettings, dataset_features, ladder_markdown, load_ladder_dataset, run_ladder
+from afmrl_dagster.local_files import write_text_atomically
 from afmrl_dagster.readme import publish_result
 from afmrl_dagster.settings import Settings
 from afmrl_dagster.training.encoder_training import EncoderTrainingConfig
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_cache:
             for stale in Path(args.cache).glob(f"{dataset.name}-*.npz"):
                 stale.unlink()
-        features = dataset_features(dataset, args.cache)
+        features = dataset_features(dataset, args.cache, progress=log)
         feature_seconds = time.perf_counter() - started
         log(f"{name}: tower features ready in {feature_seconds:.0f} s")
         records = run_ladder(dataset, features, settings, progress=log)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started_all
     report = {"seeds": args.seeds, "seconds": total, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.machine(), "datasets": results}
-    write_atomic(args.out, json.dumps(report, indent=2) + "\n")
+    write_text_atomically(args.out, json.dumps(report, indent=2) + "\n")
     text = "\n\n".join([
         f"Mean ± sample sd over {args.seeds} seeds (seed = initialisation and batch order; zero-shot has no seed). "
         f"The AGCL rows read the image and the bare title, attributes only weighting AGCL's negatives in training; "

@@ -10,7 +10,9 @@ import pytest
 
 from afmrl_dagster.cli import main
 from afmrl_dagster.encoders.dual_tower import DualTowerConfig, DualTowerHead, save_head
-from afmrl_dagster.evaluate_command import EvaluationError, plan_evaluation, resolve_encoder, score_plan
+from afmrl_dagster.evaluation.encoders import resolve_encoder
+from afmrl_dagster.evaluation.protocols import EvaluationError, plan_evaluation
+from afmrl_dagster.evaluation.scoring import score_plan
 
 RETRIEVAL_KEYS = {"recall@1", "recall@5", "recall@10", "map@10", "mrr", "num_queries", "queries_without_match"}
 WDC_GOLD = "wdcproducts80cc20rnd000un_gs.json.gz"

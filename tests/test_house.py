@@ -10,7 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from afmrl_dagster.evaluation import HeldOutSplit, evaluate_parts
+from afmrl_dagster.evaluation.scoring import evaluate_parts
+from afmrl_dagster.evaluation.splits import HeldOutSplit
 from afmrl_dagster.promotion import Candidate, best_candidate, promotion_decision
 
 from conftest import REPO_ROOT

@@ -1,9 +1,9 @@
 """The ablation ladder on every dataset: zero-shot towers, plain InfoNCE, AGCL weights only,
 AGCL mask only, full AGCL; and on the datasets of ``--attribute-rows`` the generator side
-(+ distilled generator attributes, + RAR, + CIT; see :mod:`afmrl_dagster.attribute_ladder`).
+(+ distilled generator attributes, + RAR, + CIT; see :mod:`afmrl_dagster.experiments.attribute_ladder`).
 Each trained row runs over several seeds, reported as mean ± sd.
 
-Protocols are those of :mod:`afmrl_dagster.quality_ladder`. Tower features are computed once
+Protocols are those of :mod:`afmrl_dagster.experiments.quality_ladder`. Tower features are computed once
 per dataset (cached under ``--cache``; ``--no-cache`` recomputes them, as a first run does),
 so each (row, seed) costs the head's training only. The JSON of every run and the README
 table are written at the end; a dataset whose folder is missing is skipped with a message.
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from afmrl_dagster.attribute_ladder import AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
+from afmrl_dagster.experiments.attribute_ladder import AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
 from afmrl_dagster.encoders.towers import DEFAULT_TEXT_MODEL, TextFeaturizer
-from afmrl_dagster.quality_ladder import LadderSettings, dataset_features, ladder_markdown, load_ladder_dataset, run_ladder
+from afmrl_dagster.experiments.quality_ladder import LadderSettings, dataset_features, ladder_markdown, load_ladder_dataset, run_ladder
 from afmrl_dagster.local_files import write_text_atomically
 from afmrl_dagster.readme import publish_result
 from afmrl_dagster.settings import Settings

@@ -11,13 +11,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from afmrl_dagster.attribute_ladder import ATTRIBUTE_ROWS, AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
+from afmrl_dagster.experiments.attribute_ladder import ATTRIBUTE_ROWS, AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
 from afmrl_dagster.attributes.teacher import SellerAttributeTeacher, title_facts
 from afmrl_dagster.encoders.towers import DEFAULT_TEXT_MODEL, TextFeaturizer
 from afmrl_dagster.evaluation.scoring import score_plan
 from afmrl_dagster.training.attribute_stages import CITSettings, DistillationSettings
 from afmrl_dagster.training.grpo import GRPOConfig
-from afmrl_dagster.quality_ladder import (
+from afmrl_dagster.experiments.quality_ladder import (
     ROWS,
     LadderSettings,
     dataset_features,

@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .attributes.format import attributes_to_text, parse_attributes
-from .attributes.teacher import SellerAttributeTeacher
-from .catalog.loaders import load_wdc_products, parse_catalog_spec
-from .catalog.splits import holdout_products
-from .encoders.dual_tower import ListingFeatures, embed_features, zero_shot_embeddings
-from .encoders.towers import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
-from .evaluation.encoders import Encoder, tower_features
-from .evaluation.protocols import (
+from ..attributes.format import attributes_to_text, parse_attributes
+from ..attributes.teacher import SellerAttributeTeacher
+from ..catalog.loaders import load_wdc_products, parse_catalog_spec
+from ..catalog.splits import holdout_products
+from ..encoders.dual_tower import ListingFeatures, embed_features, zero_shot_embeddings
+from ..encoders.towers import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
+from ..evaluation.encoders import Encoder, tower_features
+from ..evaluation.protocols import (
     GROCERY_ICONIC_PREFIX,
     EvaluationPlan,
     RetrievalTask,
@@ -49,9 +49,9 @@ from .evaluation.protocols import (
     make_plan,
     resolve_splits,
 )
-from .evaluation.report import RETRIEVAL_COLUMNS
-from .evaluation.scoring import score_plan
-from .training.encoder_training import EncoderTrainingConfig, train_encoder
+from ..evaluation.report import RETRIEVAL_COLUMNS
+from ..evaluation.scoring import score_plan
+from ..training.encoder_training import EncoderTrainingConfig, train_encoder
 
 ZERO_SHOT_ROW = "zero-shot towers"
 TRAINED_ROWS: dict[str, dict] = {
@@ -273,7 +273,8 @@ def paired_differences(records: list[dict], task: str, row: str, baseline: str =
     return [by_seed[(row, seed)] - by_seed[(baseline, seed)] for seed in seeds]
 
 
-def _mean_sd(values: list[float], signed: bool = False) -> str:
+def mean_sd(values: list[float], signed: bool = False) -> str:
+    """``mean ± sample sd`` to three decimals (the mean alone for one value); ``signed`` shows the sign."""
     mean = statistics.fmean(values)
     text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
     return text + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
@@ -292,9 +293,9 @@ def ladder_markdown(dataset: str, records: list[dict], headline: str = "identica
     has_baseline = "plain InfoNCE" in rows
     for row, group in rows.items():
         cells = [row, str(sum(r["seed"] is not None for r in group) or "-")]
-        cells += [_mean_sd([r["metrics"][headline][m] for r in group]) for m in metrics]
-        cells += [_mean_sd([r["metrics"][task]["recall@1"] for r in group]) for task in other_tasks]
+        cells += [mean_sd([r["metrics"][headline][m] for r in group]) for m in metrics]
+        cells += [mean_sd([r["metrics"][task]["recall@1"] for r in group]) for task in other_tasks]
         difference = paired_differences(records, headline, row) if has_baseline and row not in ("plain InfoNCE", ZERO_SHOT_ROW) else []
-        cells.append(_mean_sd(difference, signed=True) if difference else "")
+        cells.append(mean_sd(difference, signed=True) if difference else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""``afmrl evaluate`` end to end on tiny catalogs, its protocols, and its errors."""
+"""``afmrl evaluate`` (:mod:`afmrl_dagster.apps.evaluate`) end to end on tiny catalogs, its protocols, and its errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from afmrl_dagster.cli import main
+from afmrl_dagster.apps.cli import main
 from afmrl_dagster.encoders.dual_tower import DualTowerConfig, DualTowerHead, save_head
 from afmrl_dagster.evaluation.encoders import resolve_encoder
 from afmrl_dagster.evaluation.protocols import EvaluationError, plan_evaluation

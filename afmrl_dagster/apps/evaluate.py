@@ -8,11 +8,11 @@ import os
 import sys
 from typing import Callable
 
-from .evaluation.encoders import embed_listings, resolve_encoder
-from .evaluation.protocols import plan_evaluation
-from .evaluation.report import evaluation_report, report_markdown
-from .evaluation.scoring import score_plan
-from .local_files import write_text_atomically
+from ..evaluation.encoders import embed_listings, resolve_encoder
+from ..evaluation.protocols import plan_evaluation
+from ..evaluation.report import evaluation_report, report_markdown
+from ..evaluation.scoring import score_plan
+from ..local_files import write_text_atomically
 
 
 def progress_line(message: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .settings import DEFAULT_STORE, DEFAULT_TRACKING_URI, Settings
+from ..settings import DEFAULT_STORE, DEFAULT_TRACKING_URI, Settings
 
 
 def _add_evaluate(commands) -> argparse.ArgumentParser:
@@ -30,9 +30,9 @@ def _add_evaluate(commands) -> argparse.ArgumentParser:
 def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from pathlib import Path
 
-    from .devices import resolve_device
+    from ..devices import resolve_device
     from .search import SearchEngine, SearchError, result_json, result_table
-    from .storage import StorageError, open_store
+    from ..storage import StorageError, open_store
 
     try:
         settings = Settings.from_env()
@@ -55,11 +55,11 @@ def _rollback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from .promotion import RollbackError, rollback_champion
+    from ..promotion import RollbackError, rollback_champion
 
-    from .registry import ENCODER_MODEL_NAME
-    from .serving import ServingError, publish_champion_record
-    from .storage import StorageError, open_store
+    from ..registry import ENCODER_MODEL_NAME
+    from ..serving import ServingError, publish_champion_record
+    from ..storage import StorageError, open_store
 
     try:
         settings = Settings.from_env()
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
 
         run_demo(write_readme=args.write_readme)
     elif args.command == "evaluate":
-        from .evaluate_command import run_evaluate
-        from .evaluation.protocols import EvaluationError
+        from .evaluate import run_evaluate
+        from ..evaluation.protocols import EvaluationError
 
         try:
             run_evaluate(args.catalog, args.encoder, args.out, split=args.split, markdown=args.markdown, limit=args.limit)

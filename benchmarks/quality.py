@@ -113,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                            + attribute_chain_markdown(chain_records, dataset.headline))
         seconds = time.perf_counter() - started
         epochs = {"epochs": EncoderTrainingConfig.epochs, **settings.training, **dataset.training}["epochs"]
-        results.append({"dataset": name, "spec": spec, "description": dataset.description, "seconds": seconds,
+        results.append({"dataset": name, "spec": spec, "description": dataset.description, "products": dataset.plan.products, "seconds": seconds,
                         "feature_seconds": feature_seconds, "epochs": epochs, "records": records,
                         "train_listings": dataset.train.height, "queries": len(dataset.plan.query_ids)})
         sections.append(
             f"**{name}** ({dataset.train.height} training listings, {len(dataset.plan.query_ids)} queries; {epochs} epochs; "
-            f"{seconds / 60:.1f} min, of which tower features {feature_seconds / 60:.1f} min): {dataset.description}.\n\n"
+            f"{seconds / 60:.1f} min, of which tower features {feature_seconds / 60:.1f} min): {dataset.description}. "
+            f"Products: **{dataset.plan.products}**, {dataset.plan.products_note}.\n\n"
             + ladder_markdown(name, records, dataset.headline) + chain_table
         )
     total = time.perf_counter() - started_all

@@ -41,7 +41,7 @@ def abo(shared_data):
 def test_zero_shot_on_abo_samples(tmp_path, abo, capsys):
     report = evaluate(tmp_path, "--catalog", abo, "--encoder", "zero-shot")
     assert report["encoder"] == "zero-shot" and report["catalog"] == abo and report["split"] is None
-    assert report["protocol"]["name"] == "abo"
+    assert report["protocol"]["name"] == "abo" and report["protocol"]["products"] == "not split"
     assert report["counts"]["listings_embedded"] == report["counts"]["queries"] == 12
     assert report["counts"]["products"] == 3 and report["counts"]["listings_with_image"] == 12
     check_retrieval(report["metrics"]["identical_product"], 12)
@@ -50,6 +50,7 @@ def test_zero_shot_on_abo_samples(tmp_path, abo, capsys):
     assert "knn_product_line" not in report["metrics"]  # one product line: nothing to classify
     table = (tmp_path / "metrics.md").read_text()
     assert "| identical_product | 12 |" in table and table in capsys.readouterr().out
+    assert "Products: **not split**, the whole catalog" in table
 
 
 def test_local_head_folder_on_abo_samples(tmp_path, abo):
@@ -70,6 +71,8 @@ def test_wdc_gold_standard_limited_text_only(tmp_path, shared_data):
                       "--encoder", "zero-shot", "--limit", "50")
     counts = report["counts"]
     assert counts["queries"] == 50 and counts["listings_with_image"] == 0
+    assert report["protocol"]["products"] == "closed set"  # 000un: every gold-standard product has training offers
+    assert "Products: **closed set**, new offers of trained products" in (tmp_path / "metrics.md").read_text()
     assert counts["listings_embedded"] == counts["gallery_identical_product"] == 1000  # all offers of the file
     check_retrieval(report["metrics"]["identical_product"], 50)
     # Titles find the same product far above chance (about 1 in 500 products).
@@ -81,6 +84,7 @@ def test_grocery_protocol_queries_the_split_against_the_rest(shared_data):
     if not (root / "val.txt").is_file():
         pytest.skip("grocery_store absent")
     plan = plan_evaluation(f"grocery:{root}", "val.txt", limit=20)
+    assert plan.products == "closed set"
     tasks = {task.name: task for task in plan.tasks}
     queries = set(plan.query_ids)
     assert len(queries) == 20 and plan.query_ids == sorted(plan.query_ids)
@@ -97,6 +101,7 @@ def test_amazon_google_protocol_queries_the_other_table(shared_data):
     if not (root / "gt.csv").is_file():
         pytest.skip("amazon_google absent")
     plan = plan_evaluation(f"amazon_google:{root}")
+    assert plan.products == "not split"  # the benchmark has no training split
     tasks = {task.name: task for task in plan.tasks}
     assert set(tasks) == {"amazon_to_google", "google_to_amazon"}
     assert all(i.startswith("amazon-") for i in tasks["amazon_to_google"].query_ids)

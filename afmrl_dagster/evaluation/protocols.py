@@ -10,6 +10,12 @@ Protocols (queries and galleries are sets of listings; a query's own listing nev
 - ``amazon_google``: each record of a matched product queries the other table.
 - everything else (``builtin``, ``abo``, ``parquet``, a dataset without a split): every
   listing queries all the others.
+
+Every plan says which products its queries are (``products``): a *closed set* (new photos or
+offers of products the dataset's training split holds: grocery's ``val.txt``, WDC's ``000un``
+gold standard), *unseen products* (products held out of training), or *not split* (the
+protocol holds nothing out: the figure is of unseen products only for an encoder that never
+trained on the catalog, such as the zero-shot towers).
 """
 
 from __future__ import annotations
@@ -33,8 +39,13 @@ from ..catalog.loaders import (
 )
 from ..catalog.source import CatalogSourceSpec, builtin_config, list_product_lines, load_product_line
 
+CLOSED_SET = "closed set"
+UNSEEN_PRODUCTS = "unseen products"
+NOT_SPLIT = "not split"
+PRODUCT_LABELS = (CLOSED_SET, UNSEEN_PRODUCTS, NOT_SPLIT)
 GROCERY_ICONIC_PREFIX = "grocery-iconic-"  # listing ids of the loader's catalog images
 AMAZON_GOOGLE_TABLES = {"amazon-": "amazon", "gp-": "google"}  # listing id prefix -> table
+WDC_CLOSED_SET_MARK = "000un"  # WDC Products files of the release whose gold standard has 0% unseen products
 
 
 class EvaluationError(ValueError):
@@ -53,15 +64,22 @@ class RetrievalTask:
 
 @dataclass
 class EvaluationPlan:
-    """The listings to embed and the tasks scored on them."""
+    """The listings to embed, the tasks scored on them, and which products the queries are
+    (``products``, one of :data:`PRODUCT_LABELS`, said in full by ``products_note``)."""
 
     protocol: str
     description: str
     listings: pl.DataFrame  # every listing a task uses, sorted by listing id
     query_ids: list[str]
     tasks: list[RetrievalTask]
+    products: str
+    products_note: str
     pooled: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> tasks pooled into it
     images: dict[str, bytes] = field(default_factory=dict)  # in-memory images (built-in catalog)
+
+    def __post_init__(self) -> None:
+        if self.products not in PRODUCT_LABELS:
+            raise ValueError(f"products must be one of {PRODUCT_LABELS}, got {self.products!r}")
 
 
 def resolve_splits(split: str, root: Path) -> list[Path]:
@@ -80,13 +98,13 @@ def _limited(ids: Sequence[str], limit: int | None) -> list[str]:
     return sorted(ids)[:limit] if limit is not None else sorted(ids)
 
 
-def make_plan(protocol, description, catalog, query_ids, tasks, pooled=None, images=None) -> EvaluationPlan:
+def make_plan(protocol, description, catalog, query_ids, tasks, pooled=None, images=None, *, products: str, products_note: str) -> EvaluationPlan:
     """The plan of ``tasks`` over ``catalog``: only the listings a task uses are kept; tasks
-    without queries are dropped."""
+    without queries are dropped. ``products``: which products the queries are (:data:`PRODUCT_LABELS`)."""
     used = set(query_ids).union(*(task.gallery_ids for task in tasks))
     listings = catalog.filter(pl.col("listing_id").is_in(list(used))).sort("listing_id")
     tasks = [task for task in tasks if task.query_ids]
-    return EvaluationPlan(protocol, description, listings, list(query_ids), tasks, pooled or {}, images or {})
+    return EvaluationPlan(protocol, description, listings, list(query_ids), tasks, products, products_note, pooled or {}, images or {})
 
 
 def _all_against_all(catalog: pl.DataFrame, limit: int | None, protocol: str, images=None) -> EvaluationPlan:
@@ -94,7 +112,9 @@ def _all_against_all(catalog: pl.DataFrame, limit: int | None, protocol: str, im
     queries = _limited(ids, limit)
     description = "every listing queries all the other listings of the catalog"
     task = RetrievalTask("identical_product", description, tuple(queries), tuple(sorted(ids)))
-    return make_plan(protocol, description, catalog, queries, [task], images=images)
+    return make_plan(protocol, description, catalog, queries, [task], images=images, products=NOT_SPLIT,
+                     products_note="the whole catalog, nothing held out: unseen products only for an encoder that never "
+                     "trained on this catalog (zero-shot, or trained on another), a closed set for one that did")
 
 
 def grocery_plan(root: Path, splits: list[Path], limit: int | None) -> EvaluationPlan:
@@ -112,7 +132,9 @@ def grocery_plan(root: Path, splits: list[Path], limit: int | None) -> Evaluatio
         RetrievalTask("photo_to_catalog", f"store photos of {names} query the iconic catalog images only",
                       tuple(queries), iconic),
     ]
-    return make_plan("grocery", tasks[0].description, catalog, queries, tasks)
+    return make_plan("grocery", tasks[0].description, catalog, queries, tasks, products=CLOSED_SET,
+                     products_note="new photos of trained products: every split of the dataset photographs the same "
+                     "products, and the catalog images show them too")
 
 
 def wdc_plan(root: Path, splits: list[Path], limit: int | None) -> EvaluationPlan:
@@ -121,7 +143,12 @@ def wdc_plan(root: Path, splits: list[Path], limit: int | None) -> EvaluationPla
     queries = _limited(ids, limit)
     description = f"the offers of {', '.join(p.name for p in splits)} form the catalog; each offer queries all the others"
     task = RetrievalTask("identical_product", description, tuple(queries), tuple(sorted(ids)))
-    return make_plan("wdc_products", description, catalog, queries, [task])
+    if all(WDC_CLOSED_SET_MARK in path.name for path in splits):
+        products, note = CLOSED_SET, ("new offers of trained products: in the 000un release every product of the gold standard "
+                                      "has offers in the training pair files")
+    else:
+        products, note = NOT_SPLIT, "the file names do not say whether their products have training offers"
+    return make_plan("wdc_products", description, catalog, queries, [task], products=products, products_note=note)
 
 
 def amazon_google_plan(root: Path, limit: int | None) -> EvaluationPlan:
@@ -142,7 +169,9 @@ def amazon_google_plan(root: Path, limit: int | None) -> EvaluationPlan:
         ))
     description = "each record of a matched product (2+ listings) queries the other table"
     pooled = {"identical_product": tuple(task.name for task in tasks if task.query_ids)}
-    return make_plan("amazon_google", description, catalog, queries, tasks, pooled)
+    return make_plan("amazon_google", description, catalog, queries, tasks, pooled, products=NOT_SPLIT,
+                     products_note="every matched product of the benchmark, nothing held out (it has no training split): "
+                     "unseen products only for an encoder that never trained on Amazon-Google")
 
 
 def builtin_or_parquet(spec: str) -> tuple[pl.DataFrame, dict[str, bytes]]:

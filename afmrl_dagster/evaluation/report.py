@@ -39,6 +39,8 @@ def evaluation_report(
         "protocol": {
             "name": plan.protocol,
             "description": plan.description,
+            "products": plan.products,
+            "products_note": plan.products_note,
             "tasks": {task.name: task.description for task in plan.tasks},
         },
         "counts": {
@@ -56,11 +58,15 @@ def evaluation_report(
 
 
 def report_markdown(report: dict) -> str:
-    """Retrieval metrics as one table (a row per task) and the other tasks as a second one."""
+    """Retrieval metrics as one table (a row per task) and the other tasks as a second one,
+    under a header that says the protocol and which products the queries are."""
+    protocol = report["protocol"]
     header = "| task | queries | " + " | ".join(RETRIEVAL_COLUMNS.values()) + " |"
     lines = [
         f"Encoder `{report['encoder']}` on `{report['catalog']}`" + (f" (split `{report['split']}`)" if report["split"] else "")
-        + f": {report['protocol']['description']}.",
+        + f": {protocol['description']}.",
+        "",
+        f"Products: **{protocol['products']}**, {protocol['products_note']}.",
         "",
         header,
         "|---|---|" + "---|" * len(RETRIEVAL_COLUMNS),

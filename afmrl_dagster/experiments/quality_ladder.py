@@ -41,6 +41,7 @@ from ..encoders.towers import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 from ..evaluation.encoders import Encoder, tower_features
 from ..evaluation.protocols import (
     GROCERY_ICONIC_PREFIX,
+    UNSEEN_PRODUCTS,
     EvaluationPlan,
     RetrievalTask,
     amazon_google_plan,
@@ -48,6 +49,7 @@ from ..evaluation.protocols import (
     grocery_plan,
     make_plan,
     resolve_splits,
+    wdc_plan,
 )
 from ..evaluation.report import RETRIEVAL_COLUMNS
 from ..evaluation.scoring import score_plan
@@ -105,7 +107,8 @@ def _builtin(spec: str, holdout_fraction: float) -> LadderDataset:
     queries = sorted(catalog.filter(pl.col("product_id").is_in(list(held_out)))["listing_id"].to_list())
     description = f"listings of the {len(held_out)} held-out products ({holdout_fraction:.0%} per line) query the whole catalog"
     task = RetrievalTask("identical_product", description, tuple(queries), tuple(sorted(catalog["listing_id"].to_list())))
-    plan = make_plan("builtin", description, catalog, queries, [task], images=images)
+    plan = make_plan("builtin", description, catalog, queries, [task], images=images, products=UNSEEN_PRODUCTS,
+                     products_note="the held-out products' listings; the other products train")
     train = catalog.filter(~pl.col("product_id").is_in(list(held_out))).sort("listing_id")
     return LadderDataset("builtin", description, plan, train, seller_attributes(train), images)
 
@@ -128,15 +131,11 @@ def _grocery(root: Path) -> LadderDataset:
 
 
 def _wdc(root: Path) -> LadderDataset:
-    test = load_wdc_products(root, files=[WDC_TEST_FILE])
-    test_ids = sorted(test["listing_id"].to_list())
-    description = f"offers of {WDC_TEST_FILE} form the catalog; each queries all the others"
-    task = RetrievalTask("identical_product", description, tuple(test_ids), tuple(test_ids))
-    plan = make_plan("wdc_products", description, test, test_ids, [task])
+    plan = wdc_plan(root, [root / WDC_TEST_FILE], None)
     train = load_wdc_products(root, files=WDC_TRAIN_FILES.split(","))
-    train = train.filter(~pl.col("listing_id").is_in(test_ids)).sort("listing_id")
+    train = train.filter(~pl.col("listing_id").is_in(plan.query_ids)).sort("listing_id")
     return LadderDataset("wdc_products", f"train on {WDC_TRAIN_FILES.replace(',', ' + ')} (gold-standard offers removed); "
-                         + description, plan, train, seller_attributes(train, title_facts=True))
+                         + plan.description, plan, train, seller_attributes(train, title_facts=True))
 
 
 def _amazon_google(root: Path, test_fraction: float) -> LadderDataset:
@@ -149,7 +148,8 @@ def _amazon_google(root: Path, test_fraction: float) -> LadderDataset:
     tasks = [replace(task, query_ids=tuple(i for i in task.query_ids if i in test_ids)) for task in full.tasks]
     description = (f"matched products split by product: {len(matched) - len(test_products)} train, "
                    f"{len(test_products)} test; test records query the whole other table")
-    plan = make_plan("amazon_google", description, catalog, sorted(test_ids), tasks, pooled=full.pooled)
+    plan = make_plan("amazon_google", description, catalog, sorted(test_ids), tasks, pooled=full.pooled, products=UNSEEN_PRODUCTS,
+                     products_note="the test products' records; the other matched products train")
     train = catalog.filter(pl.col("product_id").is_in(list(set(matched) - test_products))).sort("listing_id")
     return LadderDataset("amazon_google", description, plan, train, seller_attributes(train, title_facts=True))
 

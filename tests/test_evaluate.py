@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import numpy as np
@@ -79,41 +78,6 @@ def test_wdc_gold_standard_limited_text_only(tmp_path, shared_data):
     assert report["metrics"]["identical_product"]["recall@10"] > 0.5
 
 
-def test_grocery_protocol_queries_the_split_against_the_rest(shared_data):
-    root = shared_data / "grocery_store"
-    if not (root / "val.txt").is_file():
-        pytest.skip("grocery_store absent")
-    plan = plan_evaluation(f"grocery:{root}", "val.txt", limit=20)
-    assert plan.products == "closed set"
-    tasks = {task.name: task for task in plan.tasks}
-    queries = set(plan.query_ids)
-    assert len(queries) == 20 and plan.query_ids == sorted(plan.query_ids)
-    assert all(i.startswith("grocery-val-") for i in queries)
-    gallery = set(tasks["identical_product"].gallery_ids)
-    assert not gallery & queries and not any(i.startswith("grocery-val-") for i in gallery)  # the rest of val.txt is left out
-    iconic = tasks["photo_to_catalog"].gallery_ids
-    assert len(iconic) == 81 and all(i.startswith("grocery-iconic-") for i in iconic)
-    assert set(plan.listings["listing_id"].to_list()) == queries | gallery
-
-
-def test_amazon_google_protocol_queries_the_other_table(shared_data):
-    root = shared_data / "amazon_google"
-    if not (root / "gt.csv").is_file():
-        pytest.skip("amazon_google absent")
-    plan = plan_evaluation(f"amazon_google:{root}")
-    assert plan.products == "not split"  # the benchmark has no training split
-    tasks = {task.name: task for task in plan.tasks}
-    assert set(tasks) == {"amazon_to_google", "google_to_amazon"}
-    assert all(i.startswith("amazon-") for i in tasks["amazon_to_google"].query_ids)
-    assert all(i.startswith("gp-") for i in tasks["amazon_to_google"].gallery_ids)
-    assert all(i.startswith("gp-") for i in tasks["google_to_amazon"].query_ids)
-    assert all(i.startswith("amazon-") for i in tasks["google_to_amazon"].gallery_ids)
-    sizes = plan.listings.group_by("product_id").len()
-    matched = set(plan.listings.join(sizes.filter(sizes["len"] >= 2), on="product_id")["listing_id"].to_list())
-    assert set(plan.query_ids) == matched
-    assert plan.pooled == {"identical_product": ("amazon_to_google", "google_to_amazon")}
-
-
 def test_scores_of_a_builtin_plan_with_product_embeddings():
     plan = plan_evaluation("builtin:families=1,siblings=2,listings=2,lines=tops+mugs")
     assert len(plan.listings) == 8 and set(plan.images) == set(plan.listings["listing_id"].to_list())
@@ -138,14 +102,6 @@ def test_missing_split_file_is_named(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "split file 'nope.txt' not found" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
-
-
-def test_empty_query_set_is_an_error(tmp_path):
-    empty = tmp_path / "pairs.json.gz"
-    with gzip.open(empty, "wt") as stream:
-        stream.write("")
-    with pytest.raises(EvaluationError, match="no queries"):
-        plan_evaluation(f"wdc_products:{tmp_path}", str(empty))
 
 
 def test_bad_encoders_are_named(tmp_path):

@@ -12,12 +12,14 @@ def _add_evaluate(commands) -> argparse.ArgumentParser:
         "evaluate",
         help="score an encoder on a catalog under its dataset's protocol; write metrics as JSON (and markdown)",
         description="Score an encoder on a catalog: grocery (--split val.txt: its photos query every other listing, "
-        "and the catalog images alone), wdc_products (--split <pair file>: its offers query each other), "
+        "and the catalog images alone), wdc_products (--split <pair file>: its offers query each other; "
+        "--split unseen:<training pair file>: 30% of its products held out, their offers query each other), "
         "amazon_google (matched records query the other table), anything else (every listing queries all others).",
     )
     evaluate.add_argument("--catalog", required=True, metavar="SPEC",
                           help="catalog source: builtin[:...], grocery:PATH, wdc_products:PATH, amazon_google:PATH, abo:PATH, parquet:LOCATION")
-    evaluate.add_argument("--split", metavar="PATH", help="split list (grocery) or pair file(s), comma-separated (wdc_products)")
+    evaluate.add_argument("--split", metavar="PATH", help="split list (grocery), pair file(s) comma-separated (wdc_products), or "
+                          "unseen:PAIR_FILE[,...] (wdc_products: the products held out of those training offers)")
     evaluate.add_argument("--encoder", default="zero-shot", metavar="ENCODER",
                           help="'zero-shot', 'champion' (the encoder the pipeline's serving record names), a head folder "
                           "(head.safetensors + config.json) or an MLflow model URI such as models:/afmrl-encoder/3 (default: zero-shot)")

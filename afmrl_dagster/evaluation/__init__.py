@@ -18,7 +18,8 @@ from ..lazy_exports import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "encoders": ["CHAMPION", "EmbeddedListings", "Encoder", "ZERO_SHOT", "embed_listings", "resolve_encoder", "tower_features"],
     "protocols": ["AMAZON_GOOGLE_TABLES", "EvaluationError", "EvaluationPlan", "GROCERY_ICONIC_PREFIX", "RetrievalTask", "amazon_google_plan",
-                  "builtin_or_parquet", "grocery_plan", "make_plan", "plan_evaluation", "resolve_splits", "wdc_plan"],
+                  "CLOSED_SET", "NOT_SPLIT", "PRODUCT_LABELS", "UNSEEN_PRODUCTS", "UNSEEN_SPLIT", "WDC_CLOSED_SET_MARK", "builtin_or_parquet",
+                  "grocery_plan", "make_plan", "plan_evaluation", "resolve_splits", "unseen_products_split", "wdc_plan", "wdc_unseen_plan"],
     "report": ["REPORTED_METRICS", "RETRIEVAL_COLUMNS", "evaluation_report", "report_markdown", "results_markdown"],
     "scoring": ["KNN_K", "evaluate_embeddings", "evaluate_parts", "evaluation_set_fingerprint", "score_plan", "score_registered_version"],
     "splits": ["HeldOutSplit", "PARTS"],

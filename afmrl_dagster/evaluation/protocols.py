@@ -7,6 +7,10 @@ Protocols (queries and galleries are sets of listings; a query's own listing nev
   image only.
 - ``wdc_products`` with a split: the offers of the named pair file(s) form the catalog; each
   offer queries all the others.
+- ``wdc_products`` with ``unseen:`` and pair file(s) (the training offers): the pipeline's test
+  share of their products (:class:`~afmrl_dagster.evaluation.splits.HeldOutSplit`: 30%, seed 0)
+  is held out; the offers of those products form the catalog, each querying all the others,
+  and an encoder scored here may train on the offers of the other products only.
 - ``amazon_google``: each record of a matched product queries the other table.
 - everything else (``builtin``, ``abo``, ``parquet``, a dataset without a split): every
   listing queries all the others.
@@ -38,6 +42,7 @@ from ..catalog.loaders import (
     parse_catalog_spec,
 )
 from ..catalog.source import CatalogSourceSpec, builtin_config, list_product_lines, load_product_line
+from .splits import HeldOutSplit
 
 CLOSED_SET = "closed set"
 UNSEEN_PRODUCTS = "unseen products"
@@ -46,6 +51,7 @@ PRODUCT_LABELS = (CLOSED_SET, UNSEEN_PRODUCTS, NOT_SPLIT)
 GROCERY_ICONIC_PREFIX = "grocery-iconic-"  # listing ids of the loader's catalog images
 AMAZON_GOOGLE_TABLES = {"amazon-": "amazon", "gp-": "google"}  # listing id prefix -> table
 WDC_CLOSED_SET_MARK = "000un"  # WDC Products files of the release whose gold standard has 0% unseen products
+UNSEEN_SPLIT = "unseen:"  # --split unseen:FILE[,FILE...]: products held out of those (training) offers
 
 
 class EvaluationError(ValueError):
@@ -151,6 +157,30 @@ def wdc_plan(root: Path, splits: list[Path], limit: int | None) -> EvaluationPla
     return make_plan("wdc_products", description, catalog, queries, [task], products=products, products_note=note)
 
 
+def unseen_products_split(catalog: pl.DataFrame, split: HeldOutSplit | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``(held_out, training)``: the listings of ``split``'s test products (default: the
+    pipeline's, 30% of the products, seed 0) and those of every other product, so that no
+    product has listings on both sides."""
+    test = pl.Series((split or HeldOutSplit()).mask(catalog, "test"))
+    return catalog.filter(test), catalog.filter(~test)
+
+
+def wdc_unseen_plan(root: Path, files: list[Path], limit: int | None, split: HeldOutSplit | None = None) -> EvaluationPlan:
+    """Products held out of the training offers of ``files`` (:func:`unseen_products_split`): their offers query each other."""
+    split = split or HeldOutSplit()
+    held_out, training = unseen_products_split(load_wdc_products(root, files=files), split)
+    ids = held_out["listing_id"].to_list()
+    queries = _limited(ids, limit)
+    names = ", ".join(path.name for path in files)
+    held, rest = held_out["product_id"].n_unique(), training["product_id"].n_unique()
+    description = (f"the offers of {held} products held out of {names} ({split.fraction:.0%} of the products, seed {split.seed}) "
+                   "form the catalog; each offer queries all the others")
+    task = RetrievalTask("identical_product", description, tuple(queries), tuple(sorted(ids)))
+    note = (f"products held out of training: an encoder scored here trains on the offers of the other {rest} products of "
+            f"{names} only (the other files of the release hold offers of every product)")
+    return make_plan("wdc_products", description, held_out, queries, [task], products=UNSEEN_PRODUCTS, products_note=note)
+
+
 def amazon_google_plan(root: Path, limit: int | None) -> EvaluationPlan:
     catalog = load_amazon_google(root)
     sizes = catalog.group_by("product_id").len()
@@ -203,7 +233,12 @@ def plan_evaluation(catalog_spec: str, split: str | None = None, limit: int | No
             root = root.absolute()
             if not root.exists():
                 raise EvaluationError(f"catalog folder {root} (from {catalog_spec!r}) does not exist")
-            splits = resolve_splits(split, root) if split else None
+            unseen = bool(split) and split.startswith(UNSEEN_SPLIT)
+            files = split[len(UNSEEN_SPLIT):] if unseen else split
+            if unseen and (name != "wdc_products" or not files.strip()):
+                raise EvaluationError(f"--split {split!r}: the unseen-product protocol takes wdc_products training pair "
+                                      "file(s), as --split unseen:FILE[,FILE...]")
+            splits = resolve_splits(files, root) if files else None
             if name == "amazon_google":
                 if splits:
                     raise EvaluationError(f"amazon_google has a fixed protocol; leave out --split {split!r}")
@@ -211,7 +246,7 @@ def plan_evaluation(catalog_spec: str, split: str | None = None, limit: int | No
             elif splits and name == "grocery":
                 plan = grocery_plan(root, splits, limit)
             elif splits and name == "wdc_products":
-                plan = wdc_plan(root, splits, limit)
+                plan = wdc_unseen_plan(root, splits, limit) if unseen else wdc_plan(root, splits, limit)
             elif splits:
                 raise EvaluationError(f"catalog {name!r} has no split protocol; leave out --split {split!r}")
             else:

@@ -1,4 +1,4 @@
-"""Local folders written all or nothing."""
+"""Local files and folders written all or nothing."""
 
 from __future__ import annotations
 
@@ -27,5 +27,21 @@ def write_folder_atomically(target: str | os.PathLike, fill: Callable[[Path], No
             os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def write_text_atomically(target: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``target`` through a temporary file in the same folder, then rename: a
+    reader sees the old file or the new one, never half of it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
         raise
     return target

@@ -63,7 +63,8 @@ def cit_encoder(
     """
     from afmrl_dagster.attributes.generator import load_stored_generator
     from afmrl_dagster.encoders.dual_tower import load_stored_head, save_head
-    from afmrl_dagster.evaluation import REPORTED_METRICS, evaluation_set_fingerprint
+    from afmrl_dagster.evaluation.report import REPORTED_METRICS
+    from afmrl_dagster.evaluation.scoring import evaluation_set_fingerprint
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
     from afmrl_dagster.retrieval.index import build_index, publish_index
     from afmrl_dagster.training.attribute_stages import run_cit_stage

@@ -147,7 +147,8 @@ def retrieval_evaluation(
     tagged on the encoder's model version, with a picture of test queries and their top results."""
     from afmrl_dagster.encoders.dual_tower import zero_shot_embeddings
     from afmrl_dagster.encoders.towers import decode_image
-    from afmrl_dagster.evaluation import REPORTED_METRICS, evaluate_parts, evaluation_set_fingerprint, results_markdown
+    from afmrl_dagster.evaluation.report import REPORTED_METRICS, results_markdown
+    from afmrl_dagster.evaluation.scoring import evaluate_parts, evaluation_set_fingerprint
     from afmrl_dagster.features import align, listing_features as features_of, served_listing_features
     from afmrl_dagster.plots import held_out_examples_png
     from afmrl_dagster.quality import metric_expectations, validate_frame
@@ -258,7 +259,7 @@ def encoder_promotion(
     it serves with, by more than the margin. Runs only after the evaluation's blocking checks
     pass. The replaced champion stays under ``previous_champion`` (``afmrl rollback``).
     """
-    from afmrl_dagster.evaluation import evaluation_set_fingerprint, score_registered_version
+    from afmrl_dagster.evaluation.scoring import evaluation_set_fingerprint, score_registered_version
     from afmrl_dagster.promotion import Candidate, best_candidate, move_champion, promotion_decision
     from afmrl_dagster.registry import ENCODER_MODEL_NAME, GENERATOR_MODEL_NAME
     from afmrl_dagster.serving import serving_tags

@@ -1,9 +1,9 @@
 """The ablation ladder on every dataset: zero-shot towers, plain InfoNCE, AGCL weights only,
 AGCL mask only, full AGCL; and on the datasets of ``--attribute-rows`` the generator side
-(+ distilled generator attributes, + RAR, + CIT; see :mod:`afmrl_dagster.attribute_ladder`).
+(+ distilled generator attributes, + RAR, + CIT; see :mod:`afmrl_dagster.experiments.attribute_ladder`).
 Each trained row runs over several seeds, reported as mean ± sd.
 
-Protocols are those of :mod:`afmrl_dagster.quality_ladder`. Tower features are computed once
+Protocols are those of :mod:`afmrl_dagster.experiments.quality_ladder`. Tower features are computed once
 per dataset (cached under ``--cache``; ``--no-cache`` recomputes them, as a first run does),
 so each (row, seed) costs the head's training only. The JSON of every run and the README
 table are written at the end; a dataset whose folder is missing is skipped with a message.
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from afmrl_dagster.attribute_ladder import AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
+from afmrl_dagster.experiments.attribute_ladder import AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
 from afmrl_dagster.encoders.towers import DEFAULT_TEXT_MODEL, TextFeaturizer
-from afmrl_dagster.evaluate_command import write_atomic
-from afmrl_dagster.quality_ladder import LadderSettings, dataset_features, ladder_markdown, load_ladder_dataset, run_ladder
+from afmrl_dagster.experiments.quality_ladder import LadderSettings, dataset_features, ladder_markdown, load_ladder_dataset, run_ladder
+from afmrl_dagster.local_files import write_text_atomically
 from afmrl_dagster.readme import publish_result
 from afmrl_dagster.settings import Settings
 from afmrl_dagster.training.encoder_training import EncoderTrainingConfig
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_cache:
             for stale in Path(args.cache).glob(f"{dataset.name}-*.npz"):
                 stale.unlink()
-        features = dataset_features(dataset, args.cache)
+        features = dataset_features(dataset, args.cache, progress=log)
         feature_seconds = time.perf_counter() - started
         log(f"{name}: tower features ready in {feature_seconds:.0f} s")
         records = run_ladder(dataset, features, settings, progress=log)
@@ -113,18 +113,19 @@ def main(argv: list[str] | None = None) -> int:
                            + attribute_chain_markdown(chain_records, dataset.headline))
         seconds = time.perf_counter() - started
         epochs = {"epochs": EncoderTrainingConfig.epochs, **settings.training, **dataset.training}["epochs"]
-        results.append({"dataset": name, "spec": spec, "description": dataset.description, "seconds": seconds,
+        results.append({"dataset": name, "spec": spec, "description": dataset.description, "products": dataset.plan.products, "seconds": seconds,
                         "feature_seconds": feature_seconds, "epochs": epochs, "records": records,
                         "train_listings": dataset.train.height, "queries": len(dataset.plan.query_ids)})
         sections.append(
             f"**{name}** ({dataset.train.height} training listings, {len(dataset.plan.query_ids)} queries; {epochs} epochs; "
-            f"{seconds / 60:.1f} min, of which tower features {feature_seconds / 60:.1f} min): {dataset.description}.\n\n"
+            f"{seconds / 60:.1f} min, of which tower features {feature_seconds / 60:.1f} min): {dataset.description}. "
+            f"Products: **{dataset.plan.products}**, {dataset.plan.products_note}.\n\n"
             + ladder_markdown(name, records, dataset.headline) + chain_table
         )
     total = time.perf_counter() - started_all
     report = {"seeds": args.seeds, "seconds": total, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.machine(), "datasets": results}
-    write_atomic(args.out, json.dumps(report, indent=2) + "\n")
+    write_text_atomically(args.out, json.dumps(report, indent=2) + "\n")
     text = "\n\n".join([
         f"Mean ± sample sd over {args.seeds} seeds (seed = initialisation and batch order; zero-shot has no seed). "
         f"The AGCL rows read the image and the bare title, attributes only weighting AGCL's negatives in training; "

@@ -1,5 +1,5 @@
 """Latency of one search, stage by stage, and what attribute generation adds: catalog listings
-(photo + title) sent one at a time through :class:`afmrl_dagster.search.SearchEngine` over what
+(photo + title) sent one at a time through :class:`afmrl_dagster.apps.search.SearchEngine` over what
 ``make demo`` stored, as its serving record names it (the champion encoder, its index and generator).
 
     python benchmarks/search_latency.py [--queries 50] [--write-results docs/results.md]
@@ -13,7 +13,7 @@ import statistics
 import torch
 
 from afmrl_dagster.readme import publish_result
-from afmrl_dagster.search import SearchEngine
+from afmrl_dagster.apps.search import SearchEngine
 from afmrl_dagster.settings import Settings
 from afmrl_dagster.storage import open_store, read_uri_bytes
 

@@ -4,6 +4,7 @@
 import dagster as dg
 from pydantic import Field
 
+from afmrl_dagster.devices import resolve_device
 from afmrl_dagster.settings import DEFAULT_DEVICE, Settings, k8s_gpus_from_env
 
 GPU_POOL = "gpu"  # concurrency pool shared by every asset that runs torch models (limit in dagster.yaml)
@@ -27,18 +28,13 @@ GPU_OP_TAGS = gpu_op_tags()
 class TorchCompute(dg.ConfigurableResource):
     """Resolves the torch device and dtype for every torch asset."""
 
-    device: str = Field(default=DEFAULT_DEVICE, description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = Field(default=DEFAULT_DEVICE, description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     dtype: str = Field(default="auto", description="'auto' (bfloat16 on CUDA, float32 on CPU), 'float32' or 'bfloat16'.")
     num_threads: int = Field(default=0, description="CPU threads for torch; 0 keeps torch's default.")
 
     def torch_device(self) -> str:
-        import torch
-
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"TorchCompute.device is {self.device!r} but torch sees no CUDA device")
-        return self.device
+        """The device ``device`` names on this machine (:func:`afmrl_dagster.devices.resolve_device`)."""
+        return resolve_device(self.device)
 
     def torch_dtype(self):
         import torch

@@ -6,7 +6,7 @@ import functools
 import dagster as dg
 from pydantic import Field
 
-from afmrl_dagster.evaluation import HeldOutSplit
+from afmrl_dagster.evaluation.splits import HeldOutSplit
 from afmrl_dagster.settings import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
 
 

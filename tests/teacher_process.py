@@ -19,7 +19,7 @@ _SERVING = re.compile(r"serving (\S+) on (http://\S+/v1)")
 def teacher_server(*args: str, env: dict | None = None) -> Iterator[str]:
     """``afmrl serve-teacher --port 0 ARGS`` in its own process; yields its base URL, kills it by PID."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "afmrl_dagster.cli", "serve-teacher", "--port", "0", *args],
+        [sys.executable, "-m", "afmrl_dagster.apps.cli", "serve-teacher", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})},
     )
     try:

@@ -13,7 +13,7 @@ import polars as pl
 from afmrl_dagster.catalog.builtin import generate_product_line
 from afmrl_dagster.catalog.source import builtin_config
 from afmrl_dagster.definitions import build_definitions
-from afmrl_dagster.demo import materialize_pipeline
+from afmrl_dagster.apps.demo import materialize_pipeline
 from afmrl_dagster.storage import open_store
 
 from conftest import REPO_ROOT

@@ -12,7 +12,7 @@ from PIL import Image
 from afmrl_dagster.assets.catalog import RawCatalogConfig, raw_catalog
 from afmrl_dagster.catalog.schema import make_catalog
 
-from afmrl_dagster.demo import failure_messages
+from afmrl_dagster.apps.demo import failure_messages
 
 from pipeline_fixtures import tiny_resources
 

@@ -105,8 +105,8 @@ def test_distillation_defaults_are_the_generator_and_sft_defaults():
 
 
 def test_the_ladders_take_the_library_defaults():
-    from afmrl_dagster.attribute_ladder import AttributeChainSettings
-    from afmrl_dagster.quality_ladder import LadderSettings
+    from afmrl_dagster.experiments.attribute_ladder import AttributeChainSettings
+    from afmrl_dagster.experiments.quality_ladder import LadderSettings
 
     chain = AttributeChainSettings()
     assert chain.grpo == GRPOConfig()

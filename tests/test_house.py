@@ -4,13 +4,16 @@ one writer of the ``champion`` aliases, and no decision that reads a test listin
 from __future__ import annotations
 
 import ast
+import re
+import tomllib
 from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
 import pytest
 
-from afmrl_dagster.evaluation import HeldOutSplit, evaluate_parts
+from afmrl_dagster.evaluation.scoring import evaluate_parts
+from afmrl_dagster.evaluation.splits import HeldOutSplit
 from afmrl_dagster.promotion import Candidate, best_candidate, promotion_decision
 
 from conftest import REPO_ROOT
@@ -52,6 +55,31 @@ def test_one_writer_of_the_champion_alias():
     assert {label for _, label in alias_setters} <= {"CHAMPION_ALIAS", "PREVIOUS_CHAMPION_ALIAS", '"sft"', "sft", "rar", "cit"}, alias_setters
     champion_setters = {where for where, label in alias_setters if label in ("CHAMPION_ALIAS", "PREVIOUS_CHAMPION_ALIAS")}
     assert champion_setters == {"afmrl_dagster/promotion.py::move_champion"}
+
+
+def test_every_module_sits_in_the_layers_contract():
+    """A module the layers contract does not name may import anything, and anything may import
+    it: each top-level module and package of ``afmrl_dagster`` is named there (for a package
+    whose modules sit in different layers, such as ``apps``, each of its modules)."""
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    layers = next(contract["layers"] for contract in config["tool"]["importlinter"]["contracts"]
+                  if contract["type"] == "layers" and "afmrl_dagster.definitions" in contract["layers"])
+    named = set(re.split(r"[\s|:]+", " ".join(layers))) - {""}
+
+    def covered(module: str) -> bool:
+        return any(module == name or module.startswith(name + ".") for name in named)
+
+    missing = []
+    for path in sorted((REPO_ROOT / "afmrl_dagster").iterdir()):
+        if path.suffix == ".py" and path.name != "__init__.py":
+            modules = [f"afmrl_dagster.{path.stem}"]
+        elif (path / "__init__.py").is_file():
+            package = f"afmrl_dagster.{path.name}"
+            modules = [package] if covered(package) else [f"{package}.{child.stem}" for child in sorted(path.glob("*.py")) if child.name != "__init__.py"]
+        else:
+            continue
+        missing += [module for module in modules if not covered(module)]
+    assert not missing, f"add to the layers contract in pyproject.toml: {missing}"
 
 
 def _catalog(products_per_line: int = 12, listings: int = 3) -> pl.DataFrame:

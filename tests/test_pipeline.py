@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from afmrl_dagster.definitions import build_definitions
-from afmrl_dagster.demo import materialize_pipeline
+from afmrl_dagster.apps.demo import materialize_pipeline
 from afmrl_dagster.registry import ENCODER_MODEL_NAME, GENERATOR_MODEL_NAME
 
 from conftest import REPO_ROOT
@@ -262,7 +262,7 @@ def test_registered_encoder_embeds_listings_from_the_registry(pipeline_run, mlfl
 
 
 def test_search_finds_the_product_of_a_catalog_photo_and_title(pipeline_run, monkeypatch, mlflow_server):
-    from afmrl_dagster.search import SearchEngine, SearchError
+    from afmrl_dagster.apps.search import SearchEngine, SearchError
     from afmrl_dagster.storage import LocalObjectStore, read_uri_bytes
 
     _, _, _, root = pipeline_run
@@ -282,7 +282,7 @@ def test_search_finds_the_product_of_a_catalog_photo_and_title(pipeline_run, mon
         engine.search()
     # The documented command, text only, as JSON.
     env = {**os.environ, "AFMRL_STORE": str(root / "store"), "MLFLOW_TRACKING_URI": mlflow_server.url}
-    done = subprocess.run([sys.executable, "-m", "afmrl_dagster.cli", "search", "--text", catalog["title"][0], "--k", "2", "--json"],
+    done = subprocess.run([sys.executable, "-m", "afmrl_dagster.apps.cli", "search", "--text", catalog["title"][0], "--k", "2", "--json"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(json.loads(done.stdout)["hits"]) == 2
@@ -298,7 +298,7 @@ def test_search_and_evaluate_open_artefacts_only_through_the_serving_record(pipe
     URIs still serves, through the library and through both documented commands."""
     import shutil
 
-    from afmrl_dagster.search import SearchEngine
+    from afmrl_dagster.apps.search import SearchEngine
     from afmrl_dagster.serving import SERVING_RECORD_KEY
     from afmrl_dagster.storage import LocalObjectStore
 
@@ -321,12 +321,12 @@ def test_search_and_evaluate_open_artefacts_only_through_the_serving_record(pipe
     assert engine.search(text=listing["title"], k=3).hits[0].product_id == listing["product_id"]
 
     env = {**os.environ, "AFMRL_STORE": str(copy), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9/unused"}  # no registry needed
-    done = subprocess.run([sys.executable, "-m", "afmrl_dagster.cli", "search", "--text", listing["title"], "--k", "2", "--json"],
+    done = subprocess.run([sys.executable, "-m", "afmrl_dagster.apps.cli", "search", "--text", listing["title"], "--k", "2", "--json"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(json.loads(done.stdout)["hits"]) == 2
     report = tmp_path / "champion.json"
-    done = subprocess.run([sys.executable, "-m", "afmrl_dagster.cli", "evaluate", "--catalog", TINY_CATALOG, "--encoder", "champion",
+    done = subprocess.run([sys.executable, "-m", "afmrl_dagster.apps.cli", "evaluate", "--catalog", TINY_CATALOG, "--encoder", "champion",
                            "--out", str(report), "--limit", "6"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"version {record['encoder_version']} (serving record)" in report.read_text()
@@ -396,7 +396,7 @@ def test_rollback_command_restores_the_previous_champion(pipeline_run, mlflow_se
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "AFMRL_STORE": str(root / "store")}
 
     def rollback(model: str = ENCODER_MODEL_NAME) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "afmrl_dagster.cli", "rollback", "--model", model],
+        return subprocess.run([sys.executable, "-m", "afmrl_dagster.apps.cli", "rollback", "--model", model],
                               capture_output=True, text=True, env=env, timeout=120)
 
     done = rollback()

@@ -37,7 +37,7 @@ def test_server_gone_mid_run_fails_clearly_and_a_retry_completes(tmp_path):
     import threading
     import time
 
-    from afmrl_dagster.demo import failure_messages
+    from afmrl_dagster.apps.demo import failure_messages
     from s3_server import running_s3_server
 
     folder, bucket = tmp_path / "weed", "flaky-s3-test"

@@ -11,13 +11,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from afmrl_dagster.attribute_ladder import ATTRIBUTE_ROWS, AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
+from afmrl_dagster.experiments.attribute_ladder import ATTRIBUTE_ROWS, AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
 from afmrl_dagster.attributes.teacher import SellerAttributeTeacher, title_facts
 from afmrl_dagster.encoders.towers import DEFAULT_TEXT_MODEL, TextFeaturizer
-from afmrl_dagster.evaluate_command import score_plan
+from afmrl_dagster.evaluation.scoring import score_plan
 from afmrl_dagster.training.attribute_stages import CITSettings, DistillationSettings
 from afmrl_dagster.training.grpo import GRPOConfig
-from afmrl_dagster.quality_ladder import (
+from afmrl_dagster.experiments.quality_ladder import (
     ROWS,
     LadderSettings,
     dataset_features,
@@ -113,15 +113,18 @@ def test_real_dataset_protocols_keep_test_listings_out_of_training(shared_data):
     val_photos = set(grocery.plan.query_ids)
     assert val_photos and not val_photos & set(grocery.train["listing_id"])
     assert any(grocery.attribute_texts) and "photo_to_catalog" in {task.name for task in grocery.plan.tasks}
+    assert grocery.plan.products == "closed set"
 
     wdc = load_ladder_dataset(f"wdc_products:{shared_data / 'wdc_products'}")
     assert set(wdc.plan.query_ids) == set(wdc.plan.listings["listing_id"])
     assert not set(wdc.plan.query_ids) & set(wdc.train["listing_id"])
+    assert wdc.plan.products == "closed set"  # new offers, but every gold-standard product has training offers
 
     amazon_google = load_ladder_dataset(f"amazon_google:{shared_data / 'amazon_google'}")
     query_products = set(amazon_google.plan.listings.filter(pl.col("listing_id").is_in(amazon_google.plan.query_ids))["product_id"])
     assert query_products and not query_products & set(amazon_google.train["product_id"])
     assert {task.name for task in amazon_google.plan.tasks} == {"amazon_to_google", "google_to_amazon"}
+    assert amazon_google.plan.products == "unseen products"
 
 
 def test_benchmark_script_writes_json_and_the_readme_block(tmp_path):
@@ -140,6 +143,7 @@ def test_benchmark_script_writes_json_and_the_readme_block(tmp_path):
     text = readme.read_text()
     assert "old" not in text and "| full AGCL | 2 |" in text and text.endswith("<!-- quality-ladder:end -->\ntail\n")
     assert "| + CIT | 2 |" in text and "RAR reward, first → last fifth of steps" in text
+    assert "Products: **unseen products**" in text and report["datasets"][0]["products"] == "unseen products"
 
 
 def test_score_plan_embeds_queries_apart_from_the_gallery(small_builtin):

@@ -214,7 +214,7 @@ def run_cit_stage(
     and test products (:func:`afmrl_dagster.evaluation.evaluate_parts`)."""
     from ..attributes.format import attributes_to_text
     from ..encoders.dual_tower import embed_features
-    from ..evaluation import evaluate_parts
+    from ..evaluation.scoring import evaluate_parts
     from ..features import listing_features, with_listing_text
 
     ids, titles = catalog["listing_id"].to_list(), catalog["title"].to_list()
@@ -245,7 +245,7 @@ def compare_query_attributes(
     ``catalog`` embedded as served), the queries of each part carrying the attributes each
     generator writes; each part's queries search the gallery its split gives it."""
     from ..encoders.dual_tower import embed_features
-    from ..evaluation import REPORTED_METRICS
+    from ..evaluation.report import REPORTED_METRICS
     from ..features import listing_features, with_listing_text
     from ..retrieval.metrics import retrieval_metrics
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .settings import DEFAULT_STORE, DEFAULT_TRACKING_URI, Settings
+from ..settings import DEFAULT_STORE, DEFAULT_TRACKING_URI, Settings
 
 
 def _add_evaluate(commands) -> argparse.ArgumentParser:
@@ -12,12 +12,14 @@ def _add_evaluate(commands) -> argparse.ArgumentParser:
         "evaluate",
         help="score an encoder on a catalog under its dataset's protocol; write metrics as JSON (and markdown)",
         description="Score an encoder on a catalog: grocery (--split val.txt: its photos query every other listing, "
-        "and the catalog images alone), wdc_products (--split <pair file>: its offers query each other), "
+        "and the catalog images alone), wdc_products (--split <pair file>: its offers query each other; "
+        "--split unseen:<training pair file>: 30% of its products held out, their offers query each other), "
         "amazon_google (matched records query the other table), anything else (every listing queries all others).",
     )
     evaluate.add_argument("--catalog", required=True, metavar="SPEC",
                           help="catalog source: builtin[:...], grocery:PATH, wdc_products:PATH, amazon_google:PATH, abo:PATH, parquet:LOCATION")
-    evaluate.add_argument("--split", metavar="PATH", help="split list (grocery) or pair file(s), comma-separated (wdc_products)")
+    evaluate.add_argument("--split", metavar="PATH", help="split list (grocery), pair file(s) comma-separated (wdc_products), or "
+                          "unseen:PAIR_FILE[,...] (wdc_products: the products held out of those training offers)")
     evaluate.add_argument("--encoder", default="zero-shot", metavar="ENCODER",
                           help="'zero-shot', 'champion' (the encoder the pipeline's serving record names), a head folder "
                           "(head.safetensors + config.json) or an MLflow model URI such as models:/afmrl-encoder/3 (default: zero-shot)")
@@ -30,9 +32,9 @@ def _add_evaluate(commands) -> argparse.ArgumentParser:
 def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from pathlib import Path
 
-    from .evaluate_command import device_from_env
+    from ..devices import resolve_device
     from .search import SearchEngine, SearchError, result_json, result_table
-    from .storage import StorageError, open_store
+    from ..storage import StorageError, open_store
 
     try:
         settings = Settings.from_env()
@@ -44,7 +46,7 @@ def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.exit(2, f"afmrl search: error: cannot read --image {args.image}: {error.strerror}\n")
     try:
         store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
-        engine = SearchEngine.from_store(store, device=device_from_env())
+        engine = SearchEngine.from_store(store, device=resolve_device())
         result = engine.search(image=image, text=args.text, k=args.k)
     except (SearchError, StorageError, ValueError) as error:
         parser.exit(2, f"afmrl search: error: {error}\n")
@@ -55,11 +57,11 @@ def _rollback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from .promotion import RollbackError, rollback_champion
+    from ..promotion import RollbackError, rollback_champion
 
-    from .registry import ENCODER_MODEL_NAME
-    from .serving import ServingError, publish_champion_record
-    from .storage import StorageError, open_store
+    from ..registry import ENCODER_MODEL_NAME
+    from ..serving import ServingError, publish_champion_record
+    from ..storage import StorageError, open_store
 
     try:
         settings = Settings.from_env()
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
 
         run_demo(write_readme=args.write_readme)
     elif args.command == "evaluate":
-        from .evaluate_command import EvaluationError, run_evaluate
+        from .evaluate import run_evaluate
+        from ..evaluation.protocols import EvaluationError
 
         try:
             run_evaluate(args.catalog, args.encoder, args.out, split=args.split, markdown=args.markdown, limit=args.limit)

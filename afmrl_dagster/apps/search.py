@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from .attributes.format import listing_text, parse_attributes
-from .attributes.generator import AttributeGenerator, generate_attribute_texts, load_stored_generator
-from .attributes.vocabulary import AttributeVocabulary
-from .encoders.dual_tower import DualTowerHead, ListingFeatures, embed_features, load_stored_head
-from .encoders.towers import ImageFeaturizer, TextFeaturizer, decode_image
-from .retrieval.index import open_published_index, search
-from .serving import ServingError, ServingRecord, read_serving_record
-from .storage import ObjectStore
+from ..attributes.format import listing_text, parse_attributes
+from ..attributes.generator import AttributeGenerator, generate_attribute_texts, load_stored_generator
+from ..attributes.vocabulary import AttributeVocabulary
+from ..encoders.dual_tower import DualTowerHead, ListingFeatures, embed_features, load_stored_head
+from ..encoders.towers import ImageFeaturizer, TextFeaturizer, decode_image
+from ..retrieval.index import open_published_index, search
+from ..serving import ServingError, ServingRecord, read_serving_record
+from ..storage import ObjectStore
 
 
 class SearchError(ValueError):

@@ -32,7 +32,7 @@ def materialize_pipeline(definitions, instance, asset_config: dict | None = None
     ``asset_config`` maps asset names to their ``dg.Config`` (e.g. fewer epochs in tests).
     Returns the evaluation table and the RAR manifest.
     """
-    from .definitions import PIPELINE_ORDER
+    from ..definitions import PIPELINE_ORDER
 
     asset_config = asset_config or {}
     with definitions.resources["catalog_source"].process_config_and_initialize_cm() as catalog_source:
@@ -68,7 +68,7 @@ def materialize_pipeline(definitions, instance, asset_config: dict | None = None
 def results_report(outcome: dict, seconds: float) -> str:
     """The demo's results: the test table (products unseen in training, never used to decide),
     then RAR, CIT and the promotion, each decided on validation products."""
-    from .evaluation import results_markdown
+    from ..evaluation.report import results_markdown
 
     results, rar, cit, promotion = outcome["results"], outcome["rar"], outcome["cit"], outcome["promotion"]
     test = results.filter(results["products"] == "unseen (test)")
@@ -93,7 +93,7 @@ def results_report(outcome: dict, seconds: float) -> str:
 def run_demo(write_readme: str | None = None) -> None:
     import dagster as dg
 
-    from .definitions import defs
+    from ..definitions import defs
 
     if not os.environ.get("DAGSTER_HOME"):
         raise SystemExit("DAGSTER_HOME is not set: run `make demo`, or export DAGSTER_HOME to a folder holding dagster.yaml")
@@ -102,7 +102,7 @@ def run_demo(write_readme: str | None = None) -> None:
     report = results_report(outcome, time.perf_counter() - started)
     print("\n==> results\n\n" + report)
     if write_readme:
-        from .readme import write_block
+        from ..readme import write_block
 
         written = write_block(write_readme, "demo-results", report)
         print(f"\n(results {'written into' if written else 'not written: no demo-results markers in'} {write_readme})")

@@ -16,26 +16,25 @@ For each seed, the chain the pipeline runs:
    training products, with the RAR attributes in text and BM25; queries and gallery both
    carry RAR attributes.
 
-The rows' records have the shape of :func:`afmrl_dagster.quality_ladder.run_ladder`'s, so
+The rows' records have the shape of :func:`afmrl_dagster.experiments.quality_ladder.run_ladder`'s, so
 one table holds every row; :func:`attribute_chain_markdown` adds what RAR itself did.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .attributes.format import attributes_to_text
-from .encoders.dual_tower import ListingFeatures, embed_features
-from .encoders.towers import TextFeaturizer
-from .evaluate_command import score_plan
-from .features import with_listing_text
-from .quality_ladder import TRAINED_ROWS, LadderDataset, LadderSettings, rows_of
-from .training.attribute_stages import (
+from ..attributes.format import attributes_to_text
+from ..encoders.dual_tower import ListingFeatures, embed_features
+from ..encoders.towers import TextFeaturizer
+from ..evaluation.scoring import score_plan
+from ..features import with_listing_text
+from .quality_ladder import TRAINED_ROWS, LadderDataset, LadderSettings, mean_sd, rows_of
+from ..training.attribute_stages import (
     CITSettings,
     DistillationSettings,
     RARGallery,
@@ -48,8 +47,8 @@ from .training.attribute_stages import (
     train_cit_round,
     written_attributes,
 )
-from .training.encoder_training import EncoderTrainingConfig, train_encoder
-from .training.grpo import GRPOConfig
+from ..training.encoder_training import EncoderTrainingConfig, train_encoder
+from ..training.grpo import GRPOConfig
 
 DISTILLED_ROW = "+ distilled generator attributes"
 RAR_ROW = "+ RAR"
@@ -146,11 +145,6 @@ def run_attribute_chain(
     return records
 
 
-def _mean_sd(values: list[float], signed: bool = False) -> str:
-    text = f"{statistics.fmean(values):+.3f}" if signed else f"{statistics.fmean(values):.3f}"
-    return text + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
-
-
 def attribute_chain_markdown(records: list[dict], headline: str = "identical_product") -> str:
     """What each step of the chain did, mean ± sd over seeds: the distilled and RAR generators'
     validity on the queries, RAR's reward over its run and its KL, and the paired R@1 change
@@ -168,13 +162,13 @@ def attribute_chain_markdown(records: list[dict], headline: str = "identical_pro
     cells = [
         str(len(seeds)),
         ", ".join(str(k) for k in sorted({r["reward_k"] for r in rar})),
-        _mean_sd([by[(DISTILLED_ROW, s)]["query_validity"] for s in seeds]),
-        _mean_sd([r["query_validity"] for r in rar]),
-        _mean_sd([r["reward_first_steps"] for r in rar]) + " → " + _mean_sd([r["reward_last_steps"] for r in rar]),
-        _mean_sd([r["reward_last_steps"] - r["reward_first_steps"] for r in rar], signed=True),
-        _mean_sd([r["final_kl"] for r in rar]),
-        _mean_sd(paired(RAR_ROW, DISTILLED_ROW), signed=True),
-        _mean_sd(paired(CIT_ROW, RAR_ROW), signed=True) if paired(CIT_ROW, RAR_ROW) else "",
+        mean_sd([by[(DISTILLED_ROW, s)]["query_validity"] for s in seeds]),
+        mean_sd([r["query_validity"] for r in rar]),
+        mean_sd([r["reward_first_steps"] for r in rar]) + " → " + mean_sd([r["reward_last_steps"] for r in rar]),
+        mean_sd([r["reward_last_steps"] - r["reward_first_steps"] for r in rar], signed=True),
+        mean_sd([r["final_kl"] for r in rar]),
+        mean_sd(paired(RAR_ROW, DISTILLED_ROW), signed=True),
+        mean_sd(paired(CIT_ROW, RAR_ROW), signed=True) if paired(CIT_ROW, RAR_ROW) else "",
     ]
     header = ["seeds", "reward k", "validity, distilled", "validity, RAR", "RAR reward, first → last fifth of steps", "reward change",
               "KL at the last step", "ΔR@1 RAR − distilled (paired)", "ΔR@1 CIT − RAR (paired)"]

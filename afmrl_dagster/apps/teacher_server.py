@@ -27,7 +27,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from .attributes.teacher import title_facts
+from ..attributes.teacher import title_facts
 
 _TITLE_LINE = re.compile(r"^Title:\s*(.*)$", re.MULTILINE)
 

@@ -1,16 +1,17 @@
-"""``afmrl evaluate`` end to end on tiny catalogs, its protocols, and its errors."""
+"""``afmrl evaluate`` (:mod:`afmrl_dagster.apps.evaluate`) end to end on tiny catalogs, its protocols, and its errors."""
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import numpy as np
 import pytest
 
-from afmrl_dagster.cli import main
+from afmrl_dagster.apps.cli import main
 from afmrl_dagster.encoders.dual_tower import DualTowerConfig, DualTowerHead, save_head
-from afmrl_dagster.evaluate_command import EvaluationError, plan_evaluation, resolve_encoder, score_plan
+from afmrl_dagster.evaluation.encoders import resolve_encoder
+from afmrl_dagster.evaluation.protocols import EvaluationError, plan_evaluation
+from afmrl_dagster.evaluation.scoring import score_plan
 
 RETRIEVAL_KEYS = {"recall@1", "recall@5", "recall@10", "map@10", "mrr", "num_queries", "queries_without_match"}
 WDC_GOLD = "wdcproducts80cc20rnd000un_gs.json.gz"
@@ -39,7 +40,7 @@ def abo(shared_data):
 def test_zero_shot_on_abo_samples(tmp_path, abo, capsys):
     report = evaluate(tmp_path, "--catalog", abo, "--encoder", "zero-shot")
     assert report["encoder"] == "zero-shot" and report["catalog"] == abo and report["split"] is None
-    assert report["protocol"]["name"] == "abo"
+    assert report["protocol"]["name"] == "abo" and report["protocol"]["products"] == "not split"
     assert report["counts"]["listings_embedded"] == report["counts"]["queries"] == 12
     assert report["counts"]["products"] == 3 and report["counts"]["listings_with_image"] == 12
     check_retrieval(report["metrics"]["identical_product"], 12)
@@ -48,6 +49,7 @@ def test_zero_shot_on_abo_samples(tmp_path, abo, capsys):
     assert "knn_product_line" not in report["metrics"]  # one product line: nothing to classify
     table = (tmp_path / "metrics.md").read_text()
     assert "| identical_product | 12 |" in table and table in capsys.readouterr().out
+    assert "Products: **not split**, the whole catalog" in table
 
 
 def test_local_head_folder_on_abo_samples(tmp_path, abo):
@@ -68,43 +70,12 @@ def test_wdc_gold_standard_limited_text_only(tmp_path, shared_data):
                       "--encoder", "zero-shot", "--limit", "50")
     counts = report["counts"]
     assert counts["queries"] == 50 and counts["listings_with_image"] == 0
+    assert report["protocol"]["products"] == "closed set"  # 000un: every gold-standard product has training offers
+    assert "Products: **closed set**, new offers of trained products" in (tmp_path / "metrics.md").read_text()
     assert counts["listings_embedded"] == counts["gallery_identical_product"] == 1000  # all offers of the file
     check_retrieval(report["metrics"]["identical_product"], 50)
     # Titles find the same product far above chance (about 1 in 500 products).
     assert report["metrics"]["identical_product"]["recall@10"] > 0.5
-
-
-def test_grocery_protocol_queries_the_split_against_the_rest(shared_data):
-    root = shared_data / "grocery_store"
-    if not (root / "val.txt").is_file():
-        pytest.skip("grocery_store absent")
-    plan = plan_evaluation(f"grocery:{root}", "val.txt", limit=20)
-    tasks = {task.name: task for task in plan.tasks}
-    queries = set(plan.query_ids)
-    assert len(queries) == 20 and plan.query_ids == sorted(plan.query_ids)
-    assert all(i.startswith("grocery-val-") for i in queries)
-    gallery = set(tasks["identical_product"].gallery_ids)
-    assert not gallery & queries and not any(i.startswith("grocery-val-") for i in gallery)  # the rest of val.txt is left out
-    iconic = tasks["photo_to_catalog"].gallery_ids
-    assert len(iconic) == 81 and all(i.startswith("grocery-iconic-") for i in iconic)
-    assert set(plan.listings["listing_id"].to_list()) == queries | gallery
-
-
-def test_amazon_google_protocol_queries_the_other_table(shared_data):
-    root = shared_data / "amazon_google"
-    if not (root / "gt.csv").is_file():
-        pytest.skip("amazon_google absent")
-    plan = plan_evaluation(f"amazon_google:{root}")
-    tasks = {task.name: task for task in plan.tasks}
-    assert set(tasks) == {"amazon_to_google", "google_to_amazon"}
-    assert all(i.startswith("amazon-") for i in tasks["amazon_to_google"].query_ids)
-    assert all(i.startswith("gp-") for i in tasks["amazon_to_google"].gallery_ids)
-    assert all(i.startswith("gp-") for i in tasks["google_to_amazon"].query_ids)
-    assert all(i.startswith("amazon-") for i in tasks["google_to_amazon"].gallery_ids)
-    sizes = plan.listings.group_by("product_id").len()
-    matched = set(plan.listings.join(sizes.filter(sizes["len"] >= 2), on="product_id")["listing_id"].to_list())
-    assert set(plan.query_ids) == matched
-    assert plan.pooled == {"identical_product": ("amazon_to_google", "google_to_amazon")}
 
 
 def test_scores_of_a_builtin_plan_with_product_embeddings():
@@ -131,14 +102,6 @@ def test_missing_split_file_is_named(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "split file 'nope.txt' not found" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
-
-
-def test_empty_query_set_is_an_error(tmp_path):
-    empty = tmp_path / "pairs.json.gz"
-    with gzip.open(empty, "wt") as stream:
-        stream.write("")
-    with pytest.raises(EvaluationError, match="no queries"):
-        plan_evaluation(f"wdc_products:{tmp_path}", str(empty))
 
 
 def test_bad_encoders_are_named(tmp_path):

@@ -32,15 +32,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .attributes.format import attributes_to_text, parse_attributes
-from .attributes.teacher import SellerAttributeTeacher
-from .catalog.loaders import load_wdc_products, parse_catalog_spec
-from .catalog.splits import holdout_products
-from .encoders.dual_tower import ListingFeatures, embed_features, zero_shot_embeddings
-from .encoders.towers import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
-from .evaluate_command import (
+from ..attributes.format import attributes_to_text, parse_attributes
+from ..attributes.teacher import SellerAttributeTeacher
+from ..catalog.loaders import load_wdc_products, parse_catalog_spec
+from ..catalog.splits import holdout_products
+from ..encoders.dual_tower import ListingFeatures, embed_features, zero_shot_embeddings
+from ..encoders.towers import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
+from ..evaluation.encoders import Encoder, tower_features
+from ..evaluation.protocols import (
     GROCERY_ICONIC_PREFIX,
-    Encoder,
+    UNSEEN_PRODUCTS,
     EvaluationPlan,
     RetrievalTask,
     amazon_google_plan,
@@ -48,10 +49,11 @@ from .evaluate_command import (
     grocery_plan,
     make_plan,
     resolve_splits,
-    score_plan,
-    tower_features,
+    wdc_plan,
 )
-from .training.encoder_training import EncoderTrainingConfig, train_encoder
+from ..evaluation.report import RETRIEVAL_COLUMNS
+from ..evaluation.scoring import score_plan
+from ..training.encoder_training import EncoderTrainingConfig, train_encoder
 
 ZERO_SHOT_ROW = "zero-shot towers"
 TRAINED_ROWS: dict[str, dict] = {
@@ -105,7 +107,8 @@ def _builtin(spec: str, holdout_fraction: float) -> LadderDataset:
     queries = sorted(catalog.filter(pl.col("product_id").is_in(list(held_out)))["listing_id"].to_list())
     description = f"listings of the {len(held_out)} held-out products ({holdout_fraction:.0%} per line) query the whole catalog"
     task = RetrievalTask("identical_product", description, tuple(queries), tuple(sorted(catalog["listing_id"].to_list())))
-    plan = make_plan("builtin", description, catalog, queries, [task], images=images)
+    plan = make_plan("builtin", description, catalog, queries, [task], images=images, products=UNSEEN_PRODUCTS,
+                     products_note="the held-out products' listings; the other products train")
     train = catalog.filter(~pl.col("product_id").is_in(list(held_out))).sort("listing_id")
     return LadderDataset("builtin", description, plan, train, seller_attributes(train), images)
 
@@ -128,15 +131,11 @@ def _grocery(root: Path) -> LadderDataset:
 
 
 def _wdc(root: Path) -> LadderDataset:
-    test = load_wdc_products(root, files=[WDC_TEST_FILE])
-    test_ids = sorted(test["listing_id"].to_list())
-    description = f"offers of {WDC_TEST_FILE} form the catalog; each queries all the others"
-    task = RetrievalTask("identical_product", description, tuple(test_ids), tuple(test_ids))
-    plan = make_plan("wdc_products", description, test, test_ids, [task])
+    plan = wdc_plan(root, [root / WDC_TEST_FILE], None)
     train = load_wdc_products(root, files=WDC_TRAIN_FILES.split(","))
-    train = train.filter(~pl.col("listing_id").is_in(test_ids)).sort("listing_id")
+    train = train.filter(~pl.col("listing_id").is_in(plan.query_ids)).sort("listing_id")
     return LadderDataset("wdc_products", f"train on {WDC_TRAIN_FILES.replace(',', ' + ')} (gold-standard offers removed); "
-                         + description, plan, train, seller_attributes(train, title_facts=True))
+                         + plan.description, plan, train, seller_attributes(train, title_facts=True))
 
 
 def _amazon_google(root: Path, test_fraction: float) -> LadderDataset:
@@ -149,7 +148,8 @@ def _amazon_google(root: Path, test_fraction: float) -> LadderDataset:
     tasks = [replace(task, query_ids=tuple(i for i in task.query_ids if i in test_ids)) for task in full.tasks]
     description = (f"matched products split by product: {len(matched) - len(test_products)} train, "
                    f"{len(test_products)} test; test records query the whole other table")
-    plan = make_plan("amazon_google", description, catalog, sorted(test_ids), tasks, pooled=full.pooled)
+    plan = make_plan("amazon_google", description, catalog, sorted(test_ids), tasks, pooled=full.pooled, products=UNSEEN_PRODUCTS,
+                     products_note="the test products' records; the other matched products train")
     train = catalog.filter(pl.col("product_id").is_in(list(set(matched) - test_products))).sort("listing_id")
     return LadderDataset("amazon_google", description, plan, train, seller_attributes(train, title_facts=True))
 
@@ -188,6 +188,7 @@ def _features_key(listings: pl.DataFrame, image_tower: str, text_tower: str) -> 
 def dataset_features(
     dataset: LadderDataset, cache_dir: str | Path | None = None,
     image_tower: str = DEFAULT_IMAGE_MODEL, text_tower: str = DEFAULT_TEXT_MODEL,
+    progress: Callable[[str], None] = lambda message: None,
 ) -> ListingFeatures:
     """Tower features of every listing of ``dataset`` (in :meth:`LadderDataset.listings` order),
     read from ``cache_dir`` when an earlier run computed them for the same listings and towers."""
@@ -198,7 +199,7 @@ def dataset_features(
         if path.is_file():
             with np.load(path) as stored:
                 return ListingFeatures(listings["listing_id"].to_list(), stored["image"], stored["image_mask"], stored["text"])
-    features, _ = tower_features(Encoder("zero-shot", image_tower, text_tower), listings, dataset.images)
+    features, _ = tower_features(Encoder("zero-shot", image_tower, text_tower), listings, dataset.images, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp.npz")
@@ -272,7 +273,8 @@ def paired_differences(records: list[dict], task: str, row: str, baseline: str =
     return [by_seed[(row, seed)] - by_seed[(baseline, seed)] for seed in seeds]
 
 
-def _mean_sd(values: list[float], signed: bool = False) -> str:
+def mean_sd(values: list[float], signed: bool = False) -> str:
+    """``mean ± sample sd`` to three decimals (the mean alone for one value); ``signed`` shows the sign."""
     mean = statistics.fmean(values)
     text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
     return text + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
@@ -286,15 +288,14 @@ def ladder_markdown(dataset: str, records: list[dict], headline: str = "identica
         rows.setdefault(record["row"], []).append(record)
     first = records[0]["metrics"]
     other_tasks = [name for name, values in first.items() if name != headline and "recall@1" in values]
-    names = {"recall@1": "R@1", "recall@5": "R@5", "recall@10": "R@10", "map@10": "mAP@10", "mrr": "MRR"}
-    header = ["encoder", "seeds", *(names[m] for m in metrics), *(f"R@1 {task}" for task in other_tasks), "ΔR@1 vs InfoNCE (paired)"]
+    header = ["encoder", "seeds", *(RETRIEVAL_COLUMNS[m] for m in metrics), *(f"R@1 {task}" for task in other_tasks), "ΔR@1 vs InfoNCE (paired)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     has_baseline = "plain InfoNCE" in rows
     for row, group in rows.items():
         cells = [row, str(sum(r["seed"] is not None for r in group) or "-")]
-        cells += [_mean_sd([r["metrics"][headline][m] for r in group]) for m in metrics]
-        cells += [_mean_sd([r["metrics"][task]["recall@1"] for r in group]) for task in other_tasks]
+        cells += [mean_sd([r["metrics"][headline][m] for r in group]) for m in metrics]
+        cells += [mean_sd([r["metrics"][task]["recall@1"] for r in group]) for task in other_tasks]
         difference = paired_differences(records, headline, row) if has_baseline and row not in ("plain InfoNCE", ZERO_SHOT_ROW) else []
-        cells.append(_mean_sd(difference, signed=True) if difference else "")
+        cells.append(mean_sd(difference, signed=True) if difference else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""``afmrl evaluate``: score an encoder on a catalog under the protocol of its dataset
+(:mod:`afmrl_dagster.evaluation.protocols`) and write the report as JSON, and as markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable
+
+from ..evaluation.encoders import embed_listings, resolve_encoder
+from ..evaluation.protocols import plan_evaluation
+from ..evaluation.report import evaluation_report, report_markdown
+from ..evaluation.scoring import score_plan
+from ..local_files import write_text_atomically
+
+
+def progress_line(message: str) -> None:
+    print(f"afmrl evaluate: {message}", file=sys.stderr, flush=True)
+
+
+def run_evaluate(
+    catalog: str,
+    encoder: str,
+    out: str | os.PathLike,
+    split: str | None = None,
+    markdown: str | os.PathLike | None = None,
+    limit: int | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Plan, embed, score and write the report (JSON to ``out``, optionally markdown); returns it.
+    A bad input raises :class:`afmrl_dagster.evaluation.EvaluationError` before anything is written."""
+    resolved = resolve_encoder(encoder)  # before loading data: a bad encoder fails fast
+    plan = plan_evaluation(catalog, split, limit)
+    progress_line(f"{plan.protocol}: {len(plan.query_ids)} queries, {len(plan.listings)} listings to embed")
+    embedded = embed_listings(resolved, plan.listings, plan.images, progress=progress_line)
+    report = evaluation_report(catalog, split, encoder, resolved, limit, plan, embedded, score_plan(plan, embedded.embeddings))
+    write_text_atomically(out, json.dumps(report, indent=2, sort_keys=False) + "\n")
+    table = report_markdown(report)
+    if markdown:
+        write_text_atomically(markdown, table)
+    echo(table)
+    return report

@@ -1,0 +1,134 @@
+"""Scores of embeddings: the pipeline's parts (validation, test) of a catalog, the tasks of an
+evaluation plan, and a registered encoder version re-scored as it serves."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from ..retrieval.metrics import retrieval_metrics
+from ..retrieval.tasks import clustering_scores, combine_retrieval, cross_set_retrieval, knn_classification_accuracy
+from .protocols import EvaluationPlan
+from .splits import HeldOutSplit
+
+KNN_K = 5
+
+
+def evaluate_embeddings(catalog: pl.DataFrame, embeddings: np.ndarray, query_mask: np.ndarray, gallery_mask: np.ndarray | None = None) -> dict[str, float]:
+    """Metrics of the queries ``query_mask`` against the listings of ``gallery_mask`` (default:
+    every listing of ``catalog``); a query's own listing never counts."""
+    listing_ids = catalog["listing_id"].to_list()
+    product_ids = catalog["product_id"].to_list()
+    query_index = np.flatnonzero(query_mask)
+    gallery_index = np.arange(len(listing_ids)) if gallery_mask is None else np.flatnonzero(gallery_mask)
+    return retrieval_metrics(
+        embeddings[query_index],
+        embeddings[gallery_index],
+        [product_ids[i] for i in query_index],
+        [product_ids[i] for i in gallery_index],
+        query_listing_ids=[listing_ids[i] for i in query_index],
+        gallery_listing_ids=[listing_ids[i] for i in gallery_index],
+    )
+
+
+def evaluation_set_fingerprint(catalog: pl.DataFrame, query_mask: np.ndarray) -> str:
+    """Names an evaluation set: the same fingerprint means the same queries against the same catalog."""
+    from ..fingerprint import fingerprint
+
+    return fingerprint("evaluation_set", catalog.select("listing_id", "product_id"), list(map(bool, query_mask)))
+
+
+def evaluate_parts(
+    catalog: pl.DataFrame, embeddings: np.ndarray, split: HeldOutSplit, parts: tuple[str, ...] = ("validation", "test")
+) -> dict[str, dict[str, float]]:
+    """Metrics per part of ``split``, each part's listings querying the gallery :meth:`HeldOutSplit.gallery_mask` gives it."""
+    return {part: evaluate_embeddings(catalog, embeddings, split.mask(catalog, part), split.gallery_mask(catalog, part)) for part in parts}
+
+
+def score_plan(plan: EvaluationPlan, embeddings: np.ndarray, query_embeddings: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Retrieval metrics per task (and pooled), kNN accuracy of the product line over the
+    queries when the catalog has several lines, k-means of the queries' products when they
+    name several.
+
+    ``embeddings`` has one row per listing of ``plan.listings``. ``query_embeddings`` (same
+    rows) embeds the listings when they act as queries in the retrieval tasks and the
+    clustering, e.g. with attributes another generator wrote; by default a query is embedded
+    as in the gallery. kNN of the product line reads the gallery embeddings."""
+    queries = embeddings if query_embeddings is None else query_embeddings
+    if queries.shape != embeddings.shape:
+        raise ValueError(f"query embeddings {queries.shape} and gallery embeddings {embeddings.shape} differ in shape")
+    ids = plan.listings["listing_id"].to_list()
+    row = {listing_id: i for i, listing_id in enumerate(ids)}
+    products = plan.listings["product_id"].to_list()
+    metrics: dict[str, dict[str, float]] = {}
+    for task in plan.tasks:
+        q = [row[i] for i in task.query_ids]
+        g = [row[i] for i in task.gallery_ids]
+        metrics[task.name] = cross_set_retrieval(
+            queries[q], [products[i] for i in q], embeddings[g], [products[i] for i in g],
+            query_listing_ids=list(task.query_ids), gallery_listing_ids=list(task.gallery_ids),
+        )
+    for name, parts in plan.pooled.items():
+        metrics[name] = combine_retrieval([metrics[part] for part in parts])
+    query_rows = np.array([row[i] for i in plan.query_ids])
+    lines = plan.listings["product_line"].to_list()
+    if len(set(lines)) > 1:
+        mask = np.zeros(len(ids), bool)
+        mask[query_rows] = True
+        accuracy = knn_classification_accuracy(embeddings, lines, k=KNN_K, query_mask=mask)
+        metrics["knn_product_line"] = {"accuracy": accuracy, "k": float(KNN_K), "num_classes": float(len(set(lines)))}
+    query_products = [products[i] for i in query_rows]
+    if len(set(query_products)) > 1:
+        metrics["clustering_product_id"] = clustering_scores(queries[query_rows], query_products, seed=0)
+    return metrics
+
+
+def score_registered_version(
+    version,
+    catalog: pl.DataFrame,
+    features_table: pl.DataFrame,
+    attributes_table: pl.DataFrame,
+    attributes_generator_uri: str,
+    query_mask: np.ndarray,
+    gallery_mask: np.ndarray,
+    store,
+    text_featurizer,
+    device: str = "cpu",
+    log=print,
+) -> dict[str, float]:
+    """Metrics of a registered encoder version (an MLflow ``ModelVersion``) on ``query_mask`` against ``gallery_mask``,
+    served as it is served: its weights and the generator named by its serving tags. When that
+    generator is the one that wrote ``attributes_table`` (``attributes_generator_uri``), its stored
+    text features are reused; otherwise the generator writes the catalog's attributes again."""
+    from ..encoders.dual_tower import embed_features, load_head, load_stored_head
+    from ..features import listing_features, served_listing_features
+    from ..serving import SERVING_TAG_PREFIX
+
+    tags = version.tags or {}
+    encoder_uri, generator_uri = tags.get(f"{SERVING_TAG_PREFIX}encoder_uri"), tags.get(f"{SERVING_TAG_PREFIX}generator_uri")
+    ids = catalog["listing_id"].to_list()
+    if encoder_uri:
+        head = load_stored_head(store, encoder_uri, device=device)
+    else:
+        import tempfile
+
+        from ..registry import download_model_artifact
+
+        with tempfile.TemporaryDirectory() as scratch:
+            head = load_head(download_model_artifact(f"models:/{version.name}/{version.version}", "head", scratch), device=device)
+    if generator_uri is None or generator_uri == attributes_generator_uri:
+        if generator_uri is None:
+            log(f"version {version.version} carries no serving tags: re-scored with the current generated attributes")
+        features = served_listing_features(features_table, attributes_table, ids)
+    else:
+        from ..attributes.format import parse_attributes
+        from ..attributes.generator import generate_attribute_texts, load_stored_generator
+        from ..features import with_listing_text
+
+        log(f"version {version.version} serves with the generator at {generator_uri}: writing the catalog's attributes with it")
+        generator, vocabulary = load_stored_generator(store, generator_uri, device=device)
+        base = listing_features(features_table, ids)
+        texts = generate_attribute_texts(generator, vocabulary, base.image, base.image_mask, base.text)
+        attributes = [parse_attributes(text, set(vocabulary.keys)).attributes or {} for text in texts]
+        features = with_listing_text(base, text_featurizer, catalog["title"].to_list(), attributes)
+    return evaluate_embeddings(catalog, embed_features(head, features, device=device), query_mask, gallery_mask)

@@ -120,9 +120,12 @@ def run_attribute_chain(
 
         started = time.perf_counter()
         grpo = GRPOConfig(**{**asdict(chain.grpo), "seed": seed})
+        # The reward searches the evaluation gallery without its queries: a query listing is never a reward positive.
+        reward_rows = np.setdiff1d(np.arange(plan.listings.height), query_rows)
         policy, history = refine_with_rar(
             generator, vocabulary, head, text_featurizer, train_features, train_titles, products,
-            RARGallery(gallery, plan.listings["product_id"].to_list(), plan.listings["listing_id"].to_list()), grpo,
+            RARGallery(gallery[reward_rows], [plan.listings["product_id"][int(i)] for i in reward_rows],
+                       [plan.listings["listing_id"][int(i)] for i in reward_rows]), grpo,
             reward_k=reward_k, invalid_reward=chain.invalid_reward,
         )
         first, last = reward_trend(history)

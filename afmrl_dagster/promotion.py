@@ -83,14 +83,31 @@ class RollbackError(RuntimeError):
     """The registry holds nothing to roll back to."""
 
 
+class RegistryError(RuntimeError):
+    """The registry could not be read: no decision is taken on what it did not say."""
+
+
+def _says_absent(error) -> bool:
+    """Whether an MLflow error means "no such model or alias" (as opposed to a server that
+    could not answer): the registry answers RESOURCE_DOES_NOT_EXIST for a model, and
+    INVALID_PARAMETER_VALUE "... alias ... not found" for an alias."""
+    code = getattr(error, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(error))
+
+
 def alias_version(client, model_name: str, alias: str) -> str | None:
-    """The version under ``alias`` of ``model_name`` in the MLflow registry of ``client``, or None."""
+    """The version under ``alias`` of ``model_name`` in the MLflow registry of ``client``; None
+    only when the registry says the model or alias does not exist. Any other failure (a server
+    that does not answer, an error of its own) raises RegistryError: promotion fails closed."""
     from mlflow.exceptions import MlflowException
 
     try:
         return str(client.get_model_version_by_alias(model_name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        if _says_absent(error):
+            return None
+        where = getattr(client, "tracking_uri", None) or "the registry"
+        raise RegistryError(f"cannot read the {alias!r} alias of {model_name} from {where}: {error}") from error
 
 
 def move_champion(client, model_name: str, version: str, reason: str) -> str | None:

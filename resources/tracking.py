@@ -115,10 +115,11 @@ class MlflowTracking(dg.ConfigurableResource):
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri or self.tracking_uri)
 
     def champion_version(self, model_name: str):
-        """The model version under the ``champion`` alias, or None."""
-        from mlflow.exceptions import MlflowException
+        """The model version under the ``champion`` alias; None only when the registry says there
+        is none. A registry that cannot be read raises (``promotion.RegistryError``): the
+        promotion fails closed."""
+        from afmrl_dagster.promotion import alias_version
 
-        try:
-            return self.client().get_model_version_by_alias(model_name, CHAMPION_ALIAS)
-        except MlflowException:
-            return None
+        client = self.client()
+        version = alias_version(client, model_name, CHAMPION_ALIAS)
+        return None if version is None else client.get_model_version(model_name, version)

@@ -23,3 +23,30 @@ def test_champion_is_not_promoted_over_itself_and_metric_must_exist():
         promotion_decision("4", {"recall@1": 0.9}, "3", None, "recall@1")
     with pytest.raises(KeyError, match="map@10"):
         promotion_decision("3", {"recall@1": 0.9}, None, None, "map@10")
+
+
+def test_a_registry_that_cannot_answer_never_reads_as_no_champion(tmp_path, monkeypatch):
+    """Only the registry saying "no such model or alias" means no champion; a stopped server
+    stops the promotion and the rollback with an error naming it, instead of promoting blind."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+    from mlflow_server import running_mlflow_server
+
+    from afmrl_dagster.promotion import RegistryError, alias_version
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast once the server is gone
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with running_mlflow_server(tmp_path / "mlflow") as server:
+        client = MlflowClient(tracking_uri=server.url)
+        client.create_registered_model("afmrl-encoder")
+        assert alias_version(client, "afmrl-encoder", "champion") is None  # the registry says: no such alias
+        assert alias_version(client, "afmrl-no-such-model", "champion") is None  # nor such model
+    with pytest.raises(RegistryError, match=f"cannot read the 'champion' alias of afmrl-encoder from {server.url}"):
+        alias_version(client, "afmrl-encoder", "champion")
+    done = subprocess.run([sys.executable, "-m", "afmrl_dagster.apps.cli", "rollback", "--tracking-uri", server.url],
+                          capture_output=True, text=True, env={**os.environ}, timeout=120)
+    assert done.returncode == 2 and "cannot read the 'champion' alias" in done.stderr, done.stderr[-2000:]
+    assert "nothing to roll back to" not in done.stderr

@@ -57,7 +57,7 @@ def _rollback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from ..promotion import RollbackError, rollback_champion
+    from ..promotion import RegistryError, RollbackError, rollback_champion
 
     from ..registry import ENCODER_MODEL_NAME
     from ..serving import ServingError, publish_champion_record
@@ -67,7 +67,7 @@ def _rollback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         settings = Settings.from_env()
         client = MlflowClient(tracking_uri=args.tracking_uri or settings.tracking_uri)
         rolled_from, rolled_to = rollback_champion(client, args.model)
-    except (RollbackError, MlflowException, ValueError) as error:
+    except (RollbackError, RegistryError, MlflowException, ValueError) as error:
         parser.exit(2, f"afmrl rollback: error: {error}\n")
     print(f"{args.model}: champion moved from version {rolled_from} back to version {rolled_to} "
           f"(version {rolled_from} is now previous_champion; run again to undo)")
@@ -75,7 +75,7 @@ def _rollback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         try:
             store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
             record, uri = publish_champion_record(client, store, args.model)
-        except (ServingError, StorageError, MlflowException, ValueError) as error:
+        except (ServingError, StorageError, RegistryError, MlflowException, ValueError) as error:
             parser.exit(2, f"afmrl rollback: error: the champion moved, but the serving record was not rewritten: {error}\n")
         print(f"serving record {uri}: version {record.encoder_version} with index {record.index_uri}")
 

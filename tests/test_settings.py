@@ -48,9 +48,9 @@ def test_bad_values_are_named(name, value, message):
 
 
 def test_resources_come_from_the_settings():
-    resources = build_resources(Settings(store="/tmp/afmrl-store", tracking_uri="http://mlflow:5000", catalog="builtin:families=2",
+    resources = build_resources(Settings(store="s3://afmrl-bucket/store", tracking_uri="http://mlflow:5000", catalog="builtin:families=2",
                                          device="cpu", text_tower="my-text", teacher_revision="r1", secrets_set=frozenset({"AWS_ACCESS_KEY_ID"})))
-    assert resources["artifact_store"].location == "/tmp/afmrl-store"
+    assert resources["artifact_store"].location == "s3://afmrl-bucket/store"
     assert resources["artifact_store"].access_key_id is not None and resources["artifact_store"].secret_access_key is None
     assert resources["mlflow_tracking"].tracking_uri == "http://mlflow:5000"
     assert resources["catalog_source"].spec == "builtin:families=2"

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..encoders.dual_tower import DualTowerConfig, DualTowerHead, ListingFeatures
+from ..encoders.listing_encoder import FrozenTowerEncoder, ListingEncoder, ListingInputs
 from .agcl import AGCLConfig, AGCLLoss
 from .bm25 import TOKENIZERS, BM25Scorer
 from .checkpoints import (
@@ -114,16 +115,17 @@ class EncoderTrainingConfig:
 
 @dataclass
 class TrainingResult:
-    """The trained head (on CPU, eval mode) and one history dict per epoch.
+    """The trained encoder (on CPU, eval mode; ``head`` for the frozen-tower backend) and one history dict per epoch.
 
     ``completed`` is False when ``max_steps`` stopped training early; ``global_step`` counts
     optimizer steps, those before a resumed checkpoint included.
     """
 
-    head: DualTowerHead
+    head: DualTowerHead | None
     history: list[dict]
     global_step: int = 0
     completed: bool = True
+    encoder: ListingEncoder | None = None  # the trained encoder, whatever its backend
 
 
 class ProductBatchSampler:
@@ -220,6 +222,26 @@ def batch_loss(
     return pair_loss(loss_fn, embeddings.float(), head.temperature.float(), anchors, positives, product_codes, scorer)
 
 
+def encoder_batch_loss(
+    encoder: ListingEncoder,
+    loss_fn: AGCLLoss,
+    inputs: ListingInputs,
+    anchors: np.ndarray,
+    positives: np.ndarray,
+    product_codes: np.ndarray,
+    scorer: BM25Scorer | None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """AGCL loss of one batch of (anchor, positive) pairs through any :class:`ListingEncoder`:
+    one forward pass over both sides (under bf16 autocast when ``autocast_dtype`` is set, CUDA
+    only); the similarities and the loss are computed in float32."""
+    both = np.concatenate([anchors, positives])
+    precision = torch.autocast(device_type="cuda", dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    with precision:
+        embeddings = encoder.embed_rows(inputs, both)
+    return pair_loss(loss_fn, embeddings.float(), encoder.temperature.float(), anchors, positives, product_codes, scorer)
+
+
 def pair_loss(
     loss_fn: AGCLLoss,
     embeddings: torch.Tensor,
@@ -267,9 +289,22 @@ def vlm2vec_batch_loss(
     return pair_loss(loss_fn, embeddings, encoder.temperature, anchors, positives, product_codes, scorer)
 
 
-def make_optimizer(head: DualTowerHead, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with decay on weight matrices only (not biases nor the temperature)."""
-    trainable = [(name, p) for name, p in head.named_parameters() if p.requires_grad]
+def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with decay on weight matrices only (not biases nor the temperature), over the
+    parameters that require grad. A model may scale the rate of some of them with a method
+    ``learning_rate_scale(name) -> float`` (a fine-tuned tower learns slower than its head)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    scale = getattr(model, "learning_rate_scale", None)
+    if scale is not None:
+        groups = {}
+        for name, p in trainable:
+            key = (float(scale(name)), p.dim() >= 2)
+            groups.setdefault(key, []).append(p)
+        return torch.optim.AdamW(
+            [{"params": ps, "lr": learning_rate * factor, "weight_decay": weight_decay if matrix else 0.0}
+             for (factor, matrix), ps in sorted(groups.items())],
+            lr=learning_rate,
+        )
     groups = [
         {"params": [p for _, p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for _, p in trainable if p.dim() < 2], "weight_decay": 0.0},
@@ -331,14 +366,13 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, device: torch.d
 
 
 def _save_training_checkpoint(
-    directory: str, head: DualTowerHead, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
+    directory: str, encoder: ListingEncoder, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
     progress: TrainingProgress, fingerprint: dict, device: torch.device,
 ) -> None:
     optimizer_structure, optimizer_tensors = flatten_tensors(optimizer.state_dict(), "optimizer")
     schedule_structure, schedule_tensors = flatten_tensors(schedule.state_dict(), "schedule")
     rng_tensors, rng_meta = _rng_state(device)
-    head_tensors = {f"head.{name}": tensor for name, tensor in head.state_dict().items()}
-    state = {**head_tensors, **optimizer_tensors, **schedule_tensors, **rng_tensors}
+    state = {**encoder.checkpoint_state(), **optimizer_tensors, **schedule_tensors, **rng_tensors}
     meta = {
         "format": CHECKPOINT_FORMAT,
         "fingerprint": fingerprint,
@@ -351,14 +385,15 @@ def _save_training_checkpoint(
 
 
 def _load_training_checkpoint(
-    directory: str, head: DualTowerHead, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
+    directory: str, encoder: ListingEncoder, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
     fingerprint: dict, device: torch.device,
 ) -> TrainingProgress:
     state, meta = load_checkpoint(directory)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint in {directory} has format {meta.get('format')!r}, this code reads {CHECKPOINT_FORMAT}")
     check_fingerprint(meta["fingerprint"], fingerprint)
-    head.load_state_dict({name.removeprefix("head."): t for name, t in state.items() if name.startswith("head.")}, strict=True)
+    own = set(encoder.checkpoint_state())
+    encoder.load_checkpoint_state({name: t for name, t in state.items() if name in own})
     optimizer.load_state_dict(unflatten_tensors(meta["optimizer"], state))
     schedule.load_state_dict(unflatten_tensors(meta["schedule"], state))
     _set_rng_state(state, meta["rng"], device)
@@ -379,65 +414,119 @@ def train_encoder(
 
     ``product_ids``, ``product_lines`` and ``attribute_texts`` are aligned with the rows of
     ``features``; attribute texts feed BM25 (e.g. ``"colour: red; neckline: v-neck"``).
-
-    With ``config.checkpoint_dir`` set, checkpoints are written there; when it already holds
-    one and ``resume`` is true, training continues from it (weights, optimizer, schedule,
-    step, position in the epoch, random generators, history) after checking that config and
-    data match it (ValueError naming the differing fields otherwise). ``on_epoch`` is called
-    for the epochs finished by this call only. ``resume=False`` starts afresh and overwrites.
     ``initial_head`` starts from that head's weights (e.g. another round of training on new
-    attributes) instead of the PCA start; its shape must match.
+    attributes) instead of the PCA start; its shape must match. Checkpoints and ``resume``:
+    see :func:`train_listing_encoder`.
     """
     config = config or EncoderTrainingConfig()
-    n = len(features)
+    head_config = replace(config.head, image_dim=features.image.shape[1], text_dim=features.text.shape[1])
+
+    def build() -> FrozenTowerEncoder:
+        head = DualTowerHead(head_config)
+        if initial_head is not None:
+            head.load_state_dict(initial_head.state_dict())
+        return FrozenTowerEncoder(head)
+
+    inputs = ListingInputs(features.listing_ids, [""] * len(features), features=features)
+    fingerprint = {}
+    if initial_head is not None:  # a checkpoint resumes only from the same starting weights
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in sorted(initial_head.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        fingerprint["initial_head"] = digest.hexdigest()
+    result = train_listing_encoder(
+        build, inputs, product_ids, product_lines, attribute_texts, config, on_epoch, resume,
+        fresh_start=config.pca_init and initial_head is None, extra_fingerprint=fingerprint,
+    )
+    result.head = result.encoder.head
+    return result
+
+
+def inputs_fingerprint(inputs: ListingInputs, product_ids: Sequence[str], product_lines: Sequence[str], attribute_texts: Sequence[str]) -> dict:
+    """What a checkpoint must be resumed on: the cached features when the encoder reads them,
+    else the texts and image locations of the listings."""
+    if inputs.features is not None:
+        return data_fingerprint(inputs.features, product_ids, product_lines, attribute_texts)
+    digest = hashlib.blake2b(digest_size=16)
+    for values in (inputs.listing_ids, inputs.texts(), inputs.image_uris or [], product_ids, product_lines, attribute_texts):
+        digest.update(json.dumps([str(value) for value in values]).encode())
+    return {"data.listings": len(inputs), "data.digest": digest.hexdigest()}
+
+
+def train_listing_encoder(
+    encoder: ListingEncoder | Callable[[], ListingEncoder],
+    inputs: ListingInputs,
+    product_ids: Sequence[str],
+    product_lines: Sequence[str],
+    attribute_texts: Sequence[str],
+    config: EncoderTrainingConfig | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    resume: bool = True,
+    fresh_start: bool = True,
+    extra_fingerprint: dict | None = None,
+) -> TrainingResult:
+    """Train any :class:`ListingEncoder` with AGCL (or plain InfoNCE) on the rows of ``inputs``.
+
+    The one training loop of every encoder backend: the product-line sampler, BM25 weights
+    over ``attribute_texts``, gradient accumulation, bf16 autocast on CUDA, gradient clipping,
+    warmup + cosine. ``fresh_start`` lets the encoder prepare itself (the head's PCA start)
+    when no checkpoint is resumed. ``encoder`` may be a function that builds it: it is then
+    built after the training seed is set, so its random start is the seed's.
+
+    With ``config.checkpoint_dir`` set, checkpoints (the encoder's trained weights, optimizer,
+    schedule, position, random generators) are written there; when it already holds one and
+    ``resume`` is true, training continues from it (weights, optimizer, schedule, step,
+    position in the epoch, random generators, history) after checking that config and data
+    match it (ValueError naming the differing fields otherwise). ``on_epoch`` is called for
+    the epochs finished by this call only. ``resume=False`` starts afresh and overwrites.
+    """
+    config = config or EncoderTrainingConfig()
+    n = len(inputs)
     if not (len(product_ids) == len(product_lines) == len(attribute_texts) == n):
         raise ValueError(
             f"{n} listings but {len(product_ids)} product ids, {len(product_lines)} lines, {len(attribute_texts)} attribute texts"
         )
-    head_config = replace(config.head, image_dim=features.image.shape[1], text_dim=features.text.shape[1])
     sampler = ProductBatchSampler(product_ids, product_lines, config.batch_size, config.sampler, config.seed)
     scorer = BM25Scorer(attribute_texts, tokenizer=config.bm25_tokenizer) if config.agcl.use_weights else None
     _, product_codes = np.unique(np.asarray(product_ids, dtype=object).astype(str), return_inverse=True)
-    tensors = FeatureTensors.from_features(features)
     loss_fn = AGCLLoss(config.agcl)
     steps_per_epoch = math.ceil(len(sampler) / config.grad_accumulation)
     total_steps = config.epochs * steps_per_epoch
     device = torch.device(config.device)
     autocast_dtype = config.autocast_dtype
-    fingerprint: dict = {}
-    if config.checkpoint_dir is not None:
-        fingerprint = {
-            **config_fingerprint(config, NOT_FINGERPRINTED),
-            **data_fingerprint(features, product_ids, product_lines, attribute_texts),
-        }
-        if initial_head is not None:  # a checkpoint resumes only from the same starting weights
-            digest = hashlib.blake2b(digest_size=16)
-            for name, tensor in sorted(initial_head.state_dict().items()):
-                digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-            fingerprint["initial_head"] = digest.hexdigest()
     progress = TrainingProgress()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)
-        head = DualTowerHead(head_config)
-        if initial_head is not None:
-            head.load_state_dict(initial_head.state_dict())
-        elif config.pca_init:
-            head.init_from_features(features, seed=config.seed)
-        head.to(device).train()
-        optimizer = make_optimizer(head, config.learning_rate, config.weight_decay)
+        if not isinstance(encoder, ListingEncoder):
+            encoder = encoder()
+        fingerprint: dict = {}
+        if config.checkpoint_dir is not None:
+            fingerprint = {
+                **config_fingerprint(config, NOT_FINGERPRINTED),
+                **inputs_fingerprint(inputs, product_ids, product_lines, attribute_texts),
+                **(extra_fingerprint or {}),
+            }
+            if encoder.kind != FrozenTowerEncoder.kind:
+                fingerprint["encoder.kind"] = encoder.kind
+        resuming = config.checkpoint_dir is not None and resume and has_checkpoint(config.checkpoint_dir)
+        if fresh_start and not resuming:
+            encoder.prepare_training(inputs, config.seed)
+        encoder.to(device).train()
+        optimizer = make_optimizer(encoder, config.learning_rate, config.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(total_steps, config.warmup_fraction)
         )
-        if config.checkpoint_dir is not None and resume and has_checkpoint(config.checkpoint_dir):
-            progress = _load_training_checkpoint(config.checkpoint_dir, head, optimizer, schedule, fingerprint, device)
+        if resuming:
+            progress = _load_training_checkpoint(config.checkpoint_dir, encoder, optimizer, schedule, fingerprint, device)
 
         def checkpoint() -> None:
             if config.checkpoint_dir is not None:
-                _save_training_checkpoint(config.checkpoint_dir, head, optimizer, schedule, progress, fingerprint, device)
+                _save_training_checkpoint(config.checkpoint_dir, encoder, optimizer, schedule, progress, fingerprint, device)
 
         def stop_now() -> bool:
             return config.max_steps is not None and progress.global_step >= config.max_steps
 
+        trained = [p for p in encoder.parameters() if p.requires_grad]
         while progress.epoch < config.epochs and not stop_now():
             started = time.perf_counter() - progress.seconds
             batches = sampler.epoch(progress.epoch)
@@ -445,11 +534,11 @@ def train_encoder(
             for number, (anchors, positives) in enumerate(batches, start=1):
                 if number <= progress.position:
                     continue  # trained on before the checkpoint this run resumed from
-                out = batch_loss(head, loss_fn, tensors, anchors, positives, product_codes, scorer, device, autocast_dtype)
+                out = encoder_batch_loss(encoder, loss_fn, inputs, anchors, positives, product_codes, scorer, autocast_dtype)
                 (out["loss"] / config.grad_accumulation).backward()
                 stepped = number % config.grad_accumulation == 0 or number == len(batches)
                 if stepped:
-                    torch.nn.utils.clip_grad_norm_(head.parameters(), config.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
                     optimizer.step()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -468,8 +557,8 @@ def train_encoder(
                 record = {
                     "epoch": progress.epoch + 1,
                     "loss": progress.sums["loss"] / len(batches),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "temperature": float(head.temperature.detach()),
+                    "lr": max(group["lr"] for group in optimizer.param_groups),
+                    "temperature": float(encoder.temperature.detach()),
                     "mean_negative_weight": progress.sums["mean_negative_weight"] / len(batches),
                     "masked_fraction": progress.sums["masked_fraction"] / len(batches),
                     "seconds": time.perf_counter() - started,
@@ -484,8 +573,9 @@ def train_encoder(
                 continue
             checkpoint()  # stopped by max_steps
     return TrainingResult(
-        head=head.cpu().eval(),
+        head=None,
         history=list(progress.history),
         global_step=progress.global_step,
         completed=progress.epoch >= config.epochs,
+        encoder=encoder.cpu().eval(),
     )

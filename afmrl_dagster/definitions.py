@@ -13,10 +13,11 @@ from __future__ import annotations
 import dagster as dg
 
 from .assets import attributes, automation, catalog, cit, encoder, features, rar, retrieval
+from .encoders.backends import EncoderBackend
 from .resources.catalog_source import CatalogSource
 from .resources.compute import TorchCompute
 from .resources.io_manager import TableIOManager
-from .resources.models import EvaluationSplit, FeatureTowers
+from .resources.models import EvaluationSplit, FeatureTowers, ListingEncoderBackend
 from .resources.storage import ArtifactStore
 from .resources.teacher import AttributeTeacherBackend
 from .resources.tracking import MlflowTracking
@@ -38,6 +39,7 @@ def build_resources(settings: Settings | None = None) -> dict:
         access_key_id=_secret(AWS_ACCESS_KEY_ID_ENV, settings),
         secret_access_key=_secret(AWS_SECRET_ACCESS_KEY_ENV, settings),
     )
+    EncoderBackend.parse(settings.encoder)  # a setting that names no backend fails as the definitions load
     return {
         "artifact_store": store,
         "io_manager": TableIOManager(store=store),
@@ -46,6 +48,7 @@ def build_resources(settings: Settings | None = None) -> dict:
         "torch_compute": TorchCompute(device=settings.device),
         "feature_towers": FeatureTowers(image_model=settings.image_tower, text_model=settings.text_tower),
         "evaluation_split": EvaluationSplit(),
+        "listing_encoder": ListingEncoderBackend(spec=settings.encoder),
         "attribute_teacher": AttributeTeacherBackend(
             kind=settings.teacher,
             base_url=settings.teacher_url,

@@ -9,6 +9,7 @@ asset that generates the attributes (column ``text_features``), and read downstr
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ import polars as pl
 
 from .attributes.format import Attributes, listing_text
 from .encoders.dual_tower import ListingFeatures
+from .encoders.listing_encoder import ListingInputs
 from .encoders.towers import ImageFeaturizer, TextFeaturizer, decode_image
 
 
@@ -91,6 +93,20 @@ def served_listing_features(features_table: pl.DataFrame, attributes_table: pl.D
     base = listing_features(features_table, listing_ids)
     text = align(attributes_table.select("listing_id", "text_features"), listing_ids)["text_features"].to_numpy().astype(np.float32)
     return ListingFeatures(base.listing_ids, base.image, base.image_mask, text)
+
+
+def served_listing_inputs(
+    catalog: pl.DataFrame, features_table: pl.DataFrame, attributes_table: pl.DataFrame, read_bytes: Callable[[str], bytes] | None = None,
+) -> ListingInputs:
+    """Every listing of ``catalog`` as any encoder reads it when serving: title, the generated
+    attributes of ``attributes_table``, the photo (``image_uri`` read with ``read_bytes``) and
+    the cached tower features of title + attributes (which only the frozen-tower head reads)."""
+    ids = catalog["listing_id"].to_list()
+    texts = align(attributes_table.select("listing_id", "attributes_json"), ids)["attributes_json"].to_list()
+    return ListingInputs(
+        ids, catalog["title"].to_list(), [json.loads(text) if text else None for text in texts], catalog["image_uri"].to_list(), read_bytes,
+        served_listing_features(features_table, attributes_table, ids),
+    )
 
 
 def with_listing_text(

@@ -33,31 +33,25 @@ def _read_image(uri):
 
 
 class EncoderPyfunc(mlflow.pyfunc.PythonModel):
-    """Input: a frame with ``title``, optional ``attributes_json`` and ``image_uri``. Output: embeddings."""
+    """Input: a frame with ``title``, optional ``attributes_json`` and ``image_uri``. Output: embeddings.
+    Any encoder backend: the folder's ``encoder.json`` (or head files) says which."""
 
     def load_context(self, context):
-        from .encoders.dual_tower import load_head
-        from .encoders.towers import ImageFeaturizer, TextFeaturizer
+        from .encoders.listing_encoder import load_encoder
 
-        self.head = load_head(context.artifacts["head"])
-        self.image_featurizer = ImageFeaturizer(self.head.config.image_tower)
-        self.text_featurizer = TextFeaturizer(self.head.config.text_tower)
+        self.encoder = load_encoder(context.artifacts["head"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        from .attributes.format import listing_text
-        from .encoders.dual_tower import ListingFeatures, embed_features
+        from .encoders.listing_encoder import ListingInputs
 
         attributes = model_input.get("attributes_json", pd.Series([None] * len(model_input)))
-        texts = [
-            listing_text(title, json.loads(attrs) if isinstance(attrs, str) and attrs else None)
-            for title, attrs in zip(model_input["title"], attributes)
-        ]
         uris = model_input.get("image_uri", pd.Series([None] * len(model_input)))
-        image, mask = self.image_featurizer.encode([_read_image(uri) for uri in uris])
-        features = ListingFeatures(
-            listing_ids=[str(i) for i in range(len(texts))], image=image, image_mask=mask, text=self.text_featurizer.encode(texts)
+        inputs = ListingInputs(
+            [str(i) for i in range(len(model_input))], list(model_input["title"]),
+            [json.loads(attrs) if isinstance(attrs, str) and attrs else None for attrs in attributes],
+            images=[_read_image(uri) for uri in uris],
         )
-        return embed_features(self.head, features)
+        return self.encoder.embed(inputs)
 
 
 class GeneratorPyfunc(mlflow.pyfunc.PythonModel):

@@ -12,7 +12,7 @@ from afmrl_dagster.training.agcl import AGCLConfig
 from afmrl_dagster.training.encoder_training import EncoderTrainingConfig
 
 from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
-from ..resources.models import EvaluationSplit, FeatureTowers
+from ..resources.models import EvaluationSplit, FeatureTowers, ListingEncoderBackend
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
 from .publishing import (
@@ -59,40 +59,46 @@ def agcl_encoder(
     listing_features: pl.DataFrame,
     feature_towers: FeatureTowers,
     evaluation_split: EvaluationSplit,
+    listing_encoder: ListingEncoderBackend,
     torch_compute: TorchCompute,
     artifact_store: ArtifactStore,
     mlflow_tracking: MlflowTracking,
 ):
-    """The retrieval encoder: projections over the frozen towers, trained with AGCL.
+    """The retrieval encoder the ``listing_encoder`` resource names (``AFMRL_ENCODER``), trained with AGCL.
 
-    Input text is the title with the teacher's attributes appended; BM25 between attribute
-    texts weights hard negatives and a similarity margin drops likely false negatives
-    (``use_attribute_weights`` and ``use_false_negative_mask`` off give plain InfoNCE through
-    the same code). Trained on training products only; logged to MLflow with a loss curve
-    and registered as ``afmrl-encoder``.
+    ``dual-tower`` (default): projections over the frozen towers' cached features;
+    ``dual-tower-finetune``: the towers' last blocks too, on raw photos and text;
+    ``vlm2vec:<model>``: LoRA adapters of a vision-language model. Input text is the title with
+    the teacher's attributes appended; BM25 between attribute texts weights hard negatives and
+    a similarity margin drops likely false negatives (``use_attribute_weights`` and
+    ``use_false_negative_mask`` off give plain InfoNCE through the same code). Trained on
+    training products only; logged to MLflow with a loss curve and registered as ``afmrl-encoder``.
     """
     import torch
 
     from afmrl_dagster.attributes.format import attributes_to_text
-    from afmrl_dagster.encoders.dual_tower import save_head
+    from afmrl_dagster.encoders.listing_encoder import ListingInputs
     from afmrl_dagster.features import align, listing_features as features_of
     from afmrl_dagster.plots import curve_png
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
-    from afmrl_dagster.training.encoder_training import train_encoder
+    from afmrl_dagster.training.encoder_training import train_backend_encoder
 
     store = artifact_store.open()
     split = evaluation_split.split()
-    slot = model_slot(store, "agcl_encoder", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split)
+    backend = listing_encoder.backend()
+    slot = model_slot(store, "agcl_encoder", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split, backend.spec,
+                      feature_towers.as_json())
     if slot.cached:
         return slot.cached
 
     device = torch_compute.torch_device()
     train_rows = raw_catalog.filter(~pl.Series(split.query_mask(raw_catalog)))
-    teacher = align(teacher_attributes, train_rows["listing_id"].to_list())
+    ids, titles = train_rows["listing_id"].to_list(), train_rows["title"].to_list()
+    teacher = align(teacher_attributes, ids)
     attributes = [json.loads(text) if text else None for text in teacher["attributes_json"].to_list()]
-    features = features_of(
-        listing_features, train_rows["listing_id"].to_list(), feature_towers.text_featurizer(device), train_rows["title"].to_list(), attributes
-    )
+    # The frozen towers' features are cached per listing; the other backends read the photos.
+    features = None if backend.reads_raw_inputs else features_of(listing_features, ids, feature_towers.text_featurizer(device), titles, attributes)
+    inputs = ListingInputs(ids, titles, attributes, train_rows["image_uri"].to_list(), artifact_store.read_uri, features)
     training = EncoderTrainingConfig(
         epochs=config.epochs,
         batch_size=config.batch_size,
@@ -103,20 +109,20 @@ def agcl_encoder(
         agcl=AGCLConfig(use_weights=config.use_attribute_weights, use_false_negative_mask=config.use_false_negative_mask, delta=config.delta),
         head=DualTowerConfig(
             embed_dim=config.embed_dim,
-            image_dim=features.image.shape[1],
-            text_dim=features.text.shape[1],
             image_tower=feature_towers.image_model,
             text_tower=feature_towers.text_model,
         ),
     )
     torch.manual_seed(config.seed)
-    with mlflow_tracking.start_run(context, "agcl_encoder", params={**config.model_dump(), "train_listings": train_rows.height}) as run:
+    params = {**config.model_dump(), "train_listings": train_rows.height, "encoder_backend": backend.spec}
+    with mlflow_tracking.start_run(context, "agcl_encoder", params=params) as run:
         def on_epoch(row: dict) -> None:
             mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
             context.log.info(f"encoder epoch {row['epoch']}: loss {row['loss']:.4f}")
 
-        result = train_encoder(
-            features,
+        result = train_backend_encoder(
+            backend,
+            inputs,
             train_rows["product_id"].to_list(),
             train_rows["product_line"].to_list(),
             [attributes_to_text(a or {}) for a in attributes],
@@ -127,13 +133,14 @@ def agcl_encoder(
         curve = curve_png(result.history, ["loss", "temperature", "mean_negative_weight", "masked_fraction"], "epoch", "AGCL training")
         mlflow_tracking.log_png(curve, "training_curve.png")
         manifest = publish_model(
-            context, "encoder", lambda folder: save_head(result.head, folder), store, slot.prefix, ENCODER_MODEL_NAME, run,
+            context, "encoder", result.encoder.save, store, slot.prefix, ENCODER_MODEL_NAME, run,
             {
                 "fingerprint": slot.key,
                 "final_loss": result.history[-1]["loss"],
+                "encoder_backend": backend.spec,
                 "loss": "plain InfoNCE" if not (config.use_attribute_weights or config.use_false_negative_mask) else "AGCL",
                 "checks": {
-                    "encoder_weights_finite": model_check(weights_finite(result.head), blocking=True),
+                    "encoder_weights_finite": model_check(weights_finite(result.encoder), blocking=True),
                     "encoder_loss_decreased": model_check(
                         result.history[-1]["loss"] < result.history[0]["loss"], blocking=False,
                         first_loss=float(result.history[0]["loss"]), final_loss=float(result.history[-1]["loss"]),
@@ -147,6 +154,7 @@ def agcl_encoder(
         metadata={
             **model_metadata(manifest, mlflow_tracking),
             "train_listings": train_rows.height,
+            "encoder_backend": backend.spec,
             "first_loss": float(result.history[0]["loss"]),
             "final_loss": float(result.history[-1]["loss"]),
             "training_curve": png_metadata(curve, "AGCL training: loss, temperature, mean negative weight, masked share per epoch."),

@@ -37,15 +37,15 @@ def catalog_embeddings(
     artifact_store: ArtifactStore,
 ):
     """Every listing of the line embedded by the AGCL encoder (title + generated attributes + image)."""
-    from afmrl_dagster.encoders.dual_tower import embed_features, load_stored_head
-    from afmrl_dagster.features import embedding_health, embeddings_table, served_listing_features
+    from afmrl_dagster.encoders.listing_encoder import load_stored_encoder
+    from afmrl_dagster.features import embedding_health, embeddings_table, served_listing_inputs
     from afmrl_dagster.quality import embedding_expectations, validate_frame
 
     device = torch_compute.torch_device()
-    head = load_stored_head(artifact_store.open(), agcl_encoder["uri"])
-    ids = raw_catalog["listing_id"].to_list()
-    features = served_listing_features(listing_features, generated_attributes, ids)
-    table = embeddings_table(ids, raw_catalog["product_id"].to_list(), embed_features(head, features, device=device))
+    encoder = load_stored_encoder(artifact_store.open(), agcl_encoder["uri"], device=device)
+    inputs = served_listing_inputs(raw_catalog, listing_features, generated_attributes, artifact_store.read_uri)
+    embeddings = encoder.embed(inputs, progress=lambda done, total: context.log.debug(f"embedded {done}/{total} listings"))
+    table = embeddings_table(inputs.listing_ids, raw_catalog["product_id"].to_list(), embeddings)
     quality = validate_frame(embedding_health(table), "catalog_embeddings", embedding_expectations(raw_catalog.height))
     return dg.MaterializeResult(
         value=table,
@@ -292,6 +292,7 @@ def encoder_promotion(
         champion_metrics = score_registered_version(
             champion, raw_catalog, listing_features, generated_attributes, retrieval_index["generator_uri"], validation_mask,
             split.gallery_mask(raw_catalog, "validation"), artifact_store.open(), feature_towers.text_featurizer(device), device=device, log=context.log.info,
+            read_bytes=artifact_store.read_uri,
         )
     decision = promotion_decision(best.version, best.metrics, champion_version, champion_metrics, metric, config.promotion_margin)
     reason = f"{best.name}: {decision.reason}"

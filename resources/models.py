@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from afmrl_dagster.evaluation.splits import HeldOutSplit
-from afmrl_dagster.settings import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
+from afmrl_dagster.settings import DEFAULT_ENCODER, DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
 
 
 @functools.lru_cache(maxsize=4)
@@ -56,3 +56,20 @@ class EvaluationSplit(dg.ConfigurableResource):
 
     def split(self) -> HeldOutSplit:
         return HeldOutSplit(self.holdout_fraction, self.seed, self.validation_fraction)
+
+
+class ListingEncoderBackend(dg.ConfigurableResource):
+    """Which encoder the pipeline trains, indexes with and serves (``AFMRL_ENCODER``).
+
+    ``dual-tower`` (default): a head over the frozen towers, whose features are computed once
+    per listing; ``dual-tower-finetune``: the towers' last blocks train end to end with the
+    head on raw photos and text; ``vlm2vec:<hub id or folder>``: a vision-language model with
+    LoRA, its last token's state the embedding. Every one trains through the same AGCL loss and
+    sampler and serves through the same index, promotion and serving record."""
+
+    spec: str = Field(default=DEFAULT_ENCODER, description="'dual-tower', 'dual-tower-finetune' or 'vlm2vec:<hub id or local folder>'.")
+
+    def backend(self):
+        from afmrl_dagster.encoders.backends import EncoderBackend
+
+        return EncoderBackend.parse(self.spec)

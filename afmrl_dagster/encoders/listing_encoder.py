@@ -31,52 +31,23 @@ import torch
 from torch import nn
 
 from ..attributes.format import Attributes, listing_text
-from .dual_tower import CONFIG_FILE, WEIGHTS_FILE, DualTowerHead, ListingFeatures, load_head, save_head
+from .backends import ENCODER_KINDS, EncoderBackend, EncoderSpecError  # noqa: F401  (re-exported)
+from .dual_tower import CONFIG_FILE, WEIGHTS_FILE, DualTowerConfig, DualTowerHead, ListingFeatures, load_head, save_head
 from .towers import decode_image
 
-ENCODER_KINDS = ("dual-tower", "dual-tower-finetune", "vlm2vec")
-DEFAULT_ENCODER = "dual-tower"
 # Written by every backend but the frozen-tower head, whose folder (head + config) predates it.
 ENCODER_FILE = "encoder.json"
-# kind -> "module:function(directory, device) -> ListingEncoder", imported on first use
+# kind -> "module:function(backend, head, device, seed, **options) -> ListingEncoder" (an untrained
+# encoder, its head shaped by ``head``, a DualTowerConfig) and "module:function(directory,
+# device) -> ListingEncoder" (a saved one), imported on first use
+_FACTORIES = {
+    "dual-tower-finetune": "afmrl_dagster.encoders.finetune:new_finetuned_encoder",
+    "vlm2vec": "afmrl_dagster.encoders.vlm2vec:new_vlm2vec_encoder",
+}
 _LOADERS = {
     "dual-tower-finetune": "afmrl_dagster.encoders.finetune:load_finetuned_encoder",
     "vlm2vec": "afmrl_dagster.encoders.vlm2vec:load_vlm2vec_encoder",
 }
-
-
-class EncoderSpecError(ValueError):
-    """An encoder setting that names no backend."""
-
-
-@dataclass(frozen=True)
-class EncoderBackend:
-    """Which encoder the pipeline trains: ``kind`` and, for ``vlm2vec``, the base ``model``."""
-
-    kind: str = DEFAULT_ENCODER
-    model: str | None = None
-
-    @classmethod
-    def parse(cls, spec: str) -> EncoderBackend:
-        """``dual-tower``, ``dual-tower-finetune`` or ``vlm2vec:<hub id or local folder>``."""
-        text = (spec or "").strip()
-        if text in ("dual-tower", "dual-tower-finetune"):
-            return cls(text)
-        kind, _, model = text.partition(":")
-        if kind == "vlm2vec" and model.strip():
-            return cls("vlm2vec", model.strip())
-        raise EncoderSpecError(
-            f"encoder {spec!r} is not one of 'dual-tower', 'dual-tower-finetune' or 'vlm2vec:<hub id or local folder>'"
-        )
-
-    @property
-    def spec(self) -> str:
-        return f"{self.kind}:{self.model}" if self.model else self.kind
-
-    @property
-    def reads_raw_inputs(self) -> bool:
-        """False only for the frozen towers, whose features the pipeline computes once and caches."""
-        return self.kind != "dual-tower"
 
 
 @dataclass
@@ -282,6 +253,19 @@ class FrozenTowerEncoder(ListingEncoder):
         return save_head(self.head, directory)
 
 
+def _imported(path: str):
+    module, _, function = path.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def new_encoder(backend: EncoderBackend, head: DualTowerConfig, device: str = "cpu", seed: int = 0, **options) -> ListingEncoder:
+    """An untrained encoder of a backend that reads raw inputs (``dual-tower-finetune``,
+    ``vlm2vec``); the frozen-tower head is built by ``train_encoder`` from its features."""
+    if backend.kind not in _FACTORIES:
+        raise ValueError(f"backend {backend.spec!r} is built from its cached features by train_encoder, not by new_encoder")
+    return _imported(_FACTORIES[backend.kind])(backend, head, device=device, seed=seed, **options)
+
+
 def write_encoder_json(directory: Path, kind: str, **details) -> None:
     """The ``encoder.json`` that tells :func:`load_encoder` a folder's backend."""
     (Path(directory) / ENCODER_FILE).write_text(json.dumps({"kind": kind, **details}, indent=2, sort_keys=True))
@@ -305,8 +289,7 @@ def load_encoder(directory: str | os.PathLike, device: str = "cpu") -> ListingEn
     kind = encoder_kind(directory)
     if kind == "dual-tower":
         return FrozenTowerEncoder(load_head(directory, device=device)).eval()
-    module, _, function = _LOADERS[kind].partition(":")
-    return getattr(importlib.import_module(module), function)(directory, device).eval()
+    return _imported(_LOADERS[kind])(directory, device).eval()
 
 
 def load_stored_encoder(store, uri: str, device: str = "cpu") -> ListingEncoder:

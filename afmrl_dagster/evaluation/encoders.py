@@ -27,9 +27,9 @@ from ..encoders.dual_tower import (
     DualTowerHead,
     ListingFeatures,
     embed_features,
-    load_head,
     zero_shot_embeddings,
 )
+from ..encoders.listing_encoder import ENCODER_FILE, FrozenTowerEncoder, ListingEncoder, ListingInputs, encoder_kind, load_encoder
 from ..encoders.towers import ImageFeaturizer, TextFeaturizer, decode_image
 from ..settings import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER, DEFAULT_TRACKING_URI, IMAGE_TOWER_ENV, TEXT_TOWER_ENV, TRACKING_URI_ENV
 from ..storage import StorageError, read_uri_bytes
@@ -46,27 +46,41 @@ def _quiet(message: str) -> None:
 
 @dataclass
 class Encoder:
-    """Zero-shot towers (``head`` None) or a trained head with the towers its config names,
-    run on ``device`` (default: ``AFMRL_DEVICE`` through :func:`afmrl_dagster.devices.resolve_device`)."""
+    """Zero-shot towers (``model`` None) or a trained encoder of any backend (a head over the
+    towers its config names, fine-tuned towers, a VLM2Vec adapter), run on ``device``
+    (default: ``AFMRL_DEVICE`` through :func:`afmrl_dagster.devices.resolve_device`)."""
 
     name: str
     image_tower: str
     text_tower: str
-    head: DualTowerHead | None = None
+    model: ListingEncoder | None = None
     device: str = field(default_factory=resolve_device)
+
+    @property
+    def head(self) -> DualTowerHead | None:
+        """The head of a frozen-tower encoder; None for the zero-shot towers and other backends."""
+        return self.model.head if isinstance(self.model, FrozenTowerEncoder) else None
+
+
+def _trained_encoder(name: str, model: ListingEncoder, device: str) -> Encoder:
+    head = getattr(model, "head", None)
+    config = getattr(head, "config", None) or DualTowerConfig()
+    return Encoder(name, config.image_tower, config.text_tower, model, device)
 
 
 def _head_encoder(name: str, folder: Path, device: str) -> Encoder:
-    missing = [file for file in (WEIGHTS_FILE, CONFIG_FILE) if not (folder / file).is_file()]
-    if missing:
-        raise EvaluationError(f"encoder folder {folder} lacks {', '.join(missing)} (expected a folder written by save_head)")
-    head = load_head(folder, device=device)
-    return Encoder(name, head.config.image_tower, head.config.text_tower, head, device)
+    try:
+        encoder_kind(folder)
+    except ValueError:
+        missing = [file for file in (WEIGHTS_FILE, CONFIG_FILE) if not (folder / file).is_file()]
+        raise EvaluationError(f"encoder folder {folder} lacks {', '.join(missing)} (expected a folder written by save_head, "
+                              f"or an encoder folder with {ENCODER_FILE})") from None
+    return _trained_encoder(name, load_encoder(folder, device=device), device)
 
 
 def _served_encoder(device: str) -> Encoder:
     """The encoder the serving record of the artefact store (``AFMRL_STORE``) names."""
-    from ..encoders.dual_tower import load_stored_head
+    from ..encoders.listing_encoder import load_stored_encoder
     from ..serving import ServingError, read_serving_record
     from ..settings import Settings
     from ..storage import open_store
@@ -75,11 +89,11 @@ def _served_encoder(device: str) -> Encoder:
     try:
         store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
         record = read_serving_record(store)
-        head = load_stored_head(store, record.encoder_uri, device=device)
+        model = load_stored_encoder(store, record.encoder_uri, device=device)
     except (ServingError, StorageError) as error:
         raise EvaluationError(f"encoder 'champion': {error}") from error
     name = f"{record.encoder_model} version {record.encoder_version} (serving record)"
-    return Encoder(name, head.config.image_tower, head.config.text_tower, head, device)
+    return _trained_encoder(name, model, device)
 
 
 def resolve_encoder(spec: str, device: str | None = None) -> Encoder:
@@ -174,10 +188,37 @@ def embed_listings(
     encoder: Encoder, listings: pl.DataFrame, images: dict[str, bytes] | None = None, text_batch: int = 512,
     progress: Callable[[str], None] = _quiet,
 ) -> EmbeddedListings:
-    """Embed ``listings``: frozen towers on image and title, then the head (or the zero-shot fusion)."""
+    """Embed ``listings``: frozen towers on image and title, then the head (or the zero-shot
+    fusion); an encoder of another backend reads the photos and titles itself."""
+    if encoder.model is not None and not isinstance(encoder.model, FrozenTowerEncoder):
+        return _embed_raw(encoder, listings, images or {}, progress)
     features, unreadable = tower_features(encoder, listings, images, text_batch, progress)
-    if encoder.head is None:
+    if encoder.model is None:
         embeddings = zero_shot_embeddings(features)
     else:
         embeddings = embed_features(encoder.head, features, device=encoder.device)
     return EmbeddedListings(embeddings, int(features.image_mask.sum()), unreadable)
+
+
+def _embed_raw(encoder: Encoder, listings: pl.DataFrame, images: dict[str, bytes], progress: Callable[[str], None]) -> EmbeddedListings:
+    """Embeddings of an encoder that reads photos and titles (fine-tuned towers, VLM2Vec)."""
+    ids, uris = listings["listing_id"].to_list(), listings["image_uri"].to_list()
+    decoded, unreadable = [], []
+    for lid, uri in zip(ids, uris):
+        if lid not in images and not uri:
+            decoded.append(None)
+            continue
+        try:
+            data = images[lid] if lid in images else read_uri_bytes(uri)
+        except StorageError as error:
+            raise EvaluationError(f"image of listing {lid!r} cannot be read: {error}") from error
+        try:
+            decoded.append(decode_image(data))
+        except ValueError:
+            decoded.append(None)
+            unreadable.append(lid)
+    if unreadable:
+        progress(f"{len(unreadable)} image(s) cannot be decoded, scored as text-only, e.g. {unreadable[:3]}")
+    inputs = ListingInputs(ids, listings["title"].to_list(), images=decoded)
+    embeddings = encoder.model.embed(inputs, progress=lambda done, total: progress(f"embedded {done}/{total}"))
+    return EmbeddedListings(embeddings, sum(image is not None for image in decoded), unreadable)

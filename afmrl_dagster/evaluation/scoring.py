@@ -95,31 +95,33 @@ def score_registered_version(
     text_featurizer,
     device: str = "cpu",
     log=print,
+    read_bytes=None,
 ) -> dict[str, float]:
     """Metrics of a registered encoder version (an MLflow ``ModelVersion``) on ``query_mask`` against ``gallery_mask``,
     served as it is served: its weights and the generator named by its serving tags. When that
     generator is the one that wrote ``attributes_table`` (``attributes_generator_uri``), its stored
-    text features are reused; otherwise the generator writes the catalog's attributes again."""
-    from ..encoders.dual_tower import embed_features, load_head, load_stored_head
-    from ..features import listing_features, served_listing_features
+    text features are reused; otherwise the generator writes the catalog's attributes again. ``read_bytes`` reads the photos
+    of an encoder that reads them (any backend but the frozen-tower head)."""
+    from ..encoders.listing_encoder import ListingInputs, load_encoder, load_stored_encoder
+    from ..features import listing_features, served_listing_inputs
     from ..serving import SERVING_TAG_PREFIX
 
     tags = version.tags or {}
     encoder_uri, generator_uri = tags.get(f"{SERVING_TAG_PREFIX}encoder_uri"), tags.get(f"{SERVING_TAG_PREFIX}generator_uri")
     ids = catalog["listing_id"].to_list()
     if encoder_uri:
-        head = load_stored_head(store, encoder_uri, device=device)
+        encoder = load_stored_encoder(store, encoder_uri, device=device)
     else:
         import tempfile
 
         from ..registry import download_model_artifact
 
         with tempfile.TemporaryDirectory() as scratch:
-            head = load_head(download_model_artifact(f"models:/{version.name}/{version.version}", "head", scratch), device=device)
+            encoder = load_encoder(download_model_artifact(f"models:/{version.name}/{version.version}", "head", scratch), device=device)
     if generator_uri is None or generator_uri == attributes_generator_uri:
         if generator_uri is None:
             log(f"version {version.version} carries no serving tags: re-scored with the current generated attributes")
-        features = served_listing_features(features_table, attributes_table, ids)
+        inputs = served_listing_inputs(catalog, features_table, attributes_table, read_bytes)
     else:
         from ..attributes.format import parse_attributes
         from ..attributes.generator import generate_attribute_texts, load_stored_generator
@@ -130,5 +132,7 @@ def score_registered_version(
         base = listing_features(features_table, ids)
         texts = generate_attribute_texts(generator, vocabulary, base.image, base.image_mask, base.text)
         attributes = [parse_attributes(text, set(vocabulary.keys)).attributes or {} for text in texts]
-        features = with_listing_text(base, text_featurizer, catalog["title"].to_list(), attributes)
-    return evaluate_embeddings(catalog, embed_features(head, features, device=device), query_mask, gallery_mask)
+        titles = catalog["title"].to_list()
+        inputs = ListingInputs(ids, titles, attributes, catalog["image_uri"].to_list(), read_bytes,
+                               with_listing_text(base, text_featurizer, titles, attributes))
+    return evaluate_embeddings(catalog, encoder.embed(inputs), query_mask, gallery_mask)

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ..encoders.dual_tower import DualTowerConfig, DualTowerHead, ListingFeatures
-from ..encoders.listing_encoder import FrozenTowerEncoder, ListingEncoder, ListingInputs
+from ..encoders.backends import EncoderBackend
+from ..encoders.listing_encoder import FrozenTowerEncoder, ListingEncoder, ListingInputs, new_encoder
 from .agcl import AGCLConfig, AGCLLoss
 from .bm25 import TOKENIZERS, BM25Scorer
 from .checkpoints import (
@@ -440,6 +441,33 @@ def train_encoder(
     )
     result.head = result.encoder.head
     return result
+
+
+def train_backend_encoder(
+    backend: EncoderBackend,
+    inputs: ListingInputs,
+    product_ids: Sequence[str],
+    product_lines: Sequence[str],
+    attribute_texts: Sequence[str],
+    config: EncoderTrainingConfig | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    **options,
+) -> TrainingResult:
+    """Train the encoder ``backend`` names on ``inputs`` with AGCL: the frozen-tower head on
+    ``inputs.features`` (:func:`train_encoder`), any other backend from raw photos and text
+    (:func:`train_listing_encoder`); ``options`` go to the backend's constructor."""
+    config = config or EncoderTrainingConfig()
+    if not backend.reads_raw_inputs:
+        if inputs.features is None:
+            raise ValueError("the dual-tower backend trains on the towers' cached features: ListingInputs.features is missing")
+        if options:
+            raise ValueError(f"the dual-tower backend takes no options, got {sorted(options)}")
+        return train_encoder(inputs.features, product_ids, product_lines, attribute_texts, config, on_epoch)
+
+    def build() -> ListingEncoder:
+        return new_encoder(backend, config.head, device=config.device, seed=config.seed, **options)
+
+    return train_listing_encoder(build, inputs, product_ids, product_lines, attribute_texts, config, on_epoch)
 
 
 def inputs_fingerprint(inputs: ListingInputs, product_ids: Sequence[str], product_lines: Sequence[str], attribute_texts: Sequence[str]) -> dict:

@@ -9,14 +9,16 @@ import PIL.Image
 import pytest
 import torch
 
+from afmrl_dagster.encoders.listing_encoder import ListingEncoder, ListingInputs, encoder_kind, load_encoder
 from afmrl_dagster.encoders.vlm2vec import (
     VLM2VecConfig,
     VLM2VecEncoder,
     listing_prompt_text,
+    new_vlm2vec_encoder,
 )
 from afmrl_dagster.training.agcl import AGCLConfig, AGCLLoss
 from afmrl_dagster.training.bm25 import BM25Scorer
-from afmrl_dagster.training.encoder_training import vlm2vec_batch_loss
+from afmrl_dagster.training.encoder_training import EncoderTrainingConfig, train_listing_encoder, vlm2vec_batch_loss
 from afmrl_dagster.vlm.processors import AutoProcessorInputs, QwenVLProcessor
 from afmrl_dagster.vlm.tiny_models import (
     build_tiny_idefics3,
@@ -199,3 +201,105 @@ def test_max_length_cuts_text_not_image_tokens(tiny_dirs, family):
     lengths, full_lengths = short["attention_mask"].sum(1).tolist(), long["attention_mask"].sum(1).tolist()
     # A decoded-and-re-read cut may merge a token or two differently; it must still be near 4.
     assert all(abs((f - s) - c) <= 1 for s, f, c in zip(lengths, full_lengths, cut))
+
+
+# --- As a ListingEncoder: the one AGCL loop, save -> load_encoder, resume ---------------------
+
+PRODUCTS = ["red dress", "blue shirt", "arla milk", "green tea", "steel bottle", "leather wallet"]
+PRODUCT_ATTRIBUTES = [{"colour": "red"}, {"colour": "blue"}, {"brand": "arla"}, {"flavour": "green tea"},
+                      {"material": "steel"}, {"material": "leather"}]
+
+
+def _listings() -> tuple[ListingInputs, list[str], list[str], list[str]]:
+    """Two listings of each of six products (same photo, other words), over two product lines."""
+    titles, attributes, images, product_ids, lines = [], [], [], [], []
+    for number, (title, attrs) in enumerate(zip(PRODUCTS, PRODUCT_ATTRIBUTES)):
+        for variant in (title, f"{title} new"):
+            titles.append(variant)
+            attributes.append(attrs)
+            images.append(_image(number))
+            product_ids.append(f"p{number}")
+            lines.append(f"line{number % 2}")
+    inputs = ListingInputs([f"l{i}" for i in range(len(titles))], titles, attributes, images=images)
+    attribute_texts = ["; ".join(f"{k}: {v}" for k, v in a.items()) for a in attributes]
+    return inputs, product_ids, lines, attribute_texts
+
+
+def _training_config(**overrides) -> EncoderTrainingConfig:
+    settings = {"epochs": 3, "batch_size": 3, "learning_rate": 5e-3, "weight_decay": 0.0, "warmup_fraction": 0.0, "seed": 0}
+    return EncoderTrainingConfig(**{**settings, **overrides})
+
+
+def _new(path: str, **overrides) -> VLM2VecEncoder:
+    settings = {"lora_rank": 4, "lora_dropout": 0.0, "temperature": 0.1, **overrides}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return new_vlm2vec_encoder(path, **settings)
+
+
+def test_is_a_listing_encoder_reading_images_and_listing_texts(tiny_dirs):
+    encoder = _new(tiny_dirs["qwen"])
+    assert isinstance(encoder, ListingEncoder) and encoder.kind == "vlm2vec"
+    inputs, *_ = _listings()
+    rows = np.array([0, 3, 5])
+    expected = encoder.encode(inputs.load_images(rows), [listing_prompt_text(inputs.titles[i], inputs.attributes[i]) for i in rows])
+    np.testing.assert_allclose(encoder.embed(inputs.subset(rows)), expected, atol=1e-6)
+    assert encoder.embedding_batch_size() <= 8
+    assert float(encoder.temperature) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="unknown VLM2Vec settings"):
+        new_vlm2vec_encoder(tiny_dirs["qwen"], lora_rnak=4)
+
+
+def test_train_listing_encoder_trains_lora_saves_and_loads(tiny_dirs, tmp_path):
+    inputs, product_ids, lines, attribute_texts = _listings()
+    encoder = _new(tiny_dirs["qwen"])
+    before = {name: p.detach().clone() for name, p in encoder.named_parameters()}
+    result = train_listing_encoder(encoder, inputs, product_ids, lines, attribute_texts, _training_config(epochs=4))
+    losses = [record["loss"] for record in result.history]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.05, losses
+    trained = result.encoder
+    assert trained is encoder and not trained.training
+    changed = {name for name, p in trained.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert changed and all("lora_" in name for name in changed)
+    assert set(trained.checkpoint_state()) == {name for name, p in trained.named_parameters() if p.requires_grad}
+    embeddings = trained.embed(inputs)
+    folder = trained.save(tmp_path / "encoder")
+    assert encoder_kind(folder) == "vlm2vec"
+    assert {"adapter_model.safetensors", "vlm2vec_config.json", "encoder.json"} <= {p.name for p in folder.iterdir()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_encoder(folder)
+    assert isinstance(loaded, VLM2VecEncoder) and not loaded.training
+    np.testing.assert_allclose(loaded.embed(inputs), embeddings, atol=1e-6)
+
+
+def test_resumed_training_ends_like_an_uninterrupted_run(tiny_dirs, tmp_path):
+    inputs, product_ids, lines, attribute_texts = _listings()
+    # LoRA dropout on: the resumed run must also restore the random generators.
+    build = lambda: _new(tiny_dirs["qwen"], lora_dropout=0.1)  # noqa: E731
+    whole = train_listing_encoder(build, inputs, product_ids, lines, attribute_texts, _training_config(epochs=2))
+    checkpoints = str(tmp_path / "checkpoints")
+    first = train_listing_encoder(build, inputs, product_ids, lines, attribute_texts,
+                                  _training_config(epochs=2, checkpoint_dir=checkpoints, max_steps=3))
+    assert not first.completed and first.global_step == 3
+    rest = train_listing_encoder(build, inputs, product_ids, lines, attribute_texts, _training_config(epochs=2, checkpoint_dir=checkpoints))
+    assert rest.completed and rest.global_step == whole.global_step
+    for name, tensor in whole.encoder.checkpoint_state().items():
+        assert torch.equal(tensor, rest.encoder.checkpoint_state()[name]), name
+    assert [r["loss"] for r in rest.history] == [r["loss"] for r in whole.history]
+    # Another LoRA shape does not resume from those checkpoints.
+    with pytest.raises(ValueError, match="lora_rank"):
+        train_listing_encoder(lambda: _new(tiny_dirs["qwen"], lora_rank=2), inputs, product_ids, lines, attribute_texts,
+                              _training_config(epochs=2, checkpoint_dir=checkpoints))
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+def test_train_listing_encoder_other_families(tiny_dirs, family):
+    inputs, product_ids, lines, attribute_texts = _listings()
+    encoder = _new(tiny_dirs[family])
+    before = {name: p.detach().clone() for name, p in encoder.named_parameters()}
+    result = train_listing_encoder(encoder, inputs, product_ids, lines, attribute_texts, _training_config(epochs=2))
+    assert all(np.isfinite(record["loss"]) for record in result.history)
+    changed = {name for name, p in result.encoder.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert changed and all("lora_" in name for name in changed)

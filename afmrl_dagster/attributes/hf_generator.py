@@ -94,11 +94,13 @@ class HFAttributeGenerator:
 
     @torch.no_grad()
     def generate_ids(self, batch: dict[str, torch.Tensor], num_samples: int = 1, do_sample: bool = False,
-                     temperature: float = 1.0, max_new_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     temperature: float = 1.0, max_new_tokens: int | None = None,
+                     min_new_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Completion ids ``[B * num_samples, T]`` (rows of one prompt together) and their mask
-        (real tokens up to and including the first eos)."""
+        (real tokens up to and including the first eos). ``min_new_tokens`` forbids eos before
+        that many tokens (a throughput benchmark on random weights sets it to the maximum)."""
         output = self.model.generate(
-            **batch, max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=do_sample,
+            **batch, max_new_tokens=max_new_tokens or self.config.max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_p=None, top_k=None,
             num_return_sequences=num_samples, pad_token_id=self.tokenizer.pad_token_id,
         )

@@ -12,5 +12,5 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "dual_tower": ["CONFIG_FILE", "DualTowerConfig", "DualTowerHead", "ListingFeatures", "WEIGHTS_FILE", "embed_features", "load_head",
                    "save_head", "zero_shot_embeddings"],
     "towers": ["DEFAULT_IMAGE_MODEL", "DEFAULT_TEXT_MODEL", "ImageFeaturizer", "TextFeaturizer", "decode_image"],
-    "vlm2vec": ["VLM2VecConfig", "VLM2VecEncoder", "listing_prompt_text"],
+    "vlm2vec": ["VLM2VecConfig", "VLM2VecEncoder", "listing_prompt_text", "load_vlm2vec_encoder", "new_vlm2vec_encoder"],
 })

@@ -158,6 +158,11 @@ class ListingEncoder(nn.Module):
     def embedding_batch_size(self) -> int:
         return 256
 
+    def fingerprint(self) -> dict:
+        """Settings of the encoder that a training checkpoint may only be resumed with (beside the
+        training config and the data); none by default."""
+        return {}
+
     def embed(self, inputs: ListingInputs, batch_size: int | None = None,
               progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Embeddings ``float32 [N, dim]`` of every row, in eval mode, ``batch_size`` rows at a time."""

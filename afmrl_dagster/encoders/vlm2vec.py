@@ -4,8 +4,15 @@ This is the embedder of the AFMRL paper (method.md): a Hugging Face image-text-t
 (Qwen2-VL / Qwen2.5-VL, LLaVA, Idefics3 families) reads an instruction, the listing image if
 any and the listing text (title with its attributes appended, see :func:`listing_prompt_text`);
 the final hidden state of the last real token, L2-normalised, is the listing embedding.
-Training adds LoRA adapters (peft) and leaves the base weights frozen; the training step is
-:func:`afmrl_dagster.training.encoder_training.vlm2vec_batch_loss`.
+Training adds LoRA adapters (peft) and leaves the base weights frozen.
+
+It is the ``vlm2vec`` backend of :class:`~afmrl_dagster.encoders.listing_encoder.ListingEncoder`
+(``AFMRL_ENCODER=vlm2vec:<hub id or folder>``): :func:`new_vlm2vec_encoder` builds a fresh one,
+:func:`~afmrl_dagster.training.encoder_training.train_listing_encoder` trains it with AGCL like
+any other backend (its checkpoints hold the LoRA weights alone), :meth:`VLM2VecEncoder.save`
+writes the adapter, its config and ``encoder.json``, and
+:func:`~afmrl_dagster.encoders.listing_encoder.load_encoder` reads that folder back
+(:func:`load_vlm2vec_encoder`).
 
 The model inputs (the model's own processor, or on machines without torchvision the
 project's Qwen-VL processor) come from :mod:`afmrl_dagster.vlm.processors`.
@@ -26,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from afmrl_dagster.attributes.format import Attributes, listing_text
+from afmrl_dagster.encoders.listing_encoder import ListingEncoder, ListingInputs, write_encoder_json
 from afmrl_dagster.local_files import write_folder_atomically
 from afmrl_dagster.vlm.lora import add_lora
 from afmrl_dagster.vlm.processors import build_processor
@@ -96,8 +104,14 @@ def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.to(torch.long) * positions).argmax(dim=1)
 
 
-class VLM2VecEncoder(nn.Module):
-    """Listing embedder over an image-text-to-text model: last real token, L2-normalised."""
+class VLM2VecEncoder(ListingEncoder):
+    """Listing embedder over an image-text-to-text model: last real token, L2-normalised.
+
+    As a :class:`ListingEncoder` (kind ``vlm2vec``) it reads each row's image
+    (``inputs.load_images``) and text (``inputs.texts``: the title with its attributes).
+    """
+
+    kind = "vlm2vec"
 
     def __init__(self, model: nn.Module, backbone: nn.Module, inputs, config: VLM2VecConfig):
         super().__init__()
@@ -177,6 +191,29 @@ class VLM2VecEncoder(nn.Module):
         pooled = hidden[torch.arange(hidden.shape[0], device=device), last]
         return F.normalize(pooled.float(), dim=-1)
 
+    def embed_rows(self, inputs: ListingInputs, rows: np.ndarray) -> torch.Tensor:
+        """Embeddings of ``rows`` of ``inputs``: each row's image (or none) and its listing text."""
+        rows = [int(i) for i in rows]
+        return self(inputs.load_images(rows), inputs.texts(rows))
+
+    def embedding_batch_size(self) -> int:
+        return 8
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The trained weights alone (the LoRA adapters when ``use_lora``): the base model's
+        weights and buffers come from ``config.model`` again on resume."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def fingerprint(self) -> dict:
+        """The config a training checkpoint may only be resumed with."""
+        # As the checkpoint's JSON gives it back (tuples as lists).
+        return json.loads(json.dumps({f"vlm2vec.{key}": value for key, value in asdict(self.config).items()}))
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the adapter, this config and ``encoder.json`` (kind ``vlm2vec``) into ``directory``,
+        atomically; :func:`~afmrl_dagster.encoders.listing_encoder.load_encoder` reads it back."""
+        return self.save_adapter(directory)
+
     def encode(self, images: Sequence[PIL.Image.Image | None], texts: Sequence[str], batch_size: int = 8) -> np.ndarray:
         """Embeddings ``float32 [N, hidden]`` in eval mode, ``batch_size`` listings at a time."""
         if batch_size < 1:
@@ -207,12 +244,15 @@ class VLM2VecEncoder(nn.Module):
         return [parameter for parameter in self.parameters() if parameter.requires_grad]
 
     def save_adapter(self, directory: str | os.PathLike) -> Path:
-        """Write the LoRA adapter (peft safetensors) and this config into ``directory``, atomically."""
+        """Write the LoRA adapter (peft safetensors), this config and ``encoder.json`` into
+        ``directory``, atomically."""
         if not self.config.use_lora:
-            raise ValueError("this encoder has no LoRA adapter (use_lora=False)")
+            raise ValueError("only LoRA encoders are saved: this one trains every weight (use_lora=False)")
+
         def fill(staging: Path) -> None:
             self.model.save_pretrained(str(staging), safe_serialization=True)
             (staging / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True))
+            write_encoder_json(staging, self.kind, model=self.config.model)
 
         return write_folder_atomically(directory, fill)
 
@@ -249,3 +289,21 @@ def load_saved_config(directory: str | os.PathLike) -> VLM2VecConfig:
     known = {field.name for field in fields(VLM2VecConfig)}
     return VLM2VecConfig(**{key: value for key, value in raw.items() if key in known})
 
+
+
+def new_vlm2vec_encoder(model: str, device: str = "cpu", **config) -> VLM2VecEncoder:
+    """A fresh encoder over ``model`` (hub id or local folder) with new LoRA adapters;
+    ``config`` sets other :class:`VLM2VecConfig` fields (``lora_rank``, ``temperature``, ...)."""
+    known = {field.name for field in fields(VLM2VecConfig)} - {"model"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"unknown VLM2Vec settings {unknown}; known: {sorted(known)}")
+    return VLM2VecEncoder.from_pretrained(VLM2VecConfig(model=model, **config), device=device)
+
+
+def load_vlm2vec_encoder(directory: str | os.PathLike, device: str = "cpu") -> VLM2VecEncoder:
+    """The encoder saved by :meth:`VLM2VecEncoder.save` in ``directory`` (its base model from the
+    saved config's ``model``), in eval mode on ``device``; what ``load_encoder`` calls."""
+    if not (Path(directory) / CONFIG_FILE).is_file():
+        raise ValueError(f"{directory} holds no {CONFIG_FILE}: not a saved VLM2Vec encoder")
+    return VLM2VecEncoder.from_adapter(directory, device=device)

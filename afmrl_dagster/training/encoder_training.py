@@ -278,16 +278,15 @@ def vlm2vec_batch_loss(
     product_codes: np.ndarray,
     scorer: BM25Scorer | None = None,
 ) -> dict[str, torch.Tensor]:
-    """AGCL loss of one batch of (anchor, positive) listing pairs through the encoder.
-
-    The counterpart of :func:`batch_loss` for the VLM2Vec encoder:
-    ``images``/``texts`` hold all listings, ``anchors``/``positives`` index them, ``scorer``
-    is a ``BM25Scorer`` over the listings' attribute texts (needed when AGCL weights are on).
-    """
+    """AGCL loss of one batch of (anchor, positive) listing pairs through a VLM2Vec encoder whose
+    listing texts are already written (``texts``, e.g. by ``listing_prompt_text``): the same as
+    :func:`encoder_batch_loss` over ``ListingInputs`` of those images and texts.
+    ``anchors``/``positives`` index ``images``/``texts``."""
+    if len(images) != len(texts):
+        raise ValueError(f"{len(images)} images but {len(texts)} texts")
+    inputs = ListingInputs([str(i) for i in range(len(texts))], list(texts), images=list(images))
     anchors, positives = np.asarray(anchors, dtype=np.int64), np.asarray(positives, dtype=np.int64)
-    both = np.concatenate([anchors, positives])
-    embeddings = encoder([images[i] for i in both], [texts[i] for i in both])
-    return pair_loss(loss_fn, embeddings, encoder.temperature, anchors, positives, product_codes, scorer)
+    return encoder_batch_loss(encoder, loss_fn, inputs, anchors, positives, product_codes, scorer)
 
 
 def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
@@ -536,6 +535,7 @@ def train_listing_encoder(
             }
             if encoder.kind != FrozenTowerEncoder.kind:
                 fingerprint["encoder.kind"] = encoder.kind
+            fingerprint.update(encoder.fingerprint())
         resuming = config.checkpoint_dir is not None and resume and has_checkpoint(config.checkpoint_dir)
         if fresh_start and not resuming:
             encoder.prepare_training(inputs, config.seed)

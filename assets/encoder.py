@@ -8,6 +8,7 @@ import polars as pl
 from pydantic import Field
 
 from afmrl_dagster.encoders.dual_tower import DualTowerConfig
+from afmrl_dagster.encoders.vlm2vec import VLM2VEC_IMAGE_SIZE, VLM2VEC_LEARNING_RATE, VLM2VecConfig
 from afmrl_dagster.training.agcl import AGCLConfig
 from afmrl_dagster.training.encoder_training import EncoderTrainingConfig
 
@@ -40,6 +41,10 @@ class EncoderTrainingRunConfig(dg.Config):
     delta: float = Field(default=AGCLConfig.delta, description="Margin of the false-negative mask.")
     sampler: str = Field(default=EncoderTrainingConfig.sampler, description="'product_line' (siblings as hard negatives) or 'random'.")
     seed: int = Field(default=EncoderTrainingConfig.seed, description="Seed of initialisation and batching.")
+    vlm2vec_learning_rate: float = Field(default=VLM2VEC_LEARNING_RATE,
+                                         description="vlm2vec backend: peak learning rate of the LoRA adapters (learning_rate is the heads').")
+    vlm2vec_lora_rank: int = Field(default=VLM2VecConfig.lora_rank, description="vlm2vec backend: rank of the LoRA adapters.")
+    vlm2vec_image_size: int = Field(default=VLM2VEC_IMAGE_SIZE, description="vlm2vec backend: photos are resized to this square side (bounds image tokens).")
 
 
 @dg.asset(
@@ -99,10 +104,13 @@ def agcl_encoder(
     # The frozen towers' features are cached per listing; the other backends read the photos.
     features = None if backend.reads_raw_inputs else features_of(listing_features, ids, feature_towers.text_featurizer(device), titles, attributes)
     inputs = ListingInputs(ids, titles, attributes, train_rows["image_uri"].to_list(), artifact_store.read_uri, features)
+    options = {}
+    if backend.kind == "vlm2vec":
+        options = {"lora_rank": config.vlm2vec_lora_rank, "image_size": config.vlm2vec_image_size}
     training = EncoderTrainingConfig(
         epochs=config.epochs,
         batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
+        learning_rate=config.vlm2vec_learning_rate if backend.kind == "vlm2vec" else config.learning_rate,
         sampler=config.sampler,
         seed=config.seed,
         device=device,
@@ -128,6 +136,7 @@ def agcl_encoder(
             [attributes_to_text(a or {}) for a in attributes],
             training,
             on_epoch=on_epoch,
+            **options,
         )
 
         curve = curve_png(result.history, ["loss", "temperature", "mean_negative_weight", "masked_fraction"], "epoch", "AGCL training")

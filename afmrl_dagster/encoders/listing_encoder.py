@@ -37,13 +37,7 @@ from .towers import decode_image
 
 # Written by every backend but the frozen-tower head, whose folder (head + config) predates it.
 ENCODER_FILE = "encoder.json"
-# kind -> "module:function(backend, head, device, seed, **options) -> ListingEncoder" (an untrained
-# encoder, its head shaped by ``head``, a DualTowerConfig) and "module:function(directory,
-# device) -> ListingEncoder" (a saved one), imported on first use
-_FACTORIES = {
-    "dual-tower-finetune": "afmrl_dagster.encoders.finetune:new_finetuned_encoder",
-    "vlm2vec": "afmrl_dagster.encoders.vlm2vec:new_vlm2vec_encoder",
-}
+# kind -> "module:function(directory, device) -> ListingEncoder", imported on first use
 _LOADERS = {
     "dual-tower-finetune": "afmrl_dagster.encoders.finetune:load_finetuned_encoder",
     "vlm2vec": "afmrl_dagster.encoders.vlm2vec:load_vlm2vec_encoder",
@@ -264,11 +258,19 @@ def _imported(path: str):
 
 
 def new_encoder(backend: EncoderBackend, head: DualTowerConfig, device: str = "cpu", seed: int = 0, **options) -> ListingEncoder:
-    """An untrained encoder of a backend that reads raw inputs (``dual-tower-finetune``,
-    ``vlm2vec``); the frozen-tower head is built by ``train_encoder`` from its features."""
-    if backend.kind not in _FACTORIES:
-        raise ValueError(f"backend {backend.spec!r} is built from its cached features by train_encoder, not by new_encoder")
-    return _imported(_FACTORIES[backend.kind])(backend, head, device=device, seed=seed, **options)
+    """An untrained encoder of a backend that reads raw inputs: ``dual-tower-finetune`` (the
+    towers ``head`` names, under a head of its ``embed_dim``) or ``vlm2vec`` (LoRA over
+    ``backend.model``); ``options`` are the backend's own settings. The frozen-tower head is
+    built from its cached features by ``train_encoder`` instead."""
+    if backend.kind == "vlm2vec":
+        from .vlm2vec import new_vlm2vec_encoder
+
+        return new_vlm2vec_encoder(backend.model, device, seed=seed, **options)
+    if backend.kind == "dual-tower-finetune":
+        from .finetune import new_finetuned_encoder
+
+        return new_finetuned_encoder(head.image_tower, head.text_tower, embed_dim=head.embed_dim, device=device, **options)
+    raise ValueError(f"backend {backend.spec!r} is built from its cached features by train_encoder, not by new_encoder")
 
 
 def write_encoder_json(directory: Path, kind: str, **details) -> None:

@@ -62,6 +62,8 @@ class ListingInputs:
     read_bytes: Callable[[str], bytes] | None = None
     features: ListingFeatures | None = None
     images: list[PIL.Image.Image | None] | None = None
+    # False when ``features.text`` is not the features of these rows' texts (only their image part is)
+    text_features_current: bool = True
     _texts: list[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,8 +121,18 @@ class ListingInputs:
 
         return ListingInputs(
             [self.listing_ids[i] for i in rows], [self.titles[i] for i in rows], pick(self.attributes), pick(self.image_uris),
-            self.read_bytes, None if self.features is None else self.features.subset(rows), pick(self.images),
+            self.read_bytes, None if self.features is None else self.features.subset(rows), pick(self.images), self.text_features_current,
         )
+
+    def with_attributes(self, rows: Sequence[int] | np.ndarray, attributes: Sequence[Attributes | None]) -> ListingInputs:
+        """The rows ``rows`` (repeats allowed) carrying ``attributes`` instead of their own: what a
+        query looks like with each attribute set a generator samples for it. Cached features
+        keep their image part; their text part is marked stale, so it is computed again."""
+        if len(attributes) != len(rows):
+            raise ValueError(f"{len(rows)} rows but {len(attributes)} attribute sets")
+        picked = self.subset(rows)
+        picked.attributes, picked.text_features_current = list(attributes), False
+        return picked
 
 
 class ListingEncoder(nn.Module):
@@ -206,28 +218,45 @@ class FrozenTowerEncoder(ListingEncoder):
     def __init__(self, head: DualTowerHead):
         super().__init__()
         self.head = head
-        self._featurizers: tuple | None = None
+        self._image_featurizer = self._text_featurizer = None
 
     @property
     def temperature(self) -> torch.Tensor:
         return self.head.temperature
 
-    def featurizers(self):
-        """The (image, text) featurizers of the towers the head was trained on, built once."""
-        if self._featurizers is None:
-            from .towers import ImageFeaturizer, TextFeaturizer
+    def image_featurizer(self):
+        """The image tower the head was trained on, built on first use."""
+        if self._image_featurizer is None:
+            from .towers import ImageFeaturizer
 
-            device = str(self.device)
-            self._featurizers = (ImageFeaturizer(self.head.config.image_tower, device=device),
-                                 TextFeaturizer(self.head.config.text_tower, device=device))
-        return self._featurizers
+            self._image_featurizer = ImageFeaturizer(self.head.config.image_tower, device=str(self.device))
+        return self._image_featurizer
+
+    def text_featurizer(self):
+        """The text tower the head was trained on, built on first use (or the one given to :meth:`use_text_featurizer`)."""
+        if self._text_featurizer is None:
+            from .towers import TextFeaturizer
+
+            self._text_featurizer = TextFeaturizer(self.head.config.text_tower, device=str(self.device))
+        return self._text_featurizer
+
+    def use_text_featurizer(self, featurizer) -> FrozenTowerEncoder:
+        """Share an already loaded text tower (its cache too); it must be the head's tower."""
+        if featurizer.name != self.head.config.text_tower:
+            raise ValueError(f"the head was trained on text tower {self.head.config.text_tower!r}, not {featurizer.name!r}")
+        self._text_featurizer = featurizer
+        return self
 
     def features_of(self, inputs: ListingInputs, rows: np.ndarray) -> ListingFeatures:
+        """Tower features of ``rows``: cached where ``inputs`` carry them, computed where not."""
+        ids = [inputs.listing_ids[i] for i in rows]
         if inputs.features is not None:
-            return inputs.features.subset(rows)
-        image_featurizer, text_featurizer = self.featurizers()
-        image, mask = image_featurizer.encode(inputs.load_images(rows))
-        return ListingFeatures([inputs.listing_ids[i] for i in rows], image, mask, text_featurizer.encode(inputs.texts(rows)))
+            cached = inputs.features.subset(rows)
+            if inputs.text_features_current:
+                return cached
+            return ListingFeatures(ids, cached.image, cached.image_mask, self.text_featurizer().encode(inputs.texts(rows)))
+        image, mask = self.image_featurizer().encode(inputs.load_images(rows))
+        return ListingFeatures(ids, image, mask, self.text_featurizer().encode(inputs.texts(rows)))
 
     def embed_rows(self, inputs: ListingInputs, rows: np.ndarray) -> torch.Tensor:
         features = self.features_of(inputs, rows)

@@ -1,10 +1,10 @@
 """RAR's reward: how well generated attributes make a query retrieve its own product.
 
 For each generated text: parse it strictly (unparseable -> ``invalid_reward``), append the
-attributes to the query's title, embed that text with the frozen text tower, fuse with the
-query's image features through the frozen Stage-1 head, search the gallery exactly (the
-query's own listing excluded) and score the fraction of the query's positives in the top k
-(method.md: Recall@50).
+attributes to the query's title, embed the query with the frozen Stage-1 encoder (any backend:
+the head over the frozen towers re-embeds only the text; a fine-tuned or VLM2Vec encoder reads
+the photo and the text again), search the gallery exactly (the query's own listing excluded)
+and score the fraction of the query's positives in the top k (method.md: Recall@50).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..attributes.format import listing_text, parse_attributes
-from ..encoders.dual_tower import DualTowerHead
+from ..attributes.format import parse_attributes
+from ..encoders.dual_tower import DualTowerHead, ListingFeatures
+from ..encoders.listing_encoder import FrozenTowerEncoder, ListingEncoder, ListingInputs
 from ..encoders.towers import TextFeaturizer
 from .metrics import top_indices
 
@@ -41,19 +42,51 @@ class RetrievalReward:
         invalid_reward: float = INVALID_REWARD,
         vocabulary: set[str] | None = None,
     ):
+        """The reward through a head over the frozen towers: the queries' image features are
+        given, the text tower embeds each title + sampled attributes (see :meth:`for_encoder`
+        for any encoder backend)."""
         n = len(query_titles)
         if not (len(query_image) == len(query_image_mask) == len(query_product_ids) == len(query_listing_ids) == n):
             raise ValueError("query titles, image features, image mask, product ids and listing ids must align")
+        image = np.asarray(query_image, dtype=np.float32)
+        features = ListingFeatures(list(query_listing_ids), image, query_image_mask, np.zeros((n, 1), np.float32))
+        queries = ListingInputs(list(query_listing_ids), list(query_titles), features=features, text_features_current=False)
+        self._setup(FrozenTowerEncoder(head).use_text_featurizer(text_featurizer), queries, query_product_ids, gallery_embeddings,
+                    gallery_product_ids, gallery_listing_ids, k, invalid_reward, vocabulary)
+
+    @classmethod
+    def for_encoder(
+        cls,
+        encoder: ListingEncoder,
+        queries: ListingInputs,
+        query_product_ids: Sequence[str],
+        gallery_embeddings: np.ndarray,
+        gallery_product_ids: Sequence[str],
+        gallery_listing_ids: Sequence[str],
+        k: int = 50,
+        invalid_reward: float = INVALID_REWARD,
+        vocabulary: set[str] | None = None,
+    ) -> RetrievalReward:
+        """The reward through any frozen :class:`ListingEncoder`; ``queries`` are the query
+        listings as that encoder reads them (their own attributes are replaced by each sample)."""
+        if len(query_product_ids) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(query_product_ids)} product ids")
+        reward = cls.__new__(cls)
+        reward._setup(encoder, queries, query_product_ids, gallery_embeddings, gallery_product_ids, gallery_listing_ids, k,
+                      invalid_reward, vocabulary)
+        return reward
+
+    def _setup(self, encoder, queries, query_product_ids, gallery_embeddings, gallery_product_ids, gallery_listing_ids, k,
+               invalid_reward, vocabulary) -> None:
         if not (len(gallery_embeddings) == len(gallery_product_ids) == len(gallery_listing_ids)):
             raise ValueError("gallery embeddings, product ids and listing ids must align")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.head = head.eval()
-        self.device = next(head.parameters()).device
-        self.text_featurizer = text_featurizer
-        self.query_titles = list(query_titles)
-        self.query_image = torch.as_tensor(np.asarray(query_image, dtype=np.float32))
-        self.query_image_mask = torch.as_tensor(np.asarray(query_image_mask, dtype=bool))
+        self.encoder = encoder.eval()
+        self.queries = queries
+        self.device = encoder.device
+        self.query_titles = list(queries.titles)
+        query_listing_ids = queries.listing_ids
         self.k = k
         self.invalid_reward = float(invalid_reward)
         self.vocabulary = vocabulary
@@ -84,7 +117,7 @@ class RetrievalReward:
         return torch.where(relevant > 0, hits / relevant.clamp(1, self.k).float(), torch.zeros_like(hits))
 
     def __call__(self, query_indices: np.ndarray, texts: list[list[str]]) -> np.ndarray:
-        """Rewards ``float32 [len(query_indices), G]``; all valid texts are embedded in one featurizer call."""
+        """Rewards ``float32 [len(query_indices), G]``; all valid outputs are embedded in one ``embed`` call."""
         query_indices = np.asarray(query_indices, dtype=np.int64).reshape(-1)
         if len(texts) != len(query_indices):
             raise ValueError(f"{len(query_indices)} queries but {len(texts)} groups of texts")
@@ -92,24 +125,19 @@ class RetrievalReward:
         if any(len(outputs) != group for outputs in texts):
             raise ValueError("every query must have the same number G of generated texts")
         rewards = np.full((len(query_indices), group), self.invalid_reward, dtype=np.float32)
-        cells, strings = [], []
+        cells, sampled = [], []
         for position, (query, outputs) in enumerate(zip(query_indices, texts)):
             for g, text in enumerate(outputs):
                 parsed = parse_attributes(text, self.vocabulary)
                 if parsed.is_valid:
                     cells.append((position, g, query))
-                    strings.append(listing_text(self.query_titles[query], parsed.attributes))
+                    sampled.append(parsed.attributes)
         recall = np.zeros(0, dtype=np.float32)
         if cells:
             queries = torch.tensor([cell[2] for cell in cells], dtype=torch.int64)
-            text_features = torch.from_numpy(self.text_featurizer.encode(strings))
+            embeddings = self.encoder.embed(self.queries.with_attributes(queries.numpy(), sampled))
             with torch.inference_mode():
-                embeddings = self.head(
-                    self.query_image[queries].to(self.device),
-                    self.query_image_mask[queries].to(self.device),
-                    text_features.to(self.device),
-                )
-                recall = self._recall(embeddings, queries).numpy()
+                recall = self._recall(torch.from_numpy(embeddings).to(self.device), queries).numpy()
             rows = np.array([cell[0] for cell in cells])
             columns = np.array([cell[1] for cell in cells])
             rewards[rows, columns] = recall

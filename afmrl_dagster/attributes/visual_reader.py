@@ -72,8 +72,9 @@ class ReadWord:
 
 
 def fold(text: str) -> str:
-    """Lower case, accents removed (å -> a, ö -> o), anything but letters, digits, '.', '%' a space."""
-    decomposed = unicodedata.normalize("NFKD", text or "")
+    """Lower case, accents removed (å -> a, ö -> o), a decimal comma a point, anything but
+    letters, digits, '.', '%' a space."""
+    decomposed = unicodedata.normalize("NFKD", re.sub(r"(?<=\d),(?=\d)", ".", text or ""))
     ascii_text = "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower()
     return " ".join(re.sub(r"[^a-z0-9.%]+", " ", ascii_text.replace("ø", "o").replace("æ", "ae")).split())
 
@@ -206,9 +207,13 @@ def attributes_from_words(words: Iterable[ReadWord], lexicon: Lexicon | None = N
             value_grams = trigrams(scored[0][2])
             used.update(token for token in tokens if trigrams(token) and len(trigrams(token) & value_grams) / len(trigrams(token)) >= 0.5)
     if lexicon and lexicon.title_words:
-        variant = [word for word in sorted(lexicon.title_words, key=lambda w: (-len(w), w))
-                   if _match_score(word, tokens, text_grams) >= MATCH_CONTAINMENT
-                   and not any(word in attributes.get(key, "") for key in attributes)][:MAX_VARIANT_WORDS]
+        variant: list[str] = []
+        for word in sorted(lexicon.title_words, key=lambda w: (-len(w), w)):  # longest first: "mellanmjolk" hides "mjolk"
+            if len(variant) == MAX_VARIANT_WORDS:
+                break
+            if (_match_score(word, tokens, text_grams) >= MATCH_CONTAINMENT and not any(word in chosen for chosen in variant)
+                    and not any(word in value for value in attributes.values())):
+                variant.append(word)
         if variant:
             attributes["variant"] = " ".join(sorted(variant))
             used.update(token for token in tokens for word in variant if word in token or token in word)

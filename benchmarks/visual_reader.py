@@ -260,9 +260,11 @@ def markdown(report: dict, queries: int, pool: int) -> str:
         f"every split photographs the same 81 products and the catalog shows them. The fusion weight alpha is chosen on "
         f"{report['tune']} training photos per seed (drawn from {pool}), never on the validation photos. R@1: mean ± sd over "
         f"{report['seeds']} seeds (the seed draws the tuning photos; *without* has no decision, so no sd); [95% bootstrap "
-        f"interval over queries of the seed-averaged hit]; Δ = with − without, paired per query. OCR: "
-        f"{report['ocr_seconds_per_photo']:.2f} s per photo on 2 threads ({report['photos_read_by_ocr']} photos read this run; "
-        f"the rest from the OCR cache). Whole run {report['seconds'] / 60:.1f} min.",
+        f"interval over queries of the seed-averaged hit]; Δ = with − without, paired per query. "
+        + (f"OCR: {report['ocr_seconds_per_photo']:.2f} s per photo on 2 threads, wall time on the machine as loaded then "
+           f"({report['photos_read_by_ocr']} photos read this run, the rest from the OCR cache). "
+           if report["photos_read_by_ocr"] else "OCR output read from the cache (`--cache`). ")
+        + f"Whole run {report['seconds'] / 60:.1f} min.",
         "",
         "| task (gallery) | retrieval | R@1 | 95% CI | ΔR@1 [95% CI] | alpha per seed |",
         "|---|---|---|---|---|---|",

@@ -92,15 +92,17 @@ def teacher_attributes(
     """Key attributes written by the teacher for every listing of the line, as strict JSON.
 
     Offline, the listing's seller attributes (normalised) stand in for the large MLLM
-    teacher; with ``AFMRL_TEACHER=openai-compatible`` a model served elsewhere writes them.
-    Outputs are cached: a served teacher's per listing by content (image, title,
+    teacher; with ``AFMRL_TEACHER=visual-reader`` an OCR reader of the listing photo writes
+    them (the line's seller attributes and titles are the values it looks for); with
+    ``AFMRL_TEACHER=openai-compatible`` a model served elsewhere writes them.
+    Outputs are cached: the visual reader's and a served teacher's per listing by content (image, title,
     description, model revision, prompt version), the seller reader's per line (it reads
     the whole line). Unchanged listings are not annotated again.
     """
     from afmrl_dagster.attributes.annotation_cache import AnnotationCache, annotate_with_cache
     from afmrl_dagster.attributes.teacher import SellerAttributeTeacher, annotate_listings, attribute_table
 
-    teacher = attribute_teacher.build(read_image=artifact_store.read_uri)
+    teacher = attribute_teacher.build(read_image=artifact_store.read_uri, catalog=raw_catalog)
     store = artifact_store.open()
     if isinstance(teacher, SellerAttributeTeacher):
         key = fingerprint("teacher_attributes", raw_catalog, teacher.name, teacher.version)

@@ -1,5 +1,5 @@
-"""Which teacher writes the attributes: the offline seller-attribute reader, or a large model
-served behind an OpenAI-compatible endpoint."""
+"""Which teacher writes the attributes: the offline seller-attribute reader, the offline visual
+reader (OCR of the listing photo), or a large model served behind an OpenAI-compatible endpoint."""
 
 
 from typing import Callable, Optional
@@ -9,17 +9,18 @@ from pydantic import Field
 
 from afmrl_dagster.settings import DEFAULT_TEACHER, TEACHER_API_KEY_ENV
 
-TEACHER_KINDS = ("seller-attributes", "openai-compatible")
+TEACHER_KINDS = ("seller-attributes", "visual-reader", "openai-compatible")
 
 
 class AttributeTeacherBackend(dg.ConfigurableResource):
-    """``seller-attributes`` (default, offline) or ``openai-compatible`` (vLLM, TGI, a hosted API).
+    """``seller-attributes`` (default, offline), ``visual-reader`` (offline OCR of the listing
+    photo) or ``openai-compatible`` (vLLM, TGI, a hosted API).
 
     The API key is read from the environment variable ``api_key_env`` at call time, never
     stored in configuration.
     """
 
-    kind: str = Field(default=DEFAULT_TEACHER, description="'seller-attributes' or 'openai-compatible'.")
+    kind: str = Field(default=DEFAULT_TEACHER, description="'seller-attributes', 'visual-reader' or 'openai-compatible'.")
     base_url: Optional[str] = Field(default=None, description="Endpoint base URL, e.g. http://gpu-box:8000/v1.")
     model: Optional[str] = Field(default=None, description="Served model name.")
     revision: str = Field(default="", description="Model revision; part of the cache key, bump it when the served weights change.")
@@ -29,13 +30,21 @@ class AttributeTeacherBackend(dg.ConfigurableResource):
     max_retries: int = Field(default=5, description="Retries of a request (backoff, Retry-After honoured).")
     send_images: bool = Field(default=True, description="Attach the listing photo to the request.")
     title_facts: bool = Field(default=False, description="seller-attributes only: add quantities and model codes read from titles.")
+    ocr_threads: int = Field(default=2, description="visual-reader only: threads of the OCR engine.")
+    ocr_max_side: int = Field(default=512, description="visual-reader only: longest image side given to OCR, in pixels.")
 
-    def build(self, read_image: Callable[[str], bytes]):
+    def build(self, read_image: Callable[[str], bytes], catalog=None):
+        """The teacher; ``catalog`` (the line's listings) gives the visual reader the values it looks for."""
         from afmrl_dagster.attributes.http_teacher import EndpointConfig, OpenAICompatibleTeacher
         from afmrl_dagster.attributes.teacher import SellerAttributeTeacher
 
         if self.kind == "seller-attributes":
             return SellerAttributeTeacher(title_facts=self.title_facts)
+        if self.kind == "visual-reader":
+            from afmrl_dagster.attributes.visual_reader import VisualReaderTeacher, lexicon_from_catalog
+
+            lexicon = lexicon_from_catalog(catalog) if catalog is not None else None
+            return VisualReaderTeacher(read_image, lexicon, threads=self.ocr_threads, max_side=self.ocr_max_side)
         if self.kind == "openai-compatible":
             if not self.base_url or not self.model:
                 raise ValueError("the openai-compatible teacher needs base_url and model (AFMRL_TEACHER_URL, AFMRL_TEACHER_MODEL)")

@@ -190,6 +190,13 @@ def _brand(rng: random.Random, taken: set[str]) -> str:
     return f"{brand}{len(taken)}"
 
 
+def pack_label(brand: str, values: dict[str, str]) -> tuple[str, ...]:
+    """The text printed on the product's label: the brand, and the quantity when it has one
+    (a mug's "400 ML"), so a reader of text finds on the photo what sellers write in titles."""
+    quantity = values.get("size", "")
+    return (brand.upper(),) + ((quantity.upper(),) if any(ch.isdigit() for ch in quantity) else ())
+
+
 def product_designs(line: str, config: BuiltinCatalogConfig = BuiltinCatalogConfig()) -> list[ProductDesign]:
     """Every product of ``line``: families of siblings around a base design (no rendering)."""
     if line not in LINE_AXES:
@@ -207,7 +214,7 @@ def product_designs(line: str, config: BuiltinCatalogConfig = BuiltinCatalogConf
         dark = rng.choice(((24, 24, 28), (32, 40, 90), (120, 24, 30)))
         white_inside = rng.random() < 0.6
         for sibling, values in enumerate(_sibling_designs(axes, base, config.siblings_per_family, rng)):
-            look = images.Look(values, shape, light, dark, white_inside)
+            look = images.Look(values, shape, light, dark, white_inside, pack_label(brand, values))
             designs.append(ProductDesign(line, family, sibling, brand, values, base, look))
     return designs
 

@@ -62,6 +62,7 @@ class Look:
     light_accent: RGB
     dark_accent: RGB
     white_inside: bool = True
+    label: tuple[str, ...] = ()  # lines of the printed pack label (brand, then e.g. the quantity)
 
     @property
     def colour(self) -> RGB:
@@ -299,9 +300,34 @@ DRAWINGS: dict[str, Callable[[Look, int], Image.Image]] = {
 }
 
 
+# Where each line carries its label (centre, in unit coordinates): a sewn-on tag, a pack label.
+LABEL_CENTRES: dict[str, tuple[float, float]] = {
+    "tops": (0.5, 0.74), "bags": (0.5, 0.80), "mugs": (0.44, 0.72), "caps": (0.42, 0.37),
+}
+_LABEL_WIDTH, _LINE_HEIGHT = 0.34, 0.07
+
+
+def draw_label(image: Image.Image, centre: tuple[float, float], lines: tuple[str, ...]) -> None:
+    """A white label with dark print, one line per entry: large enough for a reader of text
+    (OCR) to read at the listing image size, small enough to leave the design visible."""
+    if not lines:
+        return
+    c = _Canvas(image.size[0])
+    c.image, c.draw = image, ImageDraw.Draw(image)
+    x, y = centre
+    half_h = _LINE_HEIGHT * len(lines) / 2 + 0.012
+    c.draw.rounded_rectangle(c.box(x - _LABEL_WIDTH / 2, y - half_h, x + _LABEL_WIDTH / 2, y + half_h),
+                             radius=c.px(0.012), fill=(250, 250, 246), outline=(70, 70, 70), width=c.px(0.004))
+    for i, text in enumerate(lines):
+        line_y = y - half_h + 0.012 + _LINE_HEIGHT * (i + 0.5)
+        c.text(text, (x, line_y), _LABEL_WIDTH - 0.03, _LINE_HEIGHT * 0.82, (24, 24, 28), (250, 250, 246))
+
+
 def draw_product(line: str, look: Look, size: int) -> Image.Image:
     """Draw one product of ``line`` as an RGBA cut-out on a ``size`` x ``size`` canvas."""
-    return DRAWINGS[line](look, size)
+    image = DRAWINGS[line](look, size)
+    draw_label(image, LABEL_CENTRES[line], look.label)
+    return image
 
 
 def _background(size: int, rng: random.Random, noise: np.random.Generator) -> np.ndarray:

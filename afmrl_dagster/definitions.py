@@ -16,7 +16,7 @@ from .assets import attributes, automation, catalog, cit, encoder, features, rar
 from .resources.catalog_source import CatalogSource
 from .resources.compute import TorchCompute
 from .resources.io_manager import TableIOManager
-from .resources.models import EvaluationSplit, FeatureTowers
+from .resources.models import EvaluationSplit, FeatureTowers, GeneratorBackend
 from .resources.storage import ArtifactStore
 from .resources.teacher import AttributeTeacherBackend
 from .resources.tracking import MlflowTracking
@@ -52,6 +52,7 @@ def build_resources(settings: Settings | None = None) -> dict:
             model=settings.teacher_model,
             revision=settings.teacher_revision,
         ),
+        "generator_backend": GeneratorBackend(spec=settings.generator),
     }
 
 

@@ -17,7 +17,7 @@ from .encoders.backends import EncoderBackend
 from .resources.catalog_source import CatalogSource
 from .resources.compute import TorchCompute
 from .resources.io_manager import TableIOManager
-from .resources.models import EvaluationSplit, FeatureTowers, ListingEncoderBackend
+from .resources.models import EvaluationSplit, FeatureTowers, GeneratorBackend, ListingEncoderBackend
 from .resources.storage import ArtifactStore
 from .resources.teacher import AttributeTeacherBackend
 from .resources.tracking import MlflowTracking
@@ -55,6 +55,7 @@ def build_resources(settings: Settings | None = None) -> dict:
             model=settings.teacher_model,
             revision=settings.teacher_revision,
         ),
+        "generator_backend": GeneratorBackend(spec=settings.generator),
     }
 
 

@@ -4,7 +4,7 @@ The environment is read by :meth:`Settings.from_env`, called when the definition
 (``afmrl_dagster.definitions``) or a command runs (``afmrl search``, ``afmrl rollback``, the
 benchmarks), never when a module is imported. One :class:`Settings` then chooses everything
 that differs between a laptop, CI and production: the artefact store, MLflow, the catalog,
-the device and towers, the teacher, the sensors' state and interval, and the executor with
+the device and towers, the teacher and the student generator, the sensors' state and interval, and the executor with
 its GPU requests. Secrets are not settings: only whether each is set is recorded, and the
 resources resolve them at run time through ``dg.EnvVar``.
 
@@ -34,6 +34,7 @@ ENCODER_ENV = "AFMRL_ENCODER"
 TEACHER_URL_ENV = "AFMRL_TEACHER_URL"
 TEACHER_MODEL_ENV = "AFMRL_TEACHER_MODEL"
 TEACHER_REVISION_ENV = "AFMRL_TEACHER_REVISION"
+GENERATOR_ENV = "AFMRL_GENERATOR"
 TEACHER_API_KEY_ENV = "OPENAI_API_KEY"  # read at call time by the HTTP teacher, never stored
 AUTOMATION_ENV = "AFMRL_AUTOMATION"
 SENSOR_INTERVAL_ENV = "AFMRL_SENSOR_INTERVAL_SECONDS"
@@ -51,6 +52,8 @@ DEFAULT_IMAGE_TOWER = "efficientnet-lite0"
 DEFAULT_TEXT_TOWER = "all-MiniLM-L6-v2"
 DEFAULT_TEACHER = "seller-attributes"
 DEFAULT_ENCODER = "dual-tower"  # or dual-tower-finetune, vlm2vec:<hub id or folder>
+DEFAULT_GENERATOR = "compact"
+HF_VLM_PREFIX = "hf-vlm:"  # teacher and generator: a Hugging Face VLM by hub id or local folder
 DEFAULT_AUTOMATION = True
 DEFAULT_SENSOR_INTERVAL_SECONDS = 300
 EXECUTORS = ("multiprocess", "k8s")
@@ -76,6 +79,7 @@ class Settings:
     teacher_url: str | None = None
     teacher_model: str | None = None
     teacher_revision: str = ""
+    generator: str = DEFAULT_GENERATOR  # the student: 'compact' or 'hf-vlm:<hub id or folder>'
     automation: bool = DEFAULT_AUTOMATION  # sensors start running (True) or stopped
     sensor_interval_seconds: int = DEFAULT_SENSOR_INTERVAL_SECONDS
     executor: str = DEFAULT_EXECUTOR
@@ -93,6 +97,12 @@ class Settings:
         interval = env(SENSOR_INTERVAL_ENV, str(DEFAULT_SENSOR_INTERVAL_SECONDS))
         if not interval.isdigit() or int(interval) < 1:
             raise ValueError(f"{SENSOR_INTERVAL_ENV} must be a whole number of seconds >= 1, got {interval!r}")
+        generator = env(GENERATOR_ENV, DEFAULT_GENERATOR).strip()
+        if generator != "compact" and not (generator.startswith(HF_VLM_PREFIX) and generator[len(HF_VLM_PREFIX):].strip()):
+            raise ValueError(f"{GENERATOR_ENV} must be 'compact' or 'hf-vlm:<hub id or local folder>', got {generator!r}")
+        teacher = env(TEACHER_ENV, DEFAULT_TEACHER).strip()
+        if teacher == HF_VLM_PREFIX.rstrip(":") or (teacher.startswith(HF_VLM_PREFIX) and not teacher[len(HF_VLM_PREFIX):].strip()):
+            raise ValueError(f"{TEACHER_ENV}=hf-vlm needs the model: 'hf-vlm:<hub id or local folder>', got {teacher!r}")
         executor = env(EXECUTOR_ENV, DEFAULT_EXECUTOR).strip().lower()
         if executor not in EXECUTORS:
             raise ValueError(f"{EXECUTOR_ENV} must be 'multiprocess' or 'k8s', got {executor!r}")
@@ -105,11 +115,12 @@ class Settings:
             device=env(DEVICE_ENV, DEFAULT_DEVICE),
             image_tower=env(IMAGE_TOWER_ENV, DEFAULT_IMAGE_TOWER),
             text_tower=env(TEXT_TOWER_ENV, DEFAULT_TEXT_TOWER),
-            teacher=env(TEACHER_ENV, DEFAULT_TEACHER),
             encoder=env(ENCODER_ENV, DEFAULT_ENCODER).strip(),
+            teacher=teacher,
             teacher_url=env(TEACHER_URL_ENV),
             teacher_model=env(TEACHER_MODEL_ENV),
             teacher_revision=env(TEACHER_REVISION_ENV, ""),
+            generator=generator,
             automation=automation == "on",
             sensor_interval_seconds=int(interval),
             executor=executor,

@@ -1,6 +1,6 @@
-"""Stage 2: attributes. A teacher writes them for every listing; a compact student generator
-is distilled from the teacher (SFT) and writes them for every listing, as it would for a
-query at search time."""
+"""Stage 2: attributes. A teacher writes them for every listing; a student generator (compact,
+or a Hugging Face VLM with LoRA: ``AFMRL_GENERATOR``) is distilled from the teacher (SFT) and
+writes them for every listing, as it would for a query at search time."""
 
 
 import json
@@ -12,9 +12,10 @@ from pydantic import Field
 
 from afmrl_dagster.fingerprint import fingerprint
 from afmrl_dagster.training.attribute_stages import DistillationSettings
+from afmrl_dagster.training.generator_backends import HFDistillationSettings
 
 from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
-from ..resources.models import EvaluationSplit, FeatureTowers
+from ..resources.models import EvaluationSplit, FeatureTowers, GeneratorBackend
 from ..resources.storage import ArtifactStore
 from ..resources.teacher import AttributeTeacherBackend
 from ..resources.tracking import MlflowTracking, flat_metrics
@@ -88,21 +89,23 @@ def teacher_attributes(
     raw_catalog: pl.DataFrame,
     artifact_store: ArtifactStore,
     attribute_teacher: AttributeTeacherBackend,
+    torch_compute: TorchCompute,
 ):
     """Key attributes written by the teacher for every listing of the line, as strict JSON.
 
     Offline, the listing's seller attributes (normalised) stand in for the large MLLM
     teacher; with ``AFMRL_TEACHER=visual-reader`` an OCR reader of the listing photo writes
     them (the line's seller attributes and titles are the values it looks for); with
-    ``AFMRL_TEACHER=openai-compatible`` a model served elsewhere writes them.
-    Outputs are cached: the visual reader's and a served teacher's per listing by content (image, title,
+    ``AFMRL_TEACHER=openai-compatible`` a model served elsewhere writes them, with
+    ``AFMRL_TEACHER=hf-vlm:<hub id or folder>`` a Hugging Face VLM in process (photo and text).
+    Outputs are cached: the visual reader's, a served and an in-process teacher's per listing by content (image, title,
     description, model revision, prompt version), the seller reader's per line (it reads
     the whole line). Unchanged listings are not annotated again.
     """
     from afmrl_dagster.attributes.annotation_cache import AnnotationCache, annotate_with_cache
     from afmrl_dagster.attributes.teacher import SellerAttributeTeacher, annotate_listings, attribute_table
 
-    teacher = attribute_teacher.build(read_image=artifact_store.read_uri, catalog=raw_catalog)
+    teacher = attribute_teacher.build(read_image=artifact_store.read_uri, catalog=raw_catalog, device=torch_compute.torch_device())
     store = artifact_store.open()
     if isinstance(teacher, SellerAttributeTeacher):
         key = fingerprint("teacher_attributes", raw_catalog, teacher.name, teacher.version)
@@ -129,17 +132,29 @@ def teacher_attributes(
 
 
 class AttributeGeneratorConfig(dg.Config):
-    """Defaults of the student and its SFT come from the library's DistillationSettings."""
+    """Defaults of the student and its SFT come from the library's DistillationSettings (compact)
+    and HFDistillationSettings (hf-vlm)."""
 
     min_heldout_validity: float = Field(default=0.9, description="Blocking gate: share of parseable outputs on held-out listings.")
-    epochs: int = Field(default=DistillationSettings.epochs, description="SFT epochs over the training listings.")
-    batch_size: int = Field(default=DistillationSettings.batch_size, description="Listings per SFT step.")
-    learning_rate: float = Field(default=DistillationSettings.learning_rate, description="Peak learning rate (warmup + cosine).")
-    d_model: int = Field(default=DistillationSettings.d_model, description="Width of the decoder.")
-    n_layers: int = Field(default=DistillationSettings.n_layers, description="Decoder layers.")
+    epochs: int = Field(default=DistillationSettings.epochs, description="compact: SFT epochs over the training listings.")
+    batch_size: int = Field(default=DistillationSettings.batch_size, description="compact: listings per SFT step.")
+    learning_rate: float = Field(default=DistillationSettings.learning_rate, description="compact: peak learning rate (warmup + cosine).")
+    d_model: int = Field(default=DistillationSettings.d_model, description="compact: width of the decoder.")
+    n_layers: int = Field(default=DistillationSettings.n_layers, description="compact: decoder layers.")
     seed: int = Field(default=DistillationSettings.seed, description="Seed of initialisation and shuffling.")
     constrained_decoding: bool = Field(default=DistillationSettings.constrained_decoding,
-                                       description="Decode within the attribute grammar, so every output parses.")
+                                       description="compact: decode within the attribute grammar, so every output parses.")
+    hf_epochs: int = Field(default=HFDistillationSettings.hf_epochs, description="hf-vlm: LoRA SFT epochs over the training listings.")
+    hf_batch_size: int = Field(default=HFDistillationSettings.hf_batch_size, description="hf-vlm: listings per SFT step and per generation batch.")
+    hf_learning_rate: float = Field(default=HFDistillationSettings.hf_learning_rate, description="hf-vlm: learning rate of the LoRA adapter.")
+    lora_rank: int = Field(default=HFDistillationSettings.lora_rank, description="hf-vlm: LoRA rank.")
+    lora_alpha: int = Field(default=HFDistillationSettings.lora_alpha, description="hf-vlm: LoRA alpha.")
+    hf_max_new_tokens: int = Field(default=HFDistillationSettings.hf_max_new_tokens, description="hf-vlm: longest attribute text in tokens.")
+    hf_image_size: int = Field(default=HFDistillationSettings.hf_image_size, description="hf-vlm: photos are resized to a square of this side.")
+
+
+_COMPACT_FIELDS = ("d_model", "n_layers", "constrained_decoding", "epochs", "batch_size", "learning_rate", "seed")
+_HF_FIELDS = ("hf_epochs", "hf_batch_size", "hf_learning_rate", "lora_rank", "lora_alpha", "hf_max_new_tokens", "hf_image_size")
 
 
 @dg.asset(
@@ -163,23 +178,26 @@ def attribute_generator(
     torch_compute: TorchCompute,
     artifact_store: ArtifactStore,
     mlflow_tracking: MlflowTracking,
+    generator_backend: GeneratorBackend,
 ):
-    """The compact student generator distilled from the teacher (SFT).
+    """The student generator distilled from the teacher (SFT), of the kind ``AFMRL_GENERATOR`` names.
 
-    Image and title features of the frozen towers form the prefix of a small transformer
-    decoder that writes attribute JSON. Trained on the listings of training products,
-    scored on held-out products against the teacher, logged to MLflow and registered as
-    ``afmrl-attribute-generator``.
+    ``compact``: image and title features of the frozen towers form the prefix of a small
+    transformer decoder that writes attribute JSON. ``hf-vlm:<id or folder>``: a Hugging Face
+    VLM reads the photo and the listing text and is fine-tuned with LoRA; the registered folder
+    holds the adapter and names the base model. Trained on the listings of training products
+    (loss per epoch in MLflow), scored on held-out products against the teacher, registered
+    as ``afmrl-attribute-generator``.
     """
-    from afmrl_dagster.attributes.generator import generate_attribute_texts, save_generator
-    from afmrl_dagster.features import align, listing_features as features_of
+    from afmrl_dagster.features import align
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
-    from afmrl_dagster.training.attribute_stages import distill_generator
+    from afmrl_dagster.training.generator_backends import CompactSFTSettings, distill_writer, listing_inputs
     from afmrl_dagster.training.generator_sft import attribute_accuracy
 
     store = artifact_store.open()
     split = evaluation_split.split()
-    slot = model_slot(store, "attribute_generator", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split)
+    slot = model_slot(store, "attribute_generator", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split,
+                      generator_backend.spec)
     if slot.cached:
         return slot.cached
 
@@ -188,36 +206,40 @@ def attribute_generator(
     valid = teacher["is_valid"].to_numpy()
     train_ids = [lid for lid, h, v in zip(raw_catalog["listing_id"], held_out, valid) if v and not h]
     test_ids = [lid for lid, h, v in zip(raw_catalog["listing_id"], held_out, valid) if v and h]
+    if not train_ids:
+        raise ValueError("teacher_attributes has no valid attributes for any training listing: the student has nothing to learn from")
     targets = {lid: json.loads(text) for lid, text in teacher.filter(pl.col("is_valid")).select("listing_id", "attributes_json").iter_rows()}
 
-    settings = DistillationSettings(
-        d_model=config.d_model, n_layers=config.n_layers, constrained_decoding=config.constrained_decoding, epochs=config.epochs,
-        batch_size=config.batch_size, learning_rate=config.learning_rate, seed=config.seed, device=torch_compute.torch_device(),
-    )
-    train = features_of(listing_features, train_ids)
-    with mlflow_tracking.start_run(context, "attribute_generator_sft", params={**config.model_dump(), "train_listings": len(train_ids)}) as run:
-        model, vocabulary, history = distill_generator(
-            train, [targets[lid] for lid in train_ids], settings,
+    settings = config.model_dump()
+    compact = CompactSFTSettings(**{name: settings[name] for name in _COMPACT_FIELDS})
+    hf = HFDistillationSettings(**{name: settings[name] for name in _HF_FIELDS})
+    device = torch_compute.torch_device()
+    params = {**settings, "generator": generator_backend.spec, "train_listings": len(train_ids)}
+    with mlflow_tracking.start_run(context, "attribute_generator_sft", params=params) as run:
+        writer, history = distill_writer(
+            generator_backend.spec, listing_inputs(raw_catalog, listing_features, train_ids, artifact_store.read_uri),
+            [targets[lid] for lid in train_ids], compact, hf, device,
             on_epoch=lambda row: (mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
                                   context.log.info(f"SFT epoch {row['epoch']}: {row}")),
         )
         import mlflow
 
-        mlflow.log_param("vocabulary_size", len(vocabulary))
-        test = features_of(listing_features, test_ids)
-        predicted = generate_attribute_texts(model, vocabulary, test.image, test.image_mask, test.text)
-        accuracy = attribute_accuracy(predicted, [targets[lid] for lid in test_ids], vocabulary.keys)
+        mlflow.log_params({f"generator_{k}": v for k, v in writer.describe().items()})
+        predicted = writer.write(listing_inputs(raw_catalog, listing_features, test_ids, artifact_store.read_uri)) if test_ids else []
+        accuracy = attribute_accuracy(predicted, [targets[lid] for lid in test_ids], writer.parse_keys) if test_ids else {"validity_rate": 0.0, "pair_f1": 0.0}
         mlflow_tracking.log_metrics({f"heldout_{k}": v for k, v in accuracy.items()})
         manifest = publish_model(
             context, "generator",
-            lambda folder: save_generator(model, vocabulary, folder, extra_json={"towers.json": feature_towers.as_json()}),
+            lambda folder: writer.save(folder, extra_json={"towers.json": feature_towers.as_json()}),
             store, slot.prefix, GENERATOR_MODEL_NAME, run,
             {
                 "fingerprint": slot.key,
+                "generator": writer.describe(),
                 "heldout_accuracy": accuracy,
+                "first_loss": history[0]["loss"] if history else None,
                 "final_loss": history[-1]["loss"] if history else None,
                 "checks": {
-                    "generator_weights_finite": model_check(weights_finite(model), blocking=True),
+                    "generator_weights_finite": model_check(weights_finite(writer.module), blocking=True),
                     "generator_heldout_validity": model_check(
                         accuracy["validity_rate"] >= config.min_heldout_validity, blocking=True,
                         validity_rate=accuracy["validity_rate"], threshold=config.min_heldout_validity,
@@ -232,7 +254,10 @@ def attribute_generator(
         value=manifest,
         metadata={
             **model_metadata(manifest, mlflow_tracking),
+            "generator": writer.kind,
             "train_listings": len(train_ids),
+            "sft_loss_first": manifest["first_loss"],
+            "sft_loss_last": manifest["final_loss"],
             **flat_metrics(accuracy, "heldout_"),
         },
         check_results=check_results(manifest),
@@ -254,26 +279,26 @@ def generated_attributes(
     """Attributes the student generator writes for every listing of the line (greedy decoding),
     with the text-tower features of title + those attributes (``text_features``).
 
-    These are what the encoder sees at search time, for the gallery and for a query alike;
-    the embeddings, the evaluation and the promotion read the features from here.
+    The generator is opened by its manifest, whatever its kind (compact or hf-vlm, read from
+    its folder). These are what the encoder sees at search time, for the gallery and for a
+    query alike; the embeddings, the evaluation and the promotion read the features from here.
     Unparseable generations are recorded as invalid with their raw text, never fatal.
     """
-    from afmrl_dagster.attributes.generator import generate_attribute_texts, load_stored_generator
     from afmrl_dagster.attributes.teacher import attribute_table
-    from afmrl_dagster.features import align, listing_features as features_of, with_listing_text
+    from afmrl_dagster.features import with_listing_text
+    from afmrl_dagster.training.generator_backends import listing_inputs, load_stored_writer
 
     device = torch_compute.torch_device()
-    model, vocabulary = load_stored_generator(artifact_store.open(), attribute_generator["uri"], device=device)
+    writer = load_stored_writer(artifact_store.open(), attribute_generator["uri"], device=device)
     ids = listing_features["listing_id"].to_list()
-    features = features_of(listing_features, ids)
-    texts = generate_attribute_texts(model, vocabulary, features.image, features.image_mask, features.text)
-    table = attribute_table(ids, texts, f"{attribute_generator['model_name']}@{attribute_generator['model_version']}", vocabulary.keys)
-    titles = align(raw_catalog.select("listing_id", "title"), ids)["title"].to_list()
+    inputs = listing_inputs(raw_catalog, listing_features, ids, artifact_store.read_uri)
+    texts = writer.write(inputs)
+    table = attribute_table(ids, texts, f"{attribute_generator['model_name']}@{attribute_generator['model_version']}", writer.parse_keys)
     attributes = [json.loads(text) if text else None for text in table["attributes_json"].to_list()]
-    served = with_listing_text(features, feature_towers.text_featurizer(device), titles, attributes)
+    served = with_listing_text(inputs.features, feature_towers.text_featurizer(device), inputs.titles, attributes)
     table = table.with_columns(pl.Series("text_features", served.text.astype(np.float32)))
     return dg.MaterializeResult(
         value=table,
-        metadata={"generator_version": attribute_generator["model_version"], **_table_metadata(table)},
-        check_results=_attribute_check_results(table, config.min_valid_share, set(vocabulary.keys)),
+        metadata={"generator_version": attribute_generator["model_version"], "generator": writer.kind, **_table_metadata(table)},
+        check_results=_attribute_check_results(table, config.min_valid_share, writer.keys),
     )

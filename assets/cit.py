@@ -61,13 +61,13 @@ def cit_encoder(
     ``encoder_promotion`` decides whether it serves. Runs only after the evaluation's blocking
     checks pass.
     """
-    from afmrl_dagster.attributes.generator import load_stored_generator
     from afmrl_dagster.encoders.dual_tower import load_stored_head, save_head
     from afmrl_dagster.evaluation.report import REPORTED_METRICS
     from afmrl_dagster.evaluation.scoring import evaluation_set_fingerprint
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
     from afmrl_dagster.retrieval.index import build_index, publish_index
     from afmrl_dagster.training.attribute_stages import run_cit_stage
+    from afmrl_dagster.training.generator_backends import load_stored_writer
 
     store = artifact_store.open()
     split = evaluation_split.split()
@@ -78,13 +78,14 @@ def cit_encoder(
 
     device = torch_compute.torch_device()
     stage_one = load_stored_head(store, agcl_encoder["uri"], device=device)
-    generator, vocabulary = load_stored_generator(store, rar_generator["uri"], device=device)
+    writer = load_stored_writer(store, rar_generator["uri"], device=device)
     with mlflow_tracking.start_run(context, "cit_encoder", params={**config.model_dump(), "stage_one_version": agcl_encoder["model_version"],
                                                                    "rar_version": rar_generator["model_version"]}) as run:
         outcome = run_cit_stage(
-            stage_one, generator, vocabulary, listing_features, raw_catalog, split, feature_towers.text_featurizer(device),
+            stage_one, writer, listing_features, raw_catalog, split, feature_towers.text_featurizer(device),
             CITSettings(**config.model_dump(), device=device),
             on_epoch=lambda row: mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
+            read_image=artifact_store.read_uri,
         )
         scores = outcome.scores
         for part, metrics in scores.items():

@@ -9,6 +9,7 @@ import polars as pl
 from pydantic import Field
 
 from afmrl_dagster.training.attribute_stages import RARSettings
+from afmrl_dagster.training.generator_backends import HFRARSettings
 from afmrl_dagster.training.grpo import GRPOConfig
 
 from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
@@ -35,6 +36,8 @@ class RARConfig(dg.Config):
     )
     invalid_reward: float = Field(default=RARSettings.invalid_reward, description="Reward of output that does not parse.")
     seed: int = Field(default=GRPOConfig.seed, description="Seed of query sampling and generation.")
+    hf_learning_rate: float = Field(default=HFRARSettings.hf_learning_rate,
+                                    description="hf-vlm generator: learning rate of its LoRA adapter (learning_rate is the compact one's).")
 
 
 @dg.asset(
@@ -71,11 +74,11 @@ def rar_generator(
     with the CIT encoder trained on its attributes.
     """
 
-    from afmrl_dagster.attributes.generator import load_stored_generator, save_generator
     from afmrl_dagster.encoders.dual_tower import load_stored_head
-    from afmrl_dagster.features import align, listing_features as features_of
+    from afmrl_dagster.features import align
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
-    from afmrl_dagster.training.attribute_stages import RARGallery, compare_query_attributes, default_reward_k, refine_with_rar, reward_trend
+    from afmrl_dagster.training.attribute_stages import RARGallery, compare_query_attributes, default_reward_k, refine_writer_with_rar, reward_trend
+    from afmrl_dagster.training.generator_backends import listing_inputs, load_stored_writer
 
     store = artifact_store.open()
     split = evaluation_split.split()
@@ -86,24 +89,24 @@ def rar_generator(
 
     device = torch_compute.torch_device()
     text_featurizer = feature_towers.text_featurizer(device)
+    # The reward's encoder: the frozen AGCL head, loaded as every stage loads it.
     head = load_stored_head(store, agcl_encoder["uri"], device=device)
-    reference, vocabulary = load_stored_generator(store, attribute_generator["uri"], device=device)
+    writer = load_stored_writer(store, attribute_generator["uri"], device=device, trainable=True)
 
     ids = raw_catalog["listing_id"].to_list()
     gallery_embeddings = align(catalog_embeddings, ids)["embedding"].to_numpy().astype(np.float32)
     product_ids = raw_catalog["product_id"].to_list()
-    titles = raw_catalog["title"].to_list()
-    base = features_of(listing_features, ids)
     # Reward queries and the reward gallery are training listings only: no validation or test listing.
     train_rows = np.flatnonzero(split.mask(raw_catalog, "train"))
     reward_gallery = RARGallery(gallery_embeddings[train_rows], [product_ids[i] for i in train_rows], [ids[i] for i in train_rows])
+    queries = listing_inputs(raw_catalog, listing_features, [ids[i] for i in train_rows], artifact_store.read_uri)
 
     reward_k = config.reward_k or default_reward_k(len(train_rows))
     grpo = GRPOConfig(
         steps=config.steps, queries_per_step=config.queries_per_step, group_size=config.group_size, learning_rate=config.learning_rate,
         kl_beta=config.kl_beta, clip_epsilon=config.clip_epsilon, temperature=config.temperature, seed=config.seed, device=device,
     )
-    params = {**config.model_dump(), "reward_k_used": reward_k, "train_queries": len(train_rows),
+    params = {**config.model_dump(), "reward_k_used": reward_k, "train_queries": len(train_rows), "generator_kind": writer.kind,
               "sft_version": attribute_generator["model_version"], "encoder_version": agcl_encoder["model_version"]}
     with mlflow_tracking.start_run(context, "rar_generator", params=params) as run:
         import mlflow
@@ -111,23 +114,24 @@ def rar_generator(
         samples: list[dict] = []
 
         def on_step(row: dict) -> None:
-            mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"])
             samples.extend({"step": row["step"], "query": ids[train_rows[q]], "attributes": text, "reward": float(r)} for q, text, r in row.get("samples", []))
             context.log.info(f"GRPO step {row['step']}: reward {row['reward_mean']:.3f} ± {row['reward_std']:.3f}, "
                              f"valid {row['validity_rate']:.2f}, KL {row['kl']:.4f}")
 
-        policy, history = refine_with_rar(
-            reference, vocabulary, head, text_featurizer, base.subset(train_rows), [titles[i] for i in train_rows],
-            [product_ids[i] for i in train_rows], reward_gallery, grpo,
-            reward_k=reward_k, invalid_reward=config.invalid_reward, on_step=on_step,
+        outcome = refine_writer_with_rar(
+            writer, head, text_featurizer, queries, [product_ids[i] for i in train_rows], reward_gallery, grpo,
+            reward_k=reward_k, invalid_reward=config.invalid_reward, hf=HFRARSettings(hf_learning_rate=config.hf_learning_rate),
+            on_step=on_step,
         )
+        policy, history = outcome.policy, outcome.history
         reward_first, reward_last = reward_trend(history)
         mlflow.log_table(pl.DataFrame(samples).to_pandas() if samples else {"step": []}, "sampled_generations.json")
 
         # The same encoder and gallery, queries of unseen products carrying SFT vs RAR attributes:
         # validation decides (the checks), test is reported.
-        comparison = compare_query_attributes({"sft": reference, "rar": policy}, vocabulary, head, text_featurizer, listing_features,
-                                              raw_catalog, gallery_embeddings, split, device=device)
+        comparison = compare_query_attributes({"sft": outcome.reference, "rar": policy}, head, text_featurizer, listing_features,
+                                              raw_catalog, gallery_embeddings, split, device=device, read_image=artifact_store.read_uri)
         for part, by_generator in comparison.items():
             for name, metrics in by_generator.items():
                 mlflow_tracking.log_metrics({f"{part}_{name}_{m}": v for m, v in metrics.items()})
@@ -135,7 +139,7 @@ def rar_generator(
 
         manifest = publish_model(
             context, "generator",
-            lambda folder: save_generator(policy, vocabulary, folder, extra_json={"towers.json": feature_towers.as_json()}),
+            lambda folder: policy.save(folder, extra_json={"towers.json": feature_towers.as_json()}),
             store, slot.prefix, GENERATOR_MODEL_NAME, run,
             {
                 "fingerprint": slot.key,
@@ -143,6 +147,8 @@ def rar_generator(
                 "reward_last_steps": reward_last,
                 **comparison,
                 "reward_k": reward_k,
+                "generator": policy.describe(),
+                "weights": outcome.weights,
                 "checks": {
                     "rar_validity": model_check(validation["rar"]["validity_rate"] >= 0.99, blocking=False, validity_rate=validation["rar"]["validity_rate"]),
                     "rar_keeps_recall": model_check(
@@ -165,6 +171,8 @@ def rar_generator(
             "validation_rar_recall@1": validation["rar"]["recall@1"],
             "validation_rar_validity": validation["rar"]["validity_rate"],
             "reward_k": reward_k,
+            "generator": policy.kind,
+            **{f"weights_{k}": v for k, v in outcome.weights.items()},
         },
         check_results=check_results(manifest),
     )

@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from afmrl_dagster.evaluation.splits import HeldOutSplit
-from afmrl_dagster.settings import DEFAULT_ENCODER, DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
+from afmrl_dagster.settings import DEFAULT_ENCODER, DEFAULT_GENERATOR, DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
 
 
 @functools.lru_cache(maxsize=4)
@@ -56,6 +56,21 @@ class EvaluationSplit(dg.ConfigurableResource):
 
     def split(self) -> HeldOutSplit:
         return HeldOutSplit(self.holdout_fraction, self.seed, self.validation_fraction)
+
+
+class GeneratorBackend(dg.ConfigurableResource):
+    """Which student generator the attribute stages train and run (``AFMRL_GENERATOR``):
+    ``compact`` (default: the small decoder over the frozen towers' features) or
+    ``hf-vlm:<hub id or local folder>`` (a Hugging Face VLM with LoRA, reading the photo and the
+    listing text). What a stored generator is, is read from its folder, so a record written
+    under another setting still loads."""
+
+    spec: str = Field(default=DEFAULT_GENERATOR, description="'compact' or 'hf-vlm:<hub id or local folder>'.")
+
+    def kind(self) -> str:
+        from afmrl_dagster.training.generator_backends import parse_generator_spec
+
+        return parse_generator_spec(self.spec)[0]
 
 
 class ListingEncoderBackend(dg.ConfigurableResource):

@@ -12,7 +12,7 @@ from afmrl_dagster.assets.retrieval import EvaluationConfig
 from afmrl_dagster.resources.catalog_source import CatalogSource
 from afmrl_dagster.resources.compute import TorchCompute
 from afmrl_dagster.resources.io_manager import TableIOManager
-from afmrl_dagster.resources.models import EvaluationSplit, FeatureTowers, ListingEncoderBackend
+from afmrl_dagster.resources.models import EvaluationSplit, FeatureTowers, GeneratorBackend, ListingEncoderBackend
 from afmrl_dagster.resources.storage import ArtifactStore
 from afmrl_dagster.resources.teacher import AttributeTeacherBackend
 from afmrl_dagster.resources.tracking import MlflowTracking
@@ -35,6 +35,7 @@ def tiny_resources(root: Path, catalog_spec: str = TINY_CATALOG, store: Artifact
         "feature_towers": FeatureTowers(),
         "evaluation_split": EvaluationSplit(holdout_fraction=0.25, validation_fraction=0.34),  # per line: 1 test, 1 validation, 2 training products
         "attribute_teacher": AttributeTeacherBackend(),
+        "generator_backend": GeneratorBackend(),
         "listing_encoder": ListingEncoderBackend(spec=encoder),
     }
 

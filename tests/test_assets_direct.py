@@ -5,6 +5,7 @@ import polars as pl
 
 from afmrl_dagster.assets.attributes import AttributeQualityConfig, teacher_attributes
 from afmrl_dagster.catalog.schema import make_catalog
+from afmrl_dagster.resources.compute import TorchCompute
 from afmrl_dagster.resources.storage import ArtifactStore
 from afmrl_dagster.resources.teacher import AttributeTeacherBackend
 from teacher_process import teacher_server
@@ -24,7 +25,7 @@ def invoke(tmp_path, min_valid_share: float, teacher: AttributeTeacherBackend | 
     store = ArtifactStore(location=str(tmp_path))
     with dg.build_asset_context(partition_key="mugs") as context:
         return teacher_attributes(context, AttributeQualityConfig(min_valid_share=min_valid_share), catalog(), store,
-                                  teacher or AttributeTeacherBackend())
+                                  teacher or AttributeTeacherBackend(), TorchCompute(device="cpu"))
 
 
 def test_teacher_attributes_from_a_served_teacher_are_cached_per_listing(tmp_path):

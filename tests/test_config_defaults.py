@@ -19,6 +19,7 @@ from afmrl_dagster.encoders.dual_tower import DualTowerConfig
 from afmrl_dagster.training.agcl import AGCLConfig
 from afmrl_dagster.training.attribute_stages import CITSettings, DistillationSettings, RARSettings
 from afmrl_dagster.training.encoder_training import EncoderTrainingConfig
+from afmrl_dagster.training.generator_backends import HFDistillationSettings, HFRARSettings
 from afmrl_dagster.training.generator_sft import SFTConfig
 from afmrl_dagster.training.grpo import GRPOConfig
 
@@ -32,12 +33,12 @@ class Mirror:
 
 
 MIRRORS = [
-    Mirror(AttributeGeneratorConfig, (DistillationSettings,), pipeline_only=frozenset({"min_heldout_validity"})),
+    Mirror(AttributeGeneratorConfig, (DistillationSettings, HFDistillationSettings), pipeline_only=frozenset({"min_heldout_validity"})),
     Mirror(
         EncoderTrainingRunConfig, (EncoderTrainingConfig, AGCLConfig),
         renamed={"embed_dim": (DualTowerConfig, "embed_dim"), "use_attribute_weights": (AGCLConfig, "use_weights")},
     ),
-    Mirror(RARConfig, (GRPOConfig, RARSettings)),
+    Mirror(RARConfig, (GRPOConfig, RARSettings, HFRARSettings)),
     Mirror(CITConfig, (CITSettings,), pipeline_only=frozenset({"promotion_margin"})),
 ]
 

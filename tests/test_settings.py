@@ -25,13 +25,13 @@ def test_settings_read_every_variable():
         "AFMRL_IMAGE_TOWER": "openai/clip-vit-base-patch32", "AFMRL_TEXT_TOWER": "my-text", "AFMRL_TEACHER": "openai-compatible",
         "AFMRL_TEACHER_URL": "http://gpu:8000/v1", "AFMRL_TEACHER_MODEL": "big", "AFMRL_TEACHER_REVISION": "r2",
         "AFMRL_AUTOMATION": "OFF", "AFMRL_SENSOR_INTERVAL_SECONDS": "60", "AFMRL_EXECUTOR": "K8s", "AFMRL_K8S_GPUS": "2",
-        "AFMRL_DATA": "/data", "AWS_ACCESS_KEY_ID": "key",
+        "AFMRL_DATA": "/data", "AWS_ACCESS_KEY_ID": "key", "AFMRL_GENERATOR": "hf-vlm:Qwen/Qwen2.5-VL-3B-Instruct",
     }
     assert Settings.from_env(environ) == Settings(
         store="s3://bucket/afmrl", s3_endpoint_url="http://minio:9000", aws_region="eu-west-1", tracking_uri="http://mlflow:5000",
         catalog="parquet:s3://bucket/catalog", device="cuda:1", image_tower="openai/clip-vit-base-patch32", text_tower="my-text",
         teacher="openai-compatible", teacher_url="http://gpu:8000/v1", teacher_model="big", teacher_revision="r2",
-        automation=False, sensor_interval_seconds=60, executor="k8s", k8s_gpus=2, data="/data",
+        generator="hf-vlm:Qwen/Qwen2.5-VL-3B-Instruct", automation=False, sensor_interval_seconds=60, executor="k8s", k8s_gpus=2, data="/data",
         secrets_set=frozenset({"AWS_ACCESS_KEY_ID"}),
     )
 
@@ -41,6 +41,9 @@ def test_settings_read_every_variable():
     ("AFMRL_SENSOR_INTERVAL_SECONDS", "0", "whole number of seconds"),
     ("AFMRL_EXECUTOR", "kubernetes", "'multiprocess' or 'k8s'"),
     ("AFMRL_K8S_GPUS", "one", "whole number of GPUs"),
+    ("AFMRL_GENERATOR", "hf-vlm:", "'compact' or 'hf-vlm:<hub id or local folder>'"),
+    ("AFMRL_GENERATOR", "qwen", "'compact' or 'hf-vlm:<hub id or local folder>'"),
+    ("AFMRL_TEACHER", "hf-vlm", "needs the model"),
 ])
 def test_bad_values_are_named(name, value, message):
     with pytest.raises(ValueError, match=message):
@@ -57,6 +60,8 @@ def test_resources_come_from_the_settings():
     assert resources["torch_compute"].device == "cpu"
     assert resources["feature_towers"].text_model == "my-text"
     assert resources["attribute_teacher"].revision == "r1"
+    assert resources["generator_backend"].spec == "compact"
+    assert build_resources(Settings(generator="hf-vlm:/models/student"))["generator_backend"].kind() == "hf-vlm"
 
 
 def test_the_environment_is_read_when_the_definitions_load(monkeypatch):
@@ -75,7 +80,7 @@ def test_the_environment_is_read_when_the_definitions_load(monkeypatch):
 def test_the_resources_defaults_are_the_settings_defaults():
     from afmrl_dagster.resources.catalog_source import CatalogSource
     from afmrl_dagster.resources.compute import TorchCompute
-    from afmrl_dagster.resources.models import FeatureTowers
+    from afmrl_dagster.resources.models import FeatureTowers, GeneratorBackend
     from afmrl_dagster.resources.storage import ArtifactStore
     from afmrl_dagster.resources.teacher import AttributeTeacherBackend
     from afmrl_dagster.resources.tracking import MlflowTracking
@@ -87,6 +92,7 @@ def test_the_resources_defaults_are_the_settings_defaults():
     assert TorchCompute().device == defaults.device
     assert (FeatureTowers().image_model, FeatureTowers().text_model) == (defaults.image_tower, defaults.text_tower)
     assert AttributeTeacherBackend().kind == defaults.teacher
+    assert GeneratorBackend().spec == defaults.generator
 
 
 def test_the_store_and_tracking_defaults_are_written_once():

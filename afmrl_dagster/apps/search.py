@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from ..attributes.format import listing_text, parse_attributes
-from ..attributes.generator import AttributeGenerator, generate_attribute_texts, load_stored_generator
-from ..attributes.vocabulary import AttributeVocabulary
 from ..encoders.dual_tower import DualTowerHead, ListingFeatures, embed_features, load_stored_head
 from ..encoders.towers import ImageFeaturizer, TextFeaturizer, decode_image
 from ..retrieval.index import open_published_index, search
 from ..serving import ServingError, ServingRecord, read_serving_record
 from ..storage import ObjectStore
+from ..training.generator_backends import CompactWriter, ListingInputs, load_stored_writer
 
 
 class SearchError(ValueError):
@@ -47,20 +46,22 @@ class SearchResult:
 
 
 class SearchEngine:
-    """Holds the towers, generator, encoder head and index; :meth:`search` answers one query."""
+    """Holds the towers, generator (a writer of any kind: compact or hf-vlm), encoder head and
+    index; :meth:`search` answers one query."""
 
-    def __init__(self, head: DualTowerHead, generator: AttributeGenerator, vocabulary: AttributeVocabulary,
-                 index, listings: pl.DataFrame, device: str = "cpu"):
+    def __init__(self, head: DualTowerHead, writer, index, listings: pl.DataFrame, device: str = "cpu"):
         if index.ntotal != listings.height:
             raise SearchError(f"the index holds {index.ntotal} vectors but its listing table {listings.height} rows")
-        self.head, self.generator, self.vocabulary, self.index, self.listings = head.eval(), generator.eval(), vocabulary, index, listings
+        self.head, self.writer, self.index, self.listings = head.eval(), writer, index, listings
         self.device = device
         self.record: ServingRecord | None = None  # what served this engine, when built from a serving record
         self.image_featurizer = ImageFeaturizer(head.config.image_tower, device=device)
         self.text_featurizer = TextFeaturizer(head.config.text_tower, device=device)
-        if generator.image_dim != self.image_featurizer.dim or generator.text_dim != self.text_featurizer.dim:
-            raise SearchError(f"the generator reads features of size {generator.image_dim}/{generator.text_dim}, the encoder's "
-                              f"towers give {self.image_featurizer.dim}/{self.text_featurizer.dim}: they were trained on other towers")
+        if isinstance(writer, CompactWriter):
+            generator = writer.model
+            if generator.image_dim != self.image_featurizer.dim or generator.text_dim != self.text_featurizer.dim:
+                raise SearchError(f"the generator reads features of size {generator.image_dim}/{generator.text_dim}, the encoder's "
+                                  f"towers give {self.image_featurizer.dim}/{self.text_featurizer.dim}: they were trained on other towers")
 
     @classmethod
     def from_store(cls, store: ObjectStore, device: str = "cpu") -> SearchEngine:
@@ -77,8 +78,8 @@ class SearchEngine:
         index, listings = open_published_index(store, record.index_uri)
         if index.ntotal != record.index_rows:
             raise SearchError(f"the serving record names an index of {record.index_rows} listings but {record.index_uri} holds {index.ntotal}")
-        model, vocabulary = load_stored_generator(store, record.generator_uri, device=device)
-        engine = cls(head, model, vocabulary, index, listings, device)
+        writer = load_stored_writer(store, record.generator_uri, device=device)
+        engine = cls(head, writer, index, listings, device)
         engine.record = record
         return engine
 
@@ -95,8 +96,10 @@ class SearchEngine:
         title_features = self.text_featurizer.encode([title])
         seconds["features"] = time.perf_counter() - started
         started = time.perf_counter()
-        raw = generate_attribute_texts(self.generator, self.vocabulary, image_features, image_mask, title_features)[0]
-        parsed = parse_attributes(raw, self.vocabulary.keys)
+        query = ListingInputs(["query"], [title], [None], ListingFeatures(["query"], image_features, image_mask, title_features),
+                              images=decoded)
+        raw = self.writer.write(query)[0]
+        parsed = parse_attributes(raw, self.writer.parse_keys)
         attributes = parsed.attributes or {}
         seconds["generate"] = time.perf_counter() - started
         started = time.perf_counter()

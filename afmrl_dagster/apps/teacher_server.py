@@ -8,6 +8,9 @@ end to end without a GPU box:
 - ``hf:<id or folder>``: a Hugging Face causal language model generating from the chat
   (its chat template when it has one), greedy; a tiny random model answers noise, which the
   caller records as invalid.
+- ``hf-vlm:<id or folder>``: a Hugging Face image-text-to-text model (Qwen2-VL / Qwen2.5-VL,
+  LLaVA, Idefics3 families) answering from the system text, the user text and the photo the
+  user message attaches as an ``image_url`` data URI (``data:image/...;base64,...``), greedy.
 
 ``--require-key-env`` makes it demand ``Authorization: Bearer $THAT_VARIABLE``;
 ``--fail-first N --fail-status S`` answers the first N completions with status S (and
@@ -17,6 +20,8 @@ end to end without a GPU box:
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import json
 import os
 import re
@@ -68,6 +73,65 @@ def hf_model(name: str) -> Callable[[list[dict], int], str]:
             out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    return generate
+
+
+class BadRequest(ValueError):
+    """The request cannot be answered as sent (answered with 400 and this message)."""
+
+
+_DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,(.*)$", re.DOTALL)
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+
+
+def message_images(messages: list[dict]) -> list:
+    """The photos (PIL images) the last user message attaches as ``image_url`` data URIs."""
+    import io
+
+    import PIL.Image
+
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        images = []
+        for part in content if isinstance(content, list) else []:
+            if part.get("type") != "image_url":
+                continue
+            url = (part.get("image_url") or {}).get("url", "")
+            match = _DATA_URI.match(url)
+            if not match:
+                raise BadRequest(f"image_url must be a data URI (data:image/...;base64,...); got {url[:40]!r}")
+            if len(match.group(1)) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+                raise BadRequest(f"image_url holds more than {MAX_IMAGE_BYTES} bytes")
+            try:
+                data = base64.b64decode(match.group(1), validate=True)
+                image = PIL.Image.open(io.BytesIO(data))
+                image.load()
+            except (binascii.Error, OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+                raise BadRequest(f"image_url does not hold a decodable image: {error}") from error
+            images.append(image.convert("RGB"))
+        return images
+    return []
+
+
+def hf_vlm_model(name: str) -> Callable[[list[dict], int], str]:
+    """Greedy generation with a Hugging Face image-text-to-text model (hub id or local folder),
+    one request at a time, from the system text, the user text and the attached photo."""
+    from ..attributes.hf_generator import HFAttributeGenerator, HFGeneratorConfig
+
+    generator = HFAttributeGenerator.from_pretrained(HFGeneratorConfig(model=name, use_lora=False))
+    lock = threading.Lock()
+
+    def generate(messages: list[dict], max_tokens: int) -> str:
+        system = "\n".join(m.get("content") or "" for m in messages if m.get("role") == "system" and isinstance(m.get("content"), str))
+        images = message_images(messages)
+        if len(images) > 1:
+            raise BadRequest(f"one photo per request, got {len(images)}")
+        with lock:
+            return generator.generate([images[0] if images else None], [_user_text(messages)], systems=[system],
+                                      max_new_tokens=max_tokens)[0]
 
     return generate
 
@@ -148,7 +212,11 @@ class _Handler(BaseHTTPRequestHandler):
             status = self.server.fail_status
             self._error(status, "injected failure", {"Retry-After": "0"} if status == 429 else None)
             return
-        text = self.server.generate(messages, int(request.get("max_tokens") or 256))
+        try:
+            text = self.server.generate(messages, int(request.get("max_tokens") or 256))
+        except BadRequest as error:
+            self._error(400, str(error))
+            return
         self._reply(200, {
             "id": f"chatcmpl-{self.server.requests_served}", "object": "chat.completion", "created": int(time.time()),
             "model": self.server.model_name,
@@ -162,13 +230,16 @@ def build_server(model: str, host: str = "127.0.0.1", port: int = 0, api_key: st
         generate = title_facts_model
     elif model.startswith("hf:"):
         generate = hf_model(model[3:])
+    elif model.startswith("hf-vlm:") and model[len("hf-vlm:"):].strip():
+        generate = hf_vlm_model(model[len("hf-vlm:"):].strip())
     else:
-        raise ValueError(f"unknown model {model!r}: use 'title-facts' or 'hf:<id or folder>'")
+        raise ValueError(f"unknown model {model!r}: use 'title-facts', 'hf:<id or folder>' or 'hf-vlm:<id or folder>'")
     return TeacherServer((host, port), model, generate, api_key, fail_first, fail_status)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="title-facts", help="'title-facts' or 'hf:<hub id or folder>' (default: title-facts)")
+    parser.add_argument("--model", default="title-facts", help="'title-facts', 'hf:<hub id or folder>' (a causal LM) or 'hf-vlm:<hub id or folder>' "
+                        "(an image-text-to-text model that reads the attached photo) (default: title-facts)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--require-key-env", metavar="VAR", help="demand 'Authorization: Bearer $VAR'")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import PIL.Image
@@ -22,6 +23,9 @@ import torch
 from ..vlm.lora import add_lora
 from ..vlm.processors import QWEN_VL_TYPES, build_processor
 from .prompts import STUDENT_PROMPT, PromptTemplate
+
+ADAPTER_NAME = "default"  # peft's name of the adapter being trained and saved
+REFERENCE_ADAPTER = "reference"  # a frozen copy of the SFT adapter during GRPO
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,10 @@ class HFAttributeGenerator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     @classmethod
-    def from_pretrained(cls, config: HFGeneratorConfig, device: str = "cpu", prompt: PromptTemplate = STUDENT_PROMPT) -> HFAttributeGenerator:
+    def from_pretrained(cls, config: HFGeneratorConfig, device: str = "cpu", prompt: PromptTemplate = STUDENT_PROMPT,
+                        adapter: str | Path | None = None, trainable: bool = False) -> HFAttributeGenerator:
+        """The base model ``config.model`` with fresh LoRA adapters (``config.use_lora``), or with
+        the adapter saved in ``adapter`` (:meth:`save_adapter`; ``trainable``: it may be trained on)."""
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         hf_config = AutoConfig.from_pretrained(config.model)
@@ -62,9 +69,36 @@ class HFAttributeGenerator:
             warnings.simplefilter("ignore")  # the Qwen processor fallback says so in the log as well
             inputs = build_processor(config.model, hf_config)
         model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=config.torch_dtype(device))
-        if config.use_lora:
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter), adapter_name=ADAPTER_NAME, is_trainable=trainable)
+        elif config.use_lora:
             model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules, config.seed)
         return cls(model.to(device).eval(), inputs, config, prompt)
+
+    def save_adapter(self, directory: str | Path) -> None:
+        """Write the trained LoRA adapter (``adapter_model.safetensors`` + ``adapter_config.json``)
+        into ``directory``; the base weights are not written."""
+        if not hasattr(self.model, "peft_config"):
+            raise ValueError("this generator has no LoRA adapter to save (it was loaded with use_lora=False)")
+        self.model.save_pretrained(str(directory), selected_adapters=[ADAPTER_NAME])
+
+    def add_reference_adapter(self, name: str = REFERENCE_ADAPTER) -> str:
+        """A frozen copy of the current adapter beside it (GRPO's KL anchor: the SFT state);
+        only the trained adapter is saved (:meth:`save_adapter`)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        if not hasattr(self.model, "peft_config"):
+            raise ValueError("this generator has no LoRA adapter to copy (it was loaded with use_lora=False)")
+        state = get_peft_model_state_dict(self.model, adapter_name=ADAPTER_NAME)
+        self.model.add_adapter(name, self.model.peft_config[ADAPTER_NAME])
+        set_peft_model_state_dict(self.model, state, adapter_name=name)
+        self.model.set_adapter(ADAPTER_NAME)
+        for parameter_name, parameter in self.model.named_parameters():
+            if f".{name}." in parameter_name:
+                parameter.requires_grad_(False)
+        return name
 
     @property
     def device(self) -> torch.device:
@@ -82,12 +116,17 @@ class HFAttributeGenerator:
         return [None if image is None else (image.convert("RGB").resize((size, size)) if size else image.convert("RGB"))
                 for image in images]
 
-    def encode_prompts(self, images: Sequence[PIL.Image.Image | None], prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Left-padded model inputs of (image or ``None``, prompt) pairs, on the model's device."""
+    def encode_prompts(self, images: Sequence[PIL.Image.Image | None], prompts: Sequence[str],
+                       systems: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs of (image or ``None``, prompt) pairs, on the model's device;
+        each row starts with its system text (default: the prompt template's)."""
         if len(images) != len(prompts) or not prompts:
             raise ValueError(f"need one image (or None) per prompt and at least one; got {len(images)} and {len(prompts)}")
+        systems = [self.prompt.system] * len(prompts) if systems is None else list(systems)
+        if len(systems) != len(prompts):
+            raise ValueError(f"{len(systems)} system texts for {len(prompts)} prompts")
         self.inputs.padding_side = "left"
-        batch = self.inputs(self._images(images), [f"{self.prompt.system}\n"] * len(prompts), list(prompts),
+        batch = self.inputs(self._images(images), [f"{system}\n" for system in systems], list(prompts),
                             self.config.max_prompt_tokens, None)
         dtype = next(self.model.parameters()).dtype
         return {key: value.to(self.device, dtype=dtype if value.is_floating_point() else None) for key, value in batch.items()}
@@ -114,11 +153,13 @@ class HFAttributeGenerator:
     def decode(self, completion: torch.Tensor, mask: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(row[row_mask], skip_special_tokens=True).strip() for row, row_mask in zip(completion, mask)]
 
-    def generate(self, images: Sequence[PIL.Image.Image | None], prompts: Sequence[str], batch_size: int = 8, **sampling) -> list[str]:
+    def generate(self, images: Sequence[PIL.Image.Image | None], prompts: Sequence[str], batch_size: int = 8,
+                 systems: Sequence[str] | None = None, **sampling) -> list[str]:
         """One raw attribute text per (image, prompt), greedy unless ``do_sample=True``."""
         texts: list[str] = []
         for start in range(0, len(prompts), batch_size):
-            batch = self.encode_prompts(images[start:start + batch_size], prompts[start:start + batch_size])
+            batch = self.encode_prompts(images[start:start + batch_size], prompts[start:start + batch_size],
+                                        None if systems is None else systems[start:start + batch_size])
             texts.extend(self.decode(*self.generate_ids(batch, **sampling)))
         return texts
 

@@ -126,6 +126,29 @@ def refine_with_rar(
     return policy, history
 
 
+def rar_reward(head: DualTowerHead, text_featurizer: TextFeaturizer, queries, query_product_ids: Sequence[str], gallery: RARGallery,
+               reward_k: int | None = None, invalid_reward: float = RARSettings.invalid_reward) -> RetrievalReward:
+    """RAR's reward over ``queries`` (:class:`~afmrl_dagster.training.generator_backends.ListingInputs`
+    with features): Recall@``reward_k`` of the query's product with the attributes appended."""
+    features = queries.features
+    return RetrievalReward(
+        head, text_featurizer, list(queries.titles), features.image, features.image_mask, list(query_product_ids),
+        list(queries.listing_ids), gallery.embeddings, list(gallery.product_ids), list(gallery.listing_ids),
+        k=reward_k or default_reward_k(len(gallery.listing_ids)), invalid_reward=invalid_reward,
+    )
+
+
+def refine_writer_with_rar(writer, head: DualTowerHead, text_featurizer: TextFeaturizer, queries, query_product_ids: Sequence[str],
+                           gallery: RARGallery, config: GRPOConfig, reward_k: int | None = None,
+                           invalid_reward: float = RARSettings.invalid_reward, hf=None, on_step: Callable[[dict], None] | None = None):
+    """RAR of a distilled writer of any kind (:mod:`.generator_backends`): GRPO rewarded by
+    retrieval through the frozen ``head``; returns its :class:`~.generator_backends.RAROutcome`."""
+    from .generator_backends import HFRARSettings
+
+    reward = rar_reward(head, text_featurizer, queries, query_product_ids, gallery, reward_k, invalid_reward)
+    return writer.refine(queries, reward, config, hf or HFRARSettings(), on_step=on_step)
+
+
 def reward_trend(history: list[dict]) -> tuple[float, float]:
     """Mean reward over the first and over the last fifth of the GRPO steps."""
     fifth = max(1, len(history) // 5)
@@ -199,29 +222,31 @@ class CITOutcome:
 
 def run_cit_stage(
     stage_one: DualTowerHead,
-    generator: AttributeGenerator,
-    vocabulary: AttributeVocabulary,
+    writer,
     features_table,
     catalog,
     split,
     text_featurizer: TextFeaturizer,
     settings: CITSettings,
     on_epoch: Callable[[dict], None] | None = None,
+    read_image: Callable[[str], bytes] | None = None,
 ) -> CITOutcome:
-    """The refined ``generator`` writes every listing's attributes; the stage-1 head trains one
+    """The refined generator (a writer of any kind, :mod:`.generator_backends`; ``read_image``
+    reads photos for the kinds that look at them) writes every listing's attributes; the stage-1 head trains one
     more AGCL round on ``settings.train_fraction`` of the training products (``split``'s train
     part only); the whole catalog is embedded with those attributes and scored on validation
     and test products (:func:`afmrl_dagster.evaluation.evaluate_parts`)."""
     from ..attributes.format import attributes_to_text
     from ..encoders.dual_tower import embed_features
     from ..evaluation.scoring import evaluate_parts
-    from ..features import listing_features, with_listing_text
+    from ..features import with_listing_text
+    from .generator_backends import listing_inputs
 
     ids, titles = catalog["listing_id"].to_list(), catalog["title"].to_list()
     products, lines = catalog["product_id"].to_list(), catalog["product_line"].to_list()
-    base = listing_features(features_table, ids)
-    refined = [parsed.attributes or {} for parsed in written_attributes(generator, vocabulary, base)[1]]
-    features = with_listing_text(base, text_featurizer, titles, refined)
+    inputs = listing_inputs(catalog, features_table, ids, read_image)
+    refined = [parse_attributes(text, writer.parse_keys).attributes or {} for text in writer.write(inputs)]
+    features = with_listing_text(inputs.features, text_featurizer, titles, refined)
     rows = cit_rows(products, lines, np.flatnonzero(split.mask(catalog, "train")).tolist(), settings.train_fraction, settings.seed)
     result = train_cit_round(stage_one, features.subset(rows), [products[i] for i in rows], [lines[i] for i in rows],
                              [attributes_to_text(refined[i]) for i in rows], settings, on_epoch=on_epoch)
@@ -230,8 +255,7 @@ def run_cit_stage(
 
 
 def compare_query_attributes(
-    generators: dict[str, AttributeGenerator],
-    vocabulary: AttributeVocabulary,
+    generators: dict,
     head: DualTowerHead,
     text_featurizer: TextFeaturizer,
     features_table,
@@ -240,23 +264,27 @@ def compare_query_attributes(
     split,
     parts: Sequence[str] = ("validation", "test"),
     device: str = "cpu",
+    read_image: Callable[[str], bytes] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{part: {name: metrics + validity_rate}}``: the same encoder and gallery (every listing of
     ``catalog`` embedded as served), the queries of each part carrying the attributes each
-    generator writes; each part's queries search the gallery its split gives it."""
+    generator (a writer of any kind, :mod:`.generator_backends`) writes; each part's queries
+    search the gallery its split gives it."""
     from ..encoders.dual_tower import embed_features
     from ..evaluation.report import REPORTED_METRICS
-    from ..features import listing_features, with_listing_text
+    from ..features import with_listing_text
     from ..retrieval.metrics import retrieval_metrics
+    from .generator_backends import listing_inputs
 
     ids, titles, products = catalog["listing_id"].to_list(), catalog["title"].to_list(), catalog["product_id"].to_list()
     comparison: dict[str, dict[str, dict[str, float]]] = {}
     for part in parts:
         rows, gallery_rows = np.flatnonzero(split.mask(catalog, part)), np.flatnonzero(split.gallery_mask(catalog, part))
-        base = listing_features(features_table, [ids[i] for i in rows])
+        inputs = listing_inputs(catalog, features_table, [ids[i] for i in rows], read_image)
+        base = inputs.features
         comparison[part] = {}
-        for name, model in generators.items():
-            _, parsed = written_attributes(model, vocabulary, base)
+        for name, writer in generators.items():
+            parsed = [parse_attributes(text, writer.parse_keys) for text in writer.write(inputs)]
             queries = with_listing_text(base, text_featurizer, [titles[i] for i in rows], [p.attributes for p in parsed])
             metrics = retrieval_metrics(
                 embed_features(head, queries, device=device), gallery[gallery_rows], [products[i] for i in rows], [products[i] for i in gallery_rows],

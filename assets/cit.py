@@ -54,14 +54,14 @@ def cit_encoder(
 ):
     """The AGCL encoder trained one more round on attributes the RAR generator writes.
 
-    Starts from the stage-1 head; trains with AGCL on ``train_fraction`` of each line's training
+    Starts from the stage-1 encoder (any backend); trains with AGCL on ``train_fraction`` of each line's training
     products, their text and BM25 both from the RAR attributes. The whole catalog, with RAR
     attributes, is then embedded and indexed (the same index code as ``retrieval_index``) and
     scored on validation and test products. Registered as ``afmrl-encoder`` with alias ``cit``;
     ``encoder_promotion`` decides whether it serves. Runs only after the evaluation's blocking
     checks pass.
     """
-    from afmrl_dagster.encoders.dual_tower import load_stored_head, save_head
+    from afmrl_dagster.encoders.listing_encoder import load_stored_encoder
     from afmrl_dagster.evaluation.report import REPORTED_METRICS
     from afmrl_dagster.evaluation.scoring import evaluation_set_fingerprint
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
@@ -77,7 +77,7 @@ def cit_encoder(
         return slot.cached
 
     device = torch_compute.torch_device()
-    stage_one = load_stored_head(store, agcl_encoder["uri"], device=device)
+    stage_one = load_stored_encoder(store, agcl_encoder["uri"], device=device)
     writer = load_stored_writer(store, rar_generator["uri"], device=device)
     with mlflow_tracking.start_run(context, "cit_encoder", params={**config.model_dump(), "stage_one_version": agcl_encoder["model_version"],
                                                                    "rar_version": rar_generator["model_version"]}) as run:
@@ -99,7 +99,7 @@ def cit_encoder(
         agcl = retrieval_evaluation.filter(pl.col("encoder").str.starts_with("AGCL") & (pl.col("products") == "unseen (validation)"))
         stage_one_r1 = float(agcl["recall@1"][0])
         manifest = publish_model(
-            context, "encoder", lambda folder: save_head(outcome.head, folder), store, slot.prefix, ENCODER_MODEL_NAME, run,
+            context, "encoder", outcome.encoder.save, store, slot.prefix, ENCODER_MODEL_NAME, run,
             {
                 "fingerprint": slot.key,
                 "validation": scores["validation"],
@@ -108,7 +108,7 @@ def cit_encoder(
                 "index": index,
                 "cit_listings": len(outcome.rows),
                 "checks": {
-                    "cit_weights_finite": model_check(weights_finite(outcome.head), blocking=True),
+                    "cit_weights_finite": model_check(weights_finite(outcome.encoder), blocking=True),
                     "cit_keeps_recall": model_check(scores["validation"]["recall@1"] >= stage_one_r1, blocking=False,
                                                     cit_recall_at_1=scores["validation"]["recall@1"], agcl_recall_at_1=stage_one_r1),
                 },

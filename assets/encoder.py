@@ -8,7 +8,8 @@ import polars as pl
 from pydantic import Field
 
 from afmrl_dagster.encoders.dual_tower import DualTowerConfig
-from afmrl_dagster.encoders.vlm2vec import VLM2VEC_IMAGE_SIZE, VLM2VEC_LEARNING_RATE, VLM2VecConfig
+from afmrl_dagster.encoders.finetune import FinetuneConfig
+from afmrl_dagster.encoders.vlm2vec import VLM2VecTrainingSettings
 from afmrl_dagster.training.agcl import AGCLConfig
 from afmrl_dagster.training.encoder_training import EncoderTrainingConfig
 
@@ -41,10 +42,17 @@ class EncoderTrainingRunConfig(dg.Config):
     delta: float = Field(default=AGCLConfig.delta, description="Margin of the false-negative mask.")
     sampler: str = Field(default=EncoderTrainingConfig.sampler, description="'product_line' (siblings as hard negatives) or 'random'.")
     seed: int = Field(default=EncoderTrainingConfig.seed, description="Seed of initialisation and batching.")
-    vlm2vec_learning_rate: float = Field(default=VLM2VEC_LEARNING_RATE,
+    finetune_image_blocks: int = Field(default=FinetuneConfig.image_blocks,
+                                       description="dual-tower-finetune backend: last blocks of the image tower trained with the head.")
+    finetune_text_layers: int = Field(default=FinetuneConfig.text_layers,
+                                      description="dual-tower-finetune backend: last layers of the text tower trained with the head.")
+    finetune_tower_learning_rate_scale: float = Field(default=FinetuneConfig.tower_learning_rate_scale,
+                                                      description="dual-tower-finetune backend: the towers learn at this times learning_rate.")
+    vlm2vec_learning_rate: float = Field(default=VLM2VecTrainingSettings.learning_rate,
                                          description="vlm2vec backend: peak learning rate of the LoRA adapters (learning_rate is the heads').")
-    vlm2vec_lora_rank: int = Field(default=VLM2VecConfig.lora_rank, description="vlm2vec backend: rank of the LoRA adapters.")
-    vlm2vec_image_size: int = Field(default=VLM2VEC_IMAGE_SIZE, description="vlm2vec backend: photos are resized to this square side (bounds image tokens).")
+    vlm2vec_lora_rank: int = Field(default=VLM2VecTrainingSettings.lora_rank, description="vlm2vec backend: rank of the LoRA adapters.")
+    vlm2vec_image_size: int = Field(default=VLM2VecTrainingSettings.image_size,
+                                    description="vlm2vec backend: photos are resized to this square side (bounds image tokens).")
 
 
 @dg.asset(
@@ -101,10 +109,14 @@ def agcl_encoder(
     ids, titles = train_rows["listing_id"].to_list(), train_rows["title"].to_list()
     teacher = align(teacher_attributes, ids)
     attributes = [json.loads(text) if text else None for text in teacher["attributes_json"].to_list()]
-    # The frozen towers' features are cached per listing; the other backends read the photos.
-    features = None if backend.reads_raw_inputs else features_of(listing_features, ids, feature_towers.text_featurizer(device), titles, attributes)
+    # The frozen towers' features are cached per listing: the head reads them, a fine-tuned pair
+    # of towers starts its head from them; a VLM reads only the photos and texts.
+    features = None if backend.kind == "vlm2vec" else features_of(listing_features, ids, feature_towers.text_featurizer(device), titles, attributes)
     inputs = ListingInputs(ids, titles, attributes, train_rows["image_uri"].to_list(), artifact_store.read_uri, features)
     options = {}
+    if backend.kind == "dual-tower-finetune":
+        options = {"unfrozen_blocks": config.finetune_image_blocks, "unfrozen_text_layers": config.finetune_text_layers,
+                   "tower_learning_rate_scale": config.finetune_tower_learning_rate_scale}
     if backend.kind == "vlm2vec":
         options = {"lora_rank": config.vlm2vec_lora_rank, "image_size": config.vlm2vec_image_size}
     training = EncoderTrainingConfig(

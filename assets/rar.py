@@ -74,7 +74,7 @@ def rar_generator(
     with the CIT encoder trained on its attributes.
     """
 
-    from afmrl_dagster.encoders.dual_tower import load_stored_head
+    from afmrl_dagster.encoders.listing_encoder import load_stored_encoder
     from afmrl_dagster.features import align
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
     from afmrl_dagster.training.attribute_stages import RARGallery, compare_query_attributes, default_reward_k, refine_writer_with_rar, reward_trend
@@ -88,9 +88,8 @@ def rar_generator(
         return slot.cached
 
     device = torch_compute.torch_device()
-    text_featurizer = feature_towers.text_featurizer(device)
-    # The reward's encoder: the frozen AGCL head, loaded as every stage loads it.
-    head = load_stored_head(store, agcl_encoder["uri"], device=device)
+    # The reward's encoder: the frozen AGCL encoder (any backend), loaded as every stage loads it.
+    encoder = feature_towers.share_text_tower(load_stored_encoder(store, agcl_encoder["uri"], device=device), device)
     writer = load_stored_writer(store, attribute_generator["uri"], device=device, trainable=True)
 
     ids = raw_catalog["listing_id"].to_list()
@@ -120,7 +119,7 @@ def rar_generator(
                              f"valid {row['validity_rate']:.2f}, KL {row['kl']:.4f}")
 
         outcome = refine_writer_with_rar(
-            writer, head, text_featurizer, queries, [product_ids[i] for i in train_rows], reward_gallery, grpo,
+            writer, encoder, queries, [product_ids[i] for i in train_rows], reward_gallery, grpo,
             reward_k=reward_k, invalid_reward=config.invalid_reward, hf=HFRARSettings(hf_learning_rate=config.hf_learning_rate),
             on_step=on_step,
         )
@@ -130,8 +129,8 @@ def rar_generator(
 
         # The same encoder and gallery, queries of unseen products carrying SFT vs RAR attributes:
         # validation decides (the checks), test is reported.
-        comparison = compare_query_attributes({"sft": outcome.reference, "rar": policy}, head, text_featurizer, listing_features,
-                                              raw_catalog, gallery_embeddings, split, device=device, read_image=artifact_store.read_uri)
+        comparison = compare_query_attributes({"sft": outcome.reference, "rar": policy}, encoder, listing_features,
+                                              raw_catalog, gallery_embeddings, split, read_image=artifact_store.read_uri)
         for part, by_generator in comparison.items():
             for name, metrics in by_generator.items():
                 mlflow_tracking.log_metrics({f"{part}_{name}_{m}": v for m, v in metrics.items()})

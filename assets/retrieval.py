@@ -263,6 +263,7 @@ def encoder_promotion(
     from afmrl_dagster.promotion import Candidate, best_candidate, move_champion, promotion_decision
     from afmrl_dagster.registry import ENCODER_MODEL_NAME, GENERATOR_MODEL_NAME
     from afmrl_dagster.serving import serving_tags
+    from afmrl_dagster.training.generator_backends import catalog_attributes
 
     metric = config.promotion_metric
     split = evaluation_split.split()
@@ -293,6 +294,7 @@ def encoder_promotion(
             champion, raw_catalog, listing_features, generated_attributes, retrieval_index["generator_uri"], validation_mask,
             split.gallery_mask(raw_catalog, "validation"), artifact_store.open(), feature_towers.text_featurizer(device), device=device, log=context.log.info,
             read_bytes=artifact_store.read_uri,
+            write_attributes=lambda uri: catalog_attributes(artifact_store.open(), uri, raw_catalog, listing_features, artifact_store.read_uri, device),
         )
     decision = promotion_decision(best.version, best.metrics, champion_version, champion_metrics, metric, config.promotion_margin)
     reason = f"{best.name}: {decision.reason}"

@@ -42,6 +42,15 @@ class FeatureTowers(dg.ConfigurableResource):
     def text_featurizer(self, device: str):
         return _text_featurizer(self.text_model, device, 4 * self.batch_size)
 
+    def share_text_tower(self, encoder, device: str):
+        """``encoder``, given this resource's loaded text tower (and its cache) when it is a head
+        over the same frozen text tower; any other encoder as it is."""
+        from afmrl_dagster.encoders.listing_encoder import FrozenTowerEncoder
+
+        if isinstance(encoder, FrozenTowerEncoder) and encoder.head.config.text_tower == self.text_model:
+            encoder.use_text_featurizer(self.text_featurizer(device))
+        return encoder
+
 
 class EvaluationSplit(dg.ConfigurableResource):
     """Which products train, which decide (validation) and which are only reported (test).

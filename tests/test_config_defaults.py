@@ -17,6 +17,8 @@ from afmrl_dagster.assets.encoder import EncoderTrainingRunConfig
 from afmrl_dagster.assets.rar import RARConfig
 from afmrl_dagster.encoders.dual_tower import DualTowerConfig
 from afmrl_dagster.training.agcl import AGCLConfig
+from afmrl_dagster.encoders.finetune import FinetuneConfig
+from afmrl_dagster.encoders.vlm2vec import VLM2VecTrainingSettings
 from afmrl_dagster.training.attribute_stages import CITSettings, DistillationSettings, RARSettings
 from afmrl_dagster.training.encoder_training import EncoderTrainingConfig
 from afmrl_dagster.training.generator_backends import HFDistillationSettings, HFRARSettings
@@ -36,7 +38,9 @@ MIRRORS = [
     Mirror(AttributeGeneratorConfig, (DistillationSettings, HFDistillationSettings), pipeline_only=frozenset({"min_heldout_validity"})),
     Mirror(
         EncoderTrainingRunConfig, (EncoderTrainingConfig, AGCLConfig),
-        renamed={"embed_dim": (DualTowerConfig, "embed_dim"), "use_attribute_weights": (AGCLConfig, "use_weights")},
+        renamed={"embed_dim": (DualTowerConfig, "embed_dim"), "use_attribute_weights": (AGCLConfig, "use_weights"),
+                 **{f"finetune_{name}": (FinetuneConfig, name) for name in ("image_blocks", "text_layers", "tower_learning_rate_scale")},
+                 **{f"vlm2vec_{name}": (VLM2VecTrainingSettings, name) for name in ("learning_rate", "lora_rank", "image_size")}},
     ),
     Mirror(RARConfig, (GRPOConfig, RARSettings, HFRARSettings)),
     Mirror(CITConfig, (CITSettings,), pipeline_only=frozenset({"promotion_margin"})),

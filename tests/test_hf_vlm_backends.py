@@ -62,7 +62,8 @@ TARGETS = [{"colour": "red"}, {"colour": "blue"}, {"colour": "red", "kind": "bag
 
 def _inputs(rows=3) -> ListingInputs:
     features = ListingFeatures([f"l{i}" for i in range(rows)], np.zeros((rows, 4)), np.ones(rows, dtype=bool), np.zeros((rows, 4)))
-    return ListingInputs([f"l{i}" for i in range(rows)], TITLES[:rows], [None] * rows, features, list(PHOTOS)[:rows], PHOTOS.__getitem__)
+    return ListingInputs([f"l{i}" for i in range(rows)], TITLES[:rows], image_uris=list(PHOTOS)[:rows], read_bytes=PHOTOS.__getitem__,
+                         features=features, descriptions=[None] * rows)
 
 
 HF = HFDistillationSettings(hf_epochs=4, hf_batch_size=3, hf_learning_rate=5e-2, lora_rank=4, hf_max_new_tokens=6, hf_image_size=16)

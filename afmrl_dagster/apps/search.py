@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from ..attributes.format import listing_text, parse_attributes
-from ..encoders.dual_tower import DualTowerHead, ListingFeatures, embed_features, load_stored_head
+from ..attributes.format import parse_attributes
+from ..encoders.dual_tower import ListingFeatures
+from ..encoders.listing_encoder import FrozenTowerEncoder, ListingEncoder, ListingInputs, load_stored_encoder
 from ..encoders.towers import ImageFeaturizer, TextFeaturizer, decode_image
 from ..retrieval.index import open_published_index, search
 from ..serving import ServingError, ServingRecord, read_serving_record
 from ..storage import ObjectStore
-from ..training.generator_backends import CompactWriter, ListingInputs, load_stored_writer
+from ..settings import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
+from ..training.generator_backends import CompactWriter, load_stored_writer
 
 
 class SearchError(ValueError):
@@ -46,22 +48,29 @@ class SearchResult:
 
 
 class SearchEngine:
-    """Holds the towers, generator (a writer of any kind: compact or hf-vlm), encoder head and
-    index; :meth:`search` answers one query."""
+    """Holds the encoder (any backend), the generator (a writer of any kind: compact or hf-vlm)
+    and the index; :meth:`search` answers one query."""
 
-    def __init__(self, head: DualTowerHead, writer, index, listings: pl.DataFrame, device: str = "cpu"):
+    def __init__(self, encoder: ListingEncoder, writer, index, listings: pl.DataFrame, device: str = "cpu"):
         if index.ntotal != listings.height:
             raise SearchError(f"the index holds {index.ntotal} vectors but its listing table {listings.height} rows")
-        self.head, self.writer, self.index, self.listings = head.eval(), writer, index, listings
+        self.encoder, self.writer, self.index, self.listings = encoder.eval(), writer, index, listings
         self.device = device
         self.record: ServingRecord | None = None  # what served this engine, when built from a serving record
-        self.image_featurizer = ImageFeaturizer(head.config.image_tower, device=device)
-        self.text_featurizer = TextFeaturizer(head.config.text_tower, device=device)
+        self.image_featurizer = self.text_featurizer = None
         if isinstance(writer, CompactWriter):
+            # The compact generator reads the frozen towers' features: those it was trained on.
+            head = getattr(encoder, "head", None)
+            towers = writer.towers or ({"image_tower": head.config.image_tower, "text_tower": head.config.text_tower} if head is not None
+                                       else {"image_tower": DEFAULT_IMAGE_TOWER, "text_tower": DEFAULT_TEXT_TOWER})
+            self.image_featurizer = ImageFeaturizer(towers["image_tower"], device=device)
+            self.text_featurizer = TextFeaturizer(towers["text_tower"], device=device)
             generator = writer.model
             if generator.image_dim != self.image_featurizer.dim or generator.text_dim != self.text_featurizer.dim:
-                raise SearchError(f"the generator reads features of size {generator.image_dim}/{generator.text_dim}, the encoder's "
-                                  f"towers give {self.image_featurizer.dim}/{self.text_featurizer.dim}: they were trained on other towers")
+                raise SearchError(f"the generator reads features of size {generator.image_dim}/{generator.text_dim}, the "
+                                  f"towers {towers} give {self.image_featurizer.dim}/{self.text_featurizer.dim}: they were trained on other towers")
+            if isinstance(encoder, FrozenTowerEncoder) and encoder.head.config.text_tower == towers["text_tower"]:
+                encoder.use_text_featurizer(self.text_featurizer)
 
     @classmethod
     def from_store(cls, store: ObjectStore, device: str = "cpu") -> SearchEngine:
@@ -74,12 +83,12 @@ class SearchEngine:
 
     @classmethod
     def from_record(cls, store: ObjectStore, record: ServingRecord, device: str = "cpu") -> SearchEngine:
-        head = load_stored_head(store, record.encoder_uri, device=device)
+        encoder = load_stored_encoder(store, record.encoder_uri, device=device)
         index, listings = open_published_index(store, record.index_uri)
         if index.ntotal != record.index_rows:
             raise SearchError(f"the serving record names an index of {record.index_rows} listings but {record.index_uri} holds {index.ntotal}")
         writer = load_stored_writer(store, record.generator_uri, device=device)
-        engine = cls(head, writer, index, listings, device)
+        engine = cls(encoder, writer, index, listings, device)
         engine.record = record
         return engine
 
@@ -91,20 +100,23 @@ class SearchEngine:
         seconds = {}
         started = time.perf_counter()
         decoded = [decode_image(image)] if image is not None else [None]
-        image_features, image_mask = self.image_featurizer.encode(decoded)
         title = (text or "").strip()
-        title_features = self.text_featurizer.encode([title])
+        features = None
+        if self.image_featurizer is not None:
+            image_features, image_mask = self.image_featurizer.encode(decoded)
+            features = ListingFeatures(["query"], image_features, image_mask, self.text_featurizer.encode([title]))
         seconds["features"] = time.perf_counter() - started
         started = time.perf_counter()
-        query = ListingInputs(["query"], [title], [None], ListingFeatures(["query"], image_features, image_mask, title_features),
-                              images=decoded)
+        query = ListingInputs(["query"], [title], features=features, images=decoded, descriptions=[None])
         raw = self.writer.write(query)[0]
         parsed = parse_attributes(raw, self.writer.parse_keys)
         attributes = parsed.attributes or {}
         seconds["generate"] = time.perf_counter() - started
         started = time.perf_counter()
-        query_text = self.text_featurizer.encode([listing_text(title, attributes)])
-        embedding = embed_features(self.head, ListingFeatures(["query"], image_features, image_mask, query_text), device=self.device)
+        # A head over the same towers reuses the query's image features; every encoder reads title + attributes.
+        reuse = features if isinstance(self.encoder, FrozenTowerEncoder) and self._same_image_tower() else None
+        embedding = self.encoder.embed(query.with_attributes([0], [attributes]) if reuse is not None else
+                                       ListingInputs(["query"], [title], [attributes], images=decoded))
         seconds["embed"] = time.perf_counter() - started
         started = time.perf_counter()
         scores, rows = search(self.index, embedding, min(k, self.index.ntotal))
@@ -116,6 +128,9 @@ class SearchEngine:
             listing = self.listings.row(row, named=True)
             hits.append(SearchHit(rank, listing["listing_id"], listing["product_id"], listing["title"] or "", float(score)))
         return SearchResult(raw, attributes, hits, seconds)
+
+    def _same_image_tower(self) -> bool:
+        return self.image_featurizer is not None and self.image_featurizer.name == self.encoder.head.config.image_tower
 
 
 def result_table(result: SearchResult) -> str:

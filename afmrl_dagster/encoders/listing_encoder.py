@@ -64,6 +64,7 @@ class ListingInputs:
     images: list[PIL.Image.Image | None] | None = None
     # False when ``features.text`` is not the features of these rows' texts (only their image part is)
     text_features_current: bool = True
+    descriptions: list[str | None] | None = None  # what a generator reads besides the title
     _texts: list[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -71,7 +72,7 @@ class ListingInputs:
         self.titles = ["" if title is None else str(title) for title in self.titles]
         n = len(self.listing_ids)
         sizes = {"titles": len(self.titles)}
-        for name in ("attributes", "image_uris", "images"):
+        for name in ("attributes", "image_uris", "images", "descriptions"):
             if getattr(self, name) is not None:
                 setattr(self, name, list(getattr(self, name)))
                 sizes[name] = len(getattr(self, name))
@@ -91,9 +92,11 @@ class ListingInputs:
             self._texts = [listing_text(title, attrs) for title, attrs in zip(self.titles, attributes)]
         return list(self._texts) if rows is None else [self._texts[i] for i in rows]
 
-    def load_images(self, rows: Sequence[int] | np.ndarray) -> list[PIL.Image.Image | None]:
-        """Decoded images of ``rows`` (``None`` where a listing has none); an image that cannot
-        be read fails naming the listing and its ``image_uri``."""
+    def load_images(self, rows: Sequence[int] | np.ndarray | None = None) -> list[PIL.Image.Image | None]:
+        """Decoded images of ``rows`` (all rows by default; ``None`` where a listing has none); an
+        image that cannot be read fails naming the listing and its ``image_uri``."""
+        if rows is None:
+            rows = range(len(self))
         if self.images is not None:
             return [self.images[i] for i in rows]
         if self.image_uris is None:
@@ -122,6 +125,7 @@ class ListingInputs:
         return ListingInputs(
             [self.listing_ids[i] for i in rows], [self.titles[i] for i in rows], pick(self.attributes), pick(self.image_uris),
             self.read_bytes, None if self.features is None else self.features.subset(rows), pick(self.images), self.text_features_current,
+            pick(self.descriptions),
         )
 
     def with_attributes(self, rows: Sequence[int] | np.ndarray, attributes: Sequence[Attributes | None]) -> ListingInputs:

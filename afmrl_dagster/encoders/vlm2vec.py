@@ -38,11 +38,6 @@ from afmrl_dagster.local_files import write_folder_atomically
 from afmrl_dagster.vlm.lora import add_lora
 from afmrl_dagster.vlm.processors import build_processor
 
-# The pipeline's defaults for a VLM2Vec encoder (the agcl_encoder asset's run config reads them):
-# LoRA learns at a far lower rate than a head trained from scratch, and 448 px photos give
-# 256 image tokens to a Qwen2-VL (patch 14, merge 2).
-VLM2VEC_LEARNING_RATE = 1e-4
-VLM2VEC_IMAGE_SIZE = 448
 DEFAULT_INSTRUCTION = "Represent this product listing for finding the identical product:"
 CONFIG_FILE = "vlm2vec_config.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,6 +96,17 @@ class VLM2VecConfig:
 def listing_prompt_text(title: str, attributes: Attributes | None = None) -> str:
     """The listing text the embedder reads: the title with its attributes appended."""
     return listing_text(title, attributes)
+
+
+@dataclass
+class VLM2VecTrainingSettings:
+    """The pipeline's defaults for training a VLM2Vec encoder (the ``agcl_encoder`` asset's run
+    config reads them): LoRA learns at a far lower rate than a head trained from scratch, and
+    448 px photos give 256 image tokens to a Qwen2-VL (patch 14, merge 2)."""
+
+    learning_rate: float = 1e-4
+    lora_rank: int = 8
+    image_size: int = 448
 
 
 def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

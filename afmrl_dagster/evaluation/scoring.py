@@ -96,12 +96,14 @@ def score_registered_version(
     device: str = "cpu",
     log=print,
     read_bytes=None,
+    write_attributes=None,
 ) -> dict[str, float]:
     """Metrics of a registered encoder version (an MLflow ``ModelVersion``) on ``query_mask`` against ``gallery_mask``,
     served as it is served: its weights and the generator named by its serving tags. When that
     generator is the one that wrote ``attributes_table`` (``attributes_generator_uri``), its stored
-    text features are reused; otherwise the generator writes the catalog's attributes again. ``read_bytes`` reads the photos
-    of an encoder that reads them (any backend but the frozen-tower head)."""
+    text features are reused; otherwise ``write_attributes(generator_uri)`` (the generator of any
+    kind loaded and run over the catalog: training's ``catalog_attributes``) writes them again.
+    ``read_bytes`` reads the photos of an encoder that reads them (any backend but the frozen-tower head)."""
     from ..encoders.listing_encoder import ListingInputs, load_encoder, load_stored_encoder
     from ..features import listing_features, served_listing_inputs
     from ..serving import SERVING_TAG_PREFIX
@@ -123,15 +125,13 @@ def score_registered_version(
             log(f"version {version.version} carries no serving tags: re-scored with the current generated attributes")
         inputs = served_listing_inputs(catalog, features_table, attributes_table, read_bytes)
     else:
-        from ..attributes.format import parse_attributes
-        from ..attributes.generator import generate_attribute_texts, load_stored_generator
         from ..features import with_listing_text
 
+        if write_attributes is None:
+            raise ValueError(f"version {version.version} serves with the generator at {generator_uri}, and no write_attributes was given to run it")
         log(f"version {version.version} serves with the generator at {generator_uri}: writing the catalog's attributes with it")
-        generator, vocabulary = load_stored_generator(store, generator_uri, device=device)
+        attributes = write_attributes(generator_uri)
         base = listing_features(features_table, ids)
-        texts = generate_attribute_texts(generator, vocabulary, base.image, base.image_mask, base.text)
-        attributes = [parse_attributes(text, set(vocabulary.keys)).attributes or {} for text in texts]
         titles = catalog["title"].to_list()
         inputs = ListingInputs(ids, titles, attributes, catalog["image_uri"].to_list(), read_bytes,
                                with_listing_text(base, text_featurizer, titles, attributes))

@@ -18,10 +18,11 @@ from ..attributes.generator import AttributeGenerator, GeneratorConfig, generate
 from ..attributes.vocabulary import AttributeVocabulary
 from ..catalog.splits import holdout_products
 from ..encoders.dual_tower import DualTowerHead, ListingFeatures
+from ..encoders.listing_encoder import FrozenTowerEncoder, ListingEncoder, ListingInputs
 from ..encoders.towers import TextFeaturizer
 from ..retrieval.reward import INVALID_REWARD, RetrievalReward
 from .agcl import AGCLConfig
-from .encoder_training import EncoderTrainingConfig, TrainingResult, train_encoder
+from .encoder_training import EncoderTrainingConfig, TrainingResult, train_listing_encoder
 from .generator_sft import SFTConfig, train_generator_sft
 from .grpo import GRPOConfig, train_grpo
 
@@ -126,26 +127,24 @@ def refine_with_rar(
     return policy, history
 
 
-def rar_reward(head: DualTowerHead, text_featurizer: TextFeaturizer, queries, query_product_ids: Sequence[str], gallery: RARGallery,
+def rar_reward(encoder: ListingEncoder, queries: ListingInputs, query_product_ids: Sequence[str], gallery: RARGallery,
                reward_k: int | None = None, invalid_reward: float = RARSettings.invalid_reward) -> RetrievalReward:
-    """RAR's reward over ``queries`` (:class:`~afmrl_dagster.training.generator_backends.ListingInputs`
-    with features): Recall@``reward_k`` of the query's product with the attributes appended."""
-    features = queries.features
-    return RetrievalReward(
-        head, text_featurizer, list(queries.titles), features.image, features.image_mask, list(query_product_ids),
-        list(queries.listing_ids), gallery.embeddings, list(gallery.product_ids), list(gallery.listing_ids),
+    """RAR's reward over ``queries`` through the frozen stage-1 ``encoder`` (any backend):
+    Recall@``reward_k`` of the query's product with each sampled attribute set appended."""
+    return RetrievalReward.for_encoder(
+        encoder, queries, list(query_product_ids), gallery.embeddings, list(gallery.product_ids), list(gallery.listing_ids),
         k=reward_k or default_reward_k(len(gallery.listing_ids)), invalid_reward=invalid_reward,
     )
 
 
-def refine_writer_with_rar(writer, head: DualTowerHead, text_featurizer: TextFeaturizer, queries, query_product_ids: Sequence[str],
+def refine_writer_with_rar(writer, encoder: ListingEncoder, queries: ListingInputs, query_product_ids: Sequence[str],
                            gallery: RARGallery, config: GRPOConfig, reward_k: int | None = None,
                            invalid_reward: float = RARSettings.invalid_reward, hf=None, on_step: Callable[[dict], None] | None = None):
     """RAR of a distilled writer of any kind (:mod:`.generator_backends`): GRPO rewarded by
-    retrieval through the frozen ``head``; returns its :class:`~.generator_backends.RAROutcome`."""
+    retrieval through the frozen ``encoder``; returns its :class:`~.generator_backends.RAROutcome`."""
     from .generator_backends import HFRARSettings
 
-    reward = rar_reward(head, text_featurizer, queries, query_product_ids, gallery, reward_k, invalid_reward)
+    reward = rar_reward(encoder, queries, query_product_ids, gallery, reward_k, invalid_reward)
     return writer.refine(queries, reward, config, hf or HFRARSettings(), on_step=on_step)
 
 
@@ -187,22 +186,32 @@ def cit_rows(product_ids: Sequence[str], product_lines: Sequence[str], candidate
 
 
 def train_cit_round(
-    stage_one: DualTowerHead,
-    features: ListingFeatures,
+    stage_one: ListingEncoder | DualTowerHead,
+    inputs: ListingInputs | ListingFeatures,
     product_ids: Sequence[str],
     product_lines: Sequence[str],
     attribute_texts: Sequence[str],
     settings: CITSettings | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainingResult:
-    """The stage-1 head trained one more round with full AGCL on ``features`` (title + refined
-    attributes), BM25 reading ``attribute_texts``; ``stage_one`` itself is left unchanged."""
+    """The stage-1 encoder (any backend; a bare head is the frozen-tower one) trained one more
+    round with full AGCL on ``inputs`` (listings carrying the refined attributes; for a head,
+    their features of title + refined attributes), BM25 reading ``attribute_texts``;
+    ``stage_one`` itself is left unchanged."""
     settings = settings or CITSettings()
+    if isinstance(stage_one, DualTowerHead):
+        stage_one = FrozenTowerEncoder(stage_one)
+    if isinstance(inputs, ListingFeatures):
+        inputs = ListingInputs(inputs.listing_ids, [""] * len(inputs), features=inputs)
     config = EncoderTrainingConfig(
         epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
-        device=settings.device, agcl=AGCLConfig(), head=stage_one.config, pca_init=False,
+        device=settings.device, agcl=AGCLConfig(), pca_init=False,
     )
-    return train_encoder(features, product_ids, product_lines, attribute_texts, config, on_epoch=on_epoch, initial_head=stage_one)
+    result = train_listing_encoder(copy.deepcopy(stage_one), inputs, product_ids, product_lines, attribute_texts, config,
+                                   on_epoch=on_epoch, fresh_start=False)
+    if isinstance(result.encoder, FrozenTowerEncoder):
+        result.head = result.encoder.head
+    return result
 
 
 # ---- the stages as the pipeline runs them over a catalog split by product ------------------------
@@ -210,18 +219,22 @@ def train_cit_round(
 
 @dataclass
 class CITOutcome:
-    """One CIT round over a catalog: the new head, every listing embedded with the refined
+    """One CIT round over a catalog: the new encoder, every listing embedded with the refined
     attributes, its scores per part of the split, and the rows it trained on."""
 
-    head: DualTowerHead
+    encoder: ListingEncoder
     gallery: np.ndarray
     scores: dict[str, dict[str, float]]
     rows: np.ndarray
     history: list[dict]
 
+    @property
+    def head(self) -> DualTowerHead | None:
+        return getattr(self.encoder, "head", None)
+
 
 def run_cit_stage(
-    stage_one: DualTowerHead,
+    stage_one: ListingEncoder,
     writer,
     features_table,
     catalog,
@@ -232,12 +245,12 @@ def run_cit_stage(
     read_image: Callable[[str], bytes] | None = None,
 ) -> CITOutcome:
     """The refined generator (a writer of any kind, :mod:`.generator_backends`; ``read_image``
-    reads photos for the kinds that look at them) writes every listing's attributes; the stage-1 head trains one
-    more AGCL round on ``settings.train_fraction`` of the training products (``split``'s train
-    part only); the whole catalog is embedded with those attributes and scored on validation
-    and test products (:func:`afmrl_dagster.evaluation.evaluate_parts`)."""
+    reads photos for the writers and encoders that look at them) writes every listing's
+    attributes; the stage-1 encoder (any backend) trains one more AGCL round on
+    ``settings.train_fraction`` of the training products (``split``'s train part only); the
+    whole catalog is embedded with those attributes and scored on validation and test products
+    (:func:`afmrl_dagster.evaluation.evaluate_parts`)."""
     from ..attributes.format import attributes_to_text
-    from ..encoders.dual_tower import embed_features
     from ..evaluation.scoring import evaluate_parts
     from ..features import with_listing_text
     from .generator_backends import listing_inputs
@@ -246,48 +259,45 @@ def run_cit_stage(
     products, lines = catalog["product_id"].to_list(), catalog["product_line"].to_list()
     inputs = listing_inputs(catalog, features_table, ids, read_image)
     refined = [parse_attributes(text, writer.parse_keys).attributes or {} for text in writer.write(inputs)]
-    features = with_listing_text(inputs.features, text_featurizer, titles, refined)
+    served = ListingInputs(ids, titles, refined, inputs.image_uris, read_image,
+                           with_listing_text(inputs.features, text_featurizer, titles, refined) if inputs.features is not None else None)
     rows = cit_rows(products, lines, np.flatnonzero(split.mask(catalog, "train")).tolist(), settings.train_fraction, settings.seed)
-    result = train_cit_round(stage_one, features.subset(rows), [products[i] for i in rows], [lines[i] for i in rows],
+    result = train_cit_round(stage_one, served.subset(rows), [products[i] for i in rows], [lines[i] for i in rows],
                              [attributes_to_text(refined[i]) for i in rows], settings, on_epoch=on_epoch)
-    gallery = embed_features(result.head, features, device=settings.device)
-    return CITOutcome(result.head, gallery, evaluate_parts(catalog, gallery, split), rows, result.history)
+    encoder = result.encoder.to(settings.device)
+    gallery = encoder.embed(served)
+    return CITOutcome(encoder, gallery, evaluate_parts(catalog, gallery, split), rows, result.history)
 
 
 def compare_query_attributes(
     generators: dict,
-    head: DualTowerHead,
-    text_featurizer: TextFeaturizer,
+    encoder: ListingEncoder,
     features_table,
     catalog,
     gallery: np.ndarray,
     split,
     parts: Sequence[str] = ("validation", "test"),
-    device: str = "cpu",
     read_image: Callable[[str], bytes] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{part: {name: metrics + validity_rate}}``: the same encoder and gallery (every listing of
-    ``catalog`` embedded as served), the queries of each part carrying the attributes each
-    generator (a writer of any kind, :mod:`.generator_backends`) writes; each part's queries
-    search the gallery its split gives it."""
-    from ..encoders.dual_tower import embed_features
+    """``{part: {name: metrics + validity_rate}}``: the same encoder (any backend) and gallery
+    (every listing of ``catalog`` embedded as served), the queries of each part carrying the
+    attributes each generator (a writer of any kind, :mod:`.generator_backends`) writes; each
+    part's queries search the gallery its split gives it."""
     from ..evaluation.report import REPORTED_METRICS
-    from ..features import with_listing_text
     from ..retrieval.metrics import retrieval_metrics
     from .generator_backends import listing_inputs
 
-    ids, titles, products = catalog["listing_id"].to_list(), catalog["title"].to_list(), catalog["product_id"].to_list()
+    ids, products = catalog["listing_id"].to_list(), catalog["product_id"].to_list()
     comparison: dict[str, dict[str, dict[str, float]]] = {}
     for part in parts:
         rows, gallery_rows = np.flatnonzero(split.mask(catalog, part)), np.flatnonzero(split.gallery_mask(catalog, part))
         inputs = listing_inputs(catalog, features_table, [ids[i] for i in rows], read_image)
-        base = inputs.features
         comparison[part] = {}
         for name, writer in generators.items():
             parsed = [parse_attributes(text, writer.parse_keys) for text in writer.write(inputs)]
-            queries = with_listing_text(base, text_featurizer, [titles[i] for i in rows], [p.attributes for p in parsed])
+            queries = inputs.with_attributes(np.arange(len(rows)), [p.attributes for p in parsed])
             metrics = retrieval_metrics(
-                embed_features(head, queries, device=device), gallery[gallery_rows], [products[i] for i in rows], [products[i] for i in gallery_rows],
+                encoder.embed(queries), gallery[gallery_rows], [products[i] for i in rows], [products[i] for i in gallery_rows],
                 query_listing_ids=[ids[i] for i in rows], gallery_listing_ids=[ids[i] for i in gallery_rows],
             )
             comparison[part][name] = {**{m: float(metrics[m]) for m in REPORTED_METRICS}, "validity_rate": float(np.mean([p.is_valid for p in parsed]))}

@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 
 from ..attributes.format import attributes_to_json, parse_attributes
 from ..attributes.generator import (AttributeGenerator, generate_attribute_texts, load_generator,
                                     save_generator)
 from ..attributes.hf_generator import ADAPTER_NAME, REFERENCE_ADAPTER, HFAttributeGenerator, HFGeneratorConfig
-from ..attributes.hf_teacher import HF_VLM_PREFIX, decode_listing_image
+from ..attributes.hf_teacher import HF_VLM_PREFIX
 from ..attributes.vocabulary import AttributeVocabulary
+from ..encoders.listing_encoder import ListingInputs
 from ..local_files import write_folder_atomically
 from .grpo import GRPOConfig, _query_stream, train_grpo
 from .hf_generator_training import hf_grpo_step, hf_sft_step
@@ -59,38 +59,6 @@ def parse_generator_spec(spec: str) -> tuple[str, str | None]:
 # ---- what a writer reads ---------------------------------------------------------------------------
 
 
-@dataclass
-class ListingInputs:
-    """Listings as every kind of writer reads them: the towers' features of the bare title
-    (compact) and the photo, title and description (hf-vlm). Photos are decoded lazily, by
-    row, from ``image_uris`` with ``read_image``, or given as ``images`` (a search query)."""
-
-    listing_ids: list[str]
-    titles: list[str]
-    descriptions: list[str | None]
-    features: object | None = None  # ListingFeatures (image, image_mask, text); compact needs it
-    image_uris: list[str | None] | None = None
-    read_image: Callable[[str], bytes] | None = None
-    images: list[PIL.Image.Image | None] | None = None
-
-    def __len__(self) -> int:
-        return len(self.listing_ids)
-
-    def subset(self, rows: Sequence[int]) -> ListingInputs:
-        rows = [int(row) for row in rows]
-        pick = (lambda values: None if values is None else [values[i] for i in rows])  # noqa: E731
-        features = self.features.subset(np.asarray(rows, dtype=np.int64)) if self.features is not None else None
-        return ListingInputs(pick(self.listing_ids), pick(self.titles), pick(self.descriptions), features, pick(self.image_uris),
-                             self.read_image, pick(self.images))
-
-    def load_images(self) -> list[PIL.Image.Image | None]:
-        if self.images is not None:
-            return list(self.images)
-        if self.image_uris is None or self.read_image is None:
-            return [None] * len(self)
-        return [decode_listing_image(self.read_image(uri), listing) if uri else None for uri, listing in zip(self.image_uris, self.listing_ids)]
-
-
 def listing_inputs(catalog, features_table, listing_ids: Sequence[str], read_image: Callable[[str], bytes] | None = None) -> ListingInputs:
     """The :class:`ListingInputs` of ``listing_ids`` from the catalog frame and the listing-features table."""
     from ..features import align, listing_features
@@ -99,7 +67,8 @@ def listing_inputs(catalog, features_table, listing_ids: Sequence[str], read_ima
     descriptions = rows["description"].to_list() if "description" in rows.columns else [None] * rows.height
     uris = rows["image_uri"].to_list() if "image_uri" in rows.columns else [None] * rows.height
     features = listing_features(features_table, list(listing_ids)) if features_table is not None else None
-    return ListingInputs(list(listing_ids), [title or "" for title in rows["title"].to_list()], descriptions, features, uris, read_image)
+    return ListingInputs(list(listing_ids), [title or "" for title in rows["title"].to_list()], image_uris=uris, read_bytes=read_image,
+                         features=features, descriptions=descriptions)
 
 
 # ---- settings --------------------------------------------------------------------------------------
@@ -157,8 +126,9 @@ class CompactWriter:
 
     kind = "compact"
 
-    def __init__(self, model: AttributeGenerator, vocabulary: AttributeVocabulary):
+    def __init__(self, model: AttributeGenerator, vocabulary: AttributeVocabulary, towers: dict | None = None):
         self.model, self.vocabulary = model, vocabulary
+        self.towers = towers  # {"image_tower", "text_tower"} whose features it reads, when its folder says (towers.json)
 
     @property
     def keys(self) -> set[str]:
@@ -187,7 +157,8 @@ class CompactWriter:
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu", trainable: bool = False) -> CompactWriter:
-        return cls(*load_generator(folder, device=device))
+        towers = Path(folder) / "towers.json"
+        return cls(*load_generator(folder, device=device), json.loads(towers.read_text()) if towers.is_file() else None)
 
     @classmethod
     def distill(cls, model: str | None, inputs: ListingInputs, targets: Sequence[dict], compact: CompactSFTSettings,
@@ -423,6 +394,15 @@ def load_stored_writer(store, uri: str, device: str = "cpu", trainable: bool = F
     """The writer of the generator folder kept at ``uri`` of an artefact store (a manifest's ``uri``)."""
     with tempfile.TemporaryDirectory(prefix="afmrl-generator-") as scratch:
         return load_writer(store.download_directory(store.key_of(uri), Path(scratch) / "generator"), device=device, trainable=trainable)
+
+
+def catalog_attributes(store, uri: str, catalog, features_table, read_image: Callable[[str], bytes] | None = None,
+                       device: str = "cpu") -> list[dict]:
+    """The attributes the generator kept at ``uri`` (any kind) writes for every listing of
+    ``catalog`` (greedy; ``{}`` where its output does not parse)."""
+    writer = load_stored_writer(store, uri, device=device)
+    inputs = listing_inputs(catalog, features_table, catalog["listing_id"].to_list(), read_image)
+    return [parse_attributes(text, writer.parse_keys).attributes or {} for text in writer.write(inputs)]
 
 
 def distill_writer(spec: str, inputs: ListingInputs, targets: Sequence[dict], compact: CompactSFTSettings,

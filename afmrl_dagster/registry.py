@@ -54,34 +54,15 @@ class EncoderPyfunc(mlflow.pyfunc.PythonModel):
         return self.encoder.embed(inputs)
 
 
-class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
-    """Input: a frame with ``title`` and optional ``image_uri`` and ``description``. Output:
-    attribute JSON texts. Any kind of generator: the folder's ``generator.json`` says which."""
+def __getattr__(name: str):
+    # Generator models registered before the pyfunc moved to mlflow_models.generator import it
+    # from here; it is looked up at run time so this module, which evaluation imports, does not
+    # depend on training (the generator kinds).
+    if name == "GeneratorPyfunc":
+        import importlib
 
-    def load_context(self, context):
-        from .training.generator_backends import CompactWriter, load_writer
-
-        self.writer = load_writer(context.artifacts["generator"])
-        self.featurizers = None
-        if isinstance(self.writer, CompactWriter):  # it reads the frozen towers' features
-            from .encoders.towers import ImageFeaturizer, TextFeaturizer
-
-            towers = json.loads(open(f"{context.artifacts['generator']}/towers.json").read())
-            self.featurizers = ImageFeaturizer(towers["image_tower"]), TextFeaturizer(towers["text_tower"])
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
-        from .encoders.dual_tower import ListingFeatures
-        from .encoders.listing_encoder import ListingInputs
-
-        n = len(model_input)
-        ids, titles = [str(i) for i in range(n)], [str(title or "") for title in model_input["title"]]
-        images = [_read_image(uri) for uri in model_input.get("image_uri", pd.Series([None] * n))]
-        descriptions = list(model_input.get("description", pd.Series([None] * n)))
-        features = None
-        if self.featurizers is not None:
-            image, mask = self.featurizers[0].encode(images)
-            features = ListingFeatures(ids, image, mask, self.featurizers[1].encode(titles))
-        return self.writer.write(ListingInputs(ids, titles, features=features, images=images, descriptions=descriptions))
+        return importlib.import_module("afmrl_dagster.mlflow_models.generator").GeneratorPyfunc
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def log_model(kind: str, local_dir: str, registered_model_name: str):

@@ -22,9 +22,9 @@ TINY_CATALOG = "builtin:families=2,siblings=2,listings=3"
 
 
 def tiny_resources(root: Path, catalog_spec: str = TINY_CATALOG, store: ArtifactStore | None = None, tracking_uri: str | None = None,
-                   encoder: str = "dual-tower") -> dict:
+                   encoder: str = "dual-tower", teacher: AttributeTeacherBackend | None = None, generator: str = "compact") -> dict:
     """Resources of a small run under ``root``; MLflow in ``root/mlflow.db`` unless ``tracking_uri`` names a server;
-    ``encoder`` is the AFMRL_ENCODER backend."""
+    ``encoder``, ``teacher`` and ``generator`` are the AFMRL_ENCODER, AFMRL_TEACHER and AFMRL_GENERATOR backends."""
     store = store or ArtifactStore(location=str(root / "store"))
     return {
         "artifact_store": store,
@@ -34,8 +34,8 @@ def tiny_resources(root: Path, catalog_spec: str = TINY_CATALOG, store: Artifact
         "torch_compute": TorchCompute(device="cpu"),
         "feature_towers": FeatureTowers(),
         "evaluation_split": EvaluationSplit(holdout_fraction=0.25, validation_fraction=0.34),  # per line: 1 test, 1 validation, 2 training products
-        "attribute_teacher": AttributeTeacherBackend(),
-        "generator_backend": GeneratorBackend(),
+        "attribute_teacher": teacher or AttributeTeacherBackend(),
+        "generator_backend": GeneratorBackend(spec=generator),
         "listing_encoder": ListingEncoderBackend(spec=encoder),
     }
 

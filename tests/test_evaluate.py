@@ -104,6 +104,19 @@ def test_missing_split_file_is_named(tmp_path, capsys):
     assert not (tmp_path / "m.json").exists()
 
 
+def test_a_vlm2vec_encoder_folder_is_evaluated_from_photos_and_titles(tmp_path):
+    """An encoder of another backend (here a VLM2Vec LoRA over a tiny random Qwen2-VL) reads the
+    catalog's photos and titles itself; the towers are not loaded for it."""
+    from afmrl_dagster.encoders.vlm2vec import new_vlm2vec_encoder
+    from afmrl_dagster.vlm.tiny_models import build_tiny_qwen2_vl
+
+    model = build_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")
+    new_vlm2vec_encoder(str(model), lora_rank=2, image_size=16).save(tmp_path / "encoder")
+    report = evaluate(tmp_path, "--catalog", "builtin:families=1,siblings=2,listings=2,lines=mugs", "--encoder", str(tmp_path / "encoder"))
+    assert report["counts"]["listings_embedded"] == 4 and report["counts"]["listings_with_image"] == 4
+    check_retrieval(report["metrics"]["identical_product"], report["counts"]["queries"])
+
+
 def test_bad_encoders_are_named(tmp_path):
     with pytest.raises(EvaluationError, match="not-a-folder"):
         resolve_encoder(str(tmp_path / "not-a-folder"))

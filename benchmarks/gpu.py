@@ -169,7 +169,8 @@ def bench_generation(model, processor, sizes: Sizes, device: torch.device) -> di
     from afmrl_dagster.attributes.hf_generator import HFAttributeGenerator, HFGeneratorConfig
 
     generator = HFAttributeGenerator(model, processor, HFGeneratorConfig(
-        model="random-weight Qwen2-VL", use_lora=False, max_new_tokens=sizes.max_new_tokens, image_size=sizes.image_px))
+        model="random-weight Qwen2-VL", use_lora=False, max_new_tokens=sizes.max_new_tokens, image_size=sizes.image_px,
+        constrained_json=False))  # throughput of free generation: min_new_tokens = max, no grammar
     rows = []
     for batch_size in sizes.generation_batches:
         images = [random_image(i, sizes.image_px) for i in range(batch_size)]

@@ -39,6 +39,8 @@ class AttributeTeacherBackend(dg.ConfigurableResource):
     batch_size: int = Field(default=4, description="hf-vlm only: listings per forward pass.")
     max_new_tokens: int = Field(default=128, description="hf-vlm only: longest answer in tokens.")
     image_size: int = Field(default=448, description="hf-vlm only: photos are resized to a square of this side.")
+    constrained_json: bool = Field(default=True, description="hf-vlm only: grammar-constrained decoding, every answer an attribute "
+                                   "JSON object (needs max_new_tokens >= 10).")
 
     def build(self, read_image: Callable[[str], bytes], catalog=None, device: str = "cpu"):
         """The teacher; ``catalog`` (the line's listings) gives the visual reader the values it
@@ -66,5 +68,5 @@ class AttributeTeacherBackend(dg.ConfigurableResource):
 
             return HFVLMTeacher(hf_vlm_model(self.kind), read_image=read_image, revision=self.revision, batch_size=self.batch_size,
                                 max_new_tokens=self.max_new_tokens, image_size=self.image_size, device=device,
-                                send_images=self.send_images)
+                                send_images=self.send_images, constrained_json=self.constrained_json)
         raise ValueError(f"teacher kind must be one of {TEACHER_KINDS}, got {self.kind!r}")

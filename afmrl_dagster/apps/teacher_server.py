@@ -120,6 +120,7 @@ def hf_vlm_model(name: str) -> Callable[[list[dict], int], str]:
     """Greedy generation with a Hugging Face image-text-to-text model (hub id or local folder),
     one request at a time, from the system text, the user text and the attached photo."""
     from ..attributes.hf_generator import HFAttributeGenerator, HFGeneratorConfig
+    from ..attributes.json_constraint import MIN_NEW_TOKENS
 
     generator = HFAttributeGenerator.from_pretrained(HFGeneratorConfig(model=name, use_lora=False))
     lock = threading.Lock()
@@ -129,6 +130,8 @@ def hf_vlm_model(name: str) -> Callable[[list[dict], int], str]:
         images = message_images(messages)
         if len(images) > 1:
             raise BadRequest(f"one photo per request, got {len(images)}")
+        if generator.config.constrained_json and max_tokens < MIN_NEW_TOKENS:
+            raise BadRequest(f"max_tokens={max_tokens}: this teacher writes a constrained JSON object, which needs at least {MIN_NEW_TOKENS}")
         with lock:
             return generator.generate([images[0] if images else None], [_user_text(messages)], systems=[system],
                                       max_new_tokens=max_tokens)[0]

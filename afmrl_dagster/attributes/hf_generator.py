@@ -8,6 +8,12 @@ what distillation and GRPO need; their training steps are in
 :mod:`afmrl_dagster.training.hf_generator_training`. On machines without torchvision the
 Qwen-VL processors cannot be built; the project's own processor (see
 :mod:`afmrl_dagster.vlm.processors`) takes over.
+
+With ``HFGeneratorConfig.constrained_json`` (the default) generation is grammar-constrained
+(:mod:`.json_constraint`): every completion, greedy or sampled, parses as an attribute object.
+Scoring (:meth:`HFAttributeGenerator.completion_log_probs`) is not: the log-probabilities that
+SFT trains and GRPO scores and steps on are the model's own, over the whole vocabulary, while
+the samples GRPO rewards came from the constrained distribution.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 
 from ..vlm.lora import add_lora
 from ..vlm.processors import QWEN_VL_TYPES, build_processor
+from .json_constraint import JSONConstraintError, JSONObjectLogitsProcessor
 from .prompts import STUDENT_PROMPT, PromptTemplate
 
 ADAPTER_NAME = "default"  # peft's name of the adapter being trained and saved
@@ -41,6 +48,10 @@ class HFGeneratorConfig:
     image_size: int | None = 448  # images are resized to a square of this side; None keeps them
     dtype: str = "auto"  # "auto": bf16 on CUDA, float32 on CPU
     seed: int = 0
+    # Grammar-constrained decoding (:mod:`.json_constraint`): every completion is a JSON object of
+    # 1..16 non-empty string pairs of at most 64 characters, closed and ended within max_new_tokens
+    # (which must then be at least 10). False lets the model write whatever it likes.
+    constrained_json: bool = True
 
     def torch_dtype(self, device: str | torch.device) -> torch.dtype:
         if self.dtype == "auto":
@@ -134,14 +145,24 @@ class HFAttributeGenerator:
     @torch.no_grad()
     def generate_ids(self, batch: dict[str, torch.Tensor], num_samples: int = 1, do_sample: bool = False,
                      temperature: float = 1.0, max_new_tokens: int | None = None,
-                     min_new_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     min_new_tokens: int | None = None, constrained: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Completion ids ``[B * num_samples, T]`` (rows of one prompt together) and their mask
         (real tokens up to and including the first eos). ``min_new_tokens`` forbids eos before
-        that many tokens (a throughput benchmark on random weights sets it to the maximum)."""
+        that many tokens (a throughput benchmark on random weights sets it to the maximum; it
+        needs ``constrained=False``). ``constrained`` (default ``config.constrained_json``):
+        every row is an attribute JSON object followed by eos (:mod:`.json_constraint`)."""
+        max_new_tokens = max_new_tokens or self.config.max_new_tokens
+        constrained = self.config.constrained_json if constrained is None else constrained
+        processors = []
+        if constrained:
+            if min_new_tokens:
+                raise JSONConstraintError("min_new_tokens forbids the end of a closed JSON object; generate with constrained=False")
+            processors.append(JSONObjectLogitsProcessor(self.tokenizer, batch["input_ids"].shape[1], max_new_tokens))
         output = self.model.generate(
-            **batch, max_new_tokens=max_new_tokens or self.config.max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+            **batch, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
             temperature=temperature if do_sample else None, top_p=None, top_k=None,
             num_return_sequences=num_samples, pad_token_id=self.tokenizer.pad_token_id,
+            logits_processor=processors or None,
         )
         completion = output[:, batch["input_ids"].shape[1]:]
         eos = self.tokenizer.eos_token_id

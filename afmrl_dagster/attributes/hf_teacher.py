@@ -2,7 +2,9 @@
 by hub id or local folder) as the teacher, in process.
 
 Listings are annotated in batches, each with its photo and the versioned teacher prompt
-(:data:`~afmrl_dagster.attributes.prompts.TEACHER_PROMPT`), greedy. The raw text is returned as
+(:data:`~afmrl_dagster.attributes.prompts.TEACHER_PROMPT`), greedy and, unless
+``constrained_json=False``, grammar-constrained to an attribute JSON object
+(:mod:`.json_constraint`; ``max_new_tokens`` must then be at least 10). The raw text is returned as
 it is: strict parsing and recording invalid outputs is the caller's job
 (:func:`~afmrl_dagster.attributes.teacher.attribute_table`), and outputs are cached per
 listing by content (:mod:`.annotation_cache`) under :attr:`HFVLMTeacher.cache_identity`.
@@ -56,12 +58,14 @@ class HFVLMTeacher:
         prompt: PromptTemplate = TEACHER_PROMPT,
         keys: set[str] | None = None,
         send_images: bool = True,
+        constrained_json: bool = True,
     ):
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"need batch_size >= 1 and max_new_tokens >= 1, got {batch_size} and {max_new_tokens}")
         self.model, self.read_image, self.revision = model, read_image, revision
         self.batch_size, self.max_new_tokens, self.image_size, self.device = batch_size, max_new_tokens, image_size, device
         self.prompt, self.keys, self.send_images = prompt, keys, send_images
+        self.constrained_json = constrained_json
         self._generator: HFAttributeGenerator | None = None
 
     @property
@@ -72,12 +76,14 @@ class HFVLMTeacher:
     def cache_identity(self) -> str:
         keys = ",".join(sorted(self.keys)) if self.keys else "free-keys"
         images = self.send_images and self.read_image is not None
-        return f"{self.name}:{self.version}:{keys}:images={images}:size={self.image_size}:tokens={self.max_new_tokens}"
+        identity = f"{self.name}:{self.version}:{keys}:images={images}:size={self.image_size}:tokens={self.max_new_tokens}"
+        return f"{identity}:json-constrained" if self.constrained_json else identity
 
     def generator(self) -> HFAttributeGenerator:
         """The model, loaded on first use."""
         if self._generator is None:
-            config = HFGeneratorConfig(model=self.model, use_lora=False, max_new_tokens=self.max_new_tokens, image_size=self.image_size)
+            config = HFGeneratorConfig(model=self.model, use_lora=False, max_new_tokens=self.max_new_tokens, image_size=self.image_size,
+                                       constrained_json=self.constrained_json)
             self._generator = HFAttributeGenerator.from_pretrained(config, device=self.device, prompt=self.prompt)
         return self._generator
 

@@ -271,7 +271,7 @@ class JSONObjectLogitsProcessor(LogitsProcessor):
         self.rows: list[RowState] | None = None
         self._seen = prompt_length
         self._structural_cache: dict[tuple, torch.Tensor] = {}
-        self._string_length: dict[torch.device, torch.Tensor] = {}
+        self._string_length: dict[tuple, torch.Tensor] = {}
 
     # -- state ----------------------------------------------------------------------------------------------
 
@@ -336,27 +336,34 @@ class JSONObjectLogitsProcessor(LogitsProcessor):
         self._structural_cache[key] = tensor
         return tensor
 
+    def _lengths(self, device: torch.device, width: int) -> torch.Tensor:
+        """The string-length table on ``device``, cut or padded (never fits) to the logits' width."""
+        key = (device, width)
+        if key not in self._string_length:
+            lengths = self.tables.string_length[:width]
+            if width > lengths.shape[0]:
+                lengths = torch.cat([lengths, torch.full((width - lengths.shape[0],), _NO_ROOM, dtype=torch.long)])
+            self._string_length[key] = lengths.to(device)
+        return self._string_length[key]
+
     def allowed(self, remaining: int, device: torch.device, width: int) -> torch.Tensor:
         """``[rows, width]`` boolean mask of the tokens each row may write next, ``remaining`` tokens left (this one included)."""
         assert self.rows is not None
-        if device not in self._string_length:
-            self._string_length[device] = self.tables.string_length.to(device)
-        lengths = self._string_length[device]
-        room = []
-        for row in self.rows:
+        room, rows, columns = [], [], []
+        for index, row in enumerate(self.rows):
             fits = row.state in STRING_STATES and tokens_needed(row.state, True) + 1 <= remaining - 1
             room.append(self.max_chars - row.chars if fits else -1)
-        mask = torch.zeros((len(self.rows), width), dtype=torch.bool, device=device)
-        vocab = min(width, lengths.shape[0])
-        mask[:, :vocab] = lengths[None, :vocab] <= torch.tensor(room, device=device)[:, None]
-        for index, row in enumerate(self.rows):
             ids = self._structural(row, remaining, device)
-            if ids.numel():
-                mask[index, ids[ids < width]] = True
+            rows.append(torch.full_like(ids, index))
+            columns.append(ids)
+        # String-safe tokens that fit in each row's string: one comparison over the vocabulary.
+        mask = self._lengths(device, width)[None, :] <= torch.tensor(room, device=device)[:, None]
+        rows_t, columns_t = torch.cat(rows), torch.cat(columns)
+        keep = columns_t < width
+        mask[rows_t[keep], columns_t[keep]] = True
         return mask
-
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._catch_up(input_ids)
         remaining = self.max_new_tokens - (input_ids.shape[1] - self.prompt_length)
         mask = self.allowed(remaining, scores.device, scores.shape[-1])
-        return scores.masked_fill(~mask, float("-inf"))
+        return torch.where(mask, scores, torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device))

@@ -21,7 +21,7 @@ torch-level modules of the project (no polars, dagster, mlflow or faiss needed),
 machine with only torch, transformers and peft, from the repository root:
 
     PYTHONPATH=. python3 benchmarks/gpu.py --out DIR                      # on the GPU machine (~2-5 min)
-    PYTHONPATH=. .venv/bin/python benchmarks/gpu.py --smoke --out /tmp/g  # tiny sizes on CPU, seconds
+    PYTHONPATH=. .venv/bin/python benchmarks/gpu.py --smoke --out .afmrl/gpu-smoke  # tiny sizes on CPU, seconds
     .venv/bin/python benchmarks/gpu.py --from-json DIR/gpu_benchmark.json --write-results docs/results.md
 
 ``--out`` gets ``gpu_benchmark.json`` and ``gpu_benchmark.md``; ``--write-results`` writes the

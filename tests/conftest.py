@@ -66,3 +66,21 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServerInfo]:
     stopped by PID after the session; point ``MlflowTracking(tracking_uri=mlflow_server.url)`` at it."""
     with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_vlms(tmp_path_factory):
+    """``get(family)``: the folder of a tiny random-weight VLM of ``family`` (qwen, llava,
+    idefics3), built offline on first use and shared by every test of the session."""
+    from afmrl_dagster.vlm.tiny_models import build_tiny_idefics3, build_tiny_llava, build_tiny_qwen2_vl
+
+    builders = {"qwen": build_tiny_qwen2_vl, "llava": build_tiny_llava, "idefics3": build_tiny_idefics3}
+    root = tmp_path_factory.mktemp("tiny_vlms")
+    built: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            built[family] = str(builders[family](root / family))
+        return built[family]
+
+    return get

@@ -30,22 +30,12 @@ from afmrl_dagster.training.generator_backends import (CompactWriter, GeneratorF
                                                        HFVLMWriter, ListingInputs, distill_writer, folder_kind, load_writer,
                                                        parse_generator_spec)
 from afmrl_dagster.training.grpo import GRPOConfig
-from afmrl_dagster.vlm.tiny_models import build_tiny_idefics3, build_tiny_llava, build_tiny_qwen2_vl
 
-BUILDERS = {"qwen": build_tiny_qwen2_vl, "llava": build_tiny_llava, "idefics3": build_tiny_idefics3}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_vlms")
-    built: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in built:
-            built[family] = str(BUILDERS[family](root / family))
-        return built[family]
-
-    return get
+def tiny(tiny_vlms):
+    return tiny_vlms
 
 
 def _photo(seed: int) -> bytes:

@@ -21,25 +21,15 @@ from afmrl_dagster.attributes.json_constraint import (AFTER_VALUE, DONE, IN_KEY,
                                                       check_text, simulate, token_tables, tokens_needed)
 from afmrl_dagster.training.grpo import GRPOConfig
 from afmrl_dagster.training.hf_generator_training import hf_grpo_step
-from afmrl_dagster.vlm.tiny_models import (QWEN2_VL_SPECIAL_TOKENS, build_tiny_idefics3, build_tiny_llava, build_tiny_qwen2_vl,
-                                           train_tiny_tokenizer)
+from afmrl_dagster.vlm.tiny_models import (QWEN2_VL_SPECIAL_TOKENS, train_tiny_tokenizer)
 
-BUILDERS = {"qwen": build_tiny_qwen2_vl, "llava": build_tiny_llava, "idefics3": build_tiny_idefics3}
 TITLES = ["red v-neck summer dress", "Arla standard milk 1 l", "blue round-neck cotton t-shirt", "stainless steel bottle 750 ml",
           "wireless earbuds, black", "organic green tea, 20 bags", "leather wallet brown", "running shoes size 42"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_json_vlms")
-    built: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in built:
-            built[family] = str(BUILDERS[family](root / family))
-        return built[family]
-
-    return get
+def tiny(tiny_vlms):
+    return tiny_vlms
 
 
 def _image(seed: int) -> PIL.Image.Image:

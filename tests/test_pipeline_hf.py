@@ -1,7 +1,8 @@
 """The whole chain through Dagster with the Hugging Face backends: a tiny Qwen2-VL (random
 weights, built offline) is the teacher that reads the photos, the student that is distilled
 (LoRA SFT) and refined (GRPO), and the VLM2Vec encoder trained with AGCL; the index, the
-promotion, the serving record and ``afmrl search`` serve what they trained."""
+promotion, the serving record and ``afmrl search`` serve what they trained. And the same chain
+with the fine-tuned towers as the encoder."""
 
 from __future__ import annotations
 
@@ -96,3 +97,37 @@ def test_the_vlm2vec_encoder_serves_through_the_record_and_search_answers(hf_run
     result = json.loads(answer.stdout)
     assert len(result["hits"]) == 3
     assert isinstance(result["attributes"], dict) and result["attributes"], "the hf-vlm student wrote no attributes for the query"
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory):
+    """The chain with ``AFMRL_ENCODER=dual-tower-finetune``: the real pretrained towers' last
+    blocks train with the head, from the photos and texts, inside the same assets."""
+    root = tmp_path_factory.mktemp("finetune_pipeline")
+    resources = tiny_resources(root, catalog_spec=CATALOG, encoder="dual-tower-finetune")
+    config = {
+        "attribute_generator": AttributeGeneratorConfig(epochs=30, batch_size=8),
+        "agcl_encoder": EncoderTrainingRunConfig(epochs=2, batch_size=4),
+        "rar_generator": RARConfig(steps=2, queries_per_step=2, group_size=4, reward_k=2),
+        "cit_encoder": CITConfig(epochs=1, batch_size=4),
+        "retrieval_evaluation": EvaluationConfig(min_gain_over_zero_shot=-1.0),
+    }
+    (root / "dagster_home").mkdir()
+    (root / "dagster_home" / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
+    with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
+        outcome = materialize_pipeline(build_definitions(resources), instance, config, log=lambda _: None)
+        yield instance, outcome, root
+
+
+def test_fine_tuned_towers_train_index_and_serve_through_the_same_assets(finetune_run):
+    instance, outcome, root = finetune_run
+    assert metadata_of(instance, "agcl_encoder")["encoder_backend"] == "dual-tower-finetune"
+    store = open_store(str(root / "store"))
+    record = read_serving_record(store)
+    assert json.loads(store.get_bytes(store.key_of(record.encoder_uri) + "/encoder.json"))["kind"] == "dual-tower-finetune"
+    assert outcome["cit"]["validation"]["num_queries"] > 0  # CIT trained the fine-tuned encoder one more round and scored it
+    env = {**os.environ, "AFMRL_STORE": str(root / "store"), "AFMRL_DEVICE": "cpu"}
+    answer = subprocess.run([sys.executable, "-m", "afmrl_dagster.apps.cli", "search", "--text", "green mug", "--k", "3", "--json"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert len(json.loads(answer.stdout)["hits"]) == 3

@@ -87,3 +87,15 @@ def test_build_definitions_accepts_other_resources(tmp_path):
     resources = dict(build_definitions().resources)
     resources["catalog_source"] = CatalogSource(spec=f"parquet:{tmp_path}", store=ArtifactStore(location=str(tmp_path)))
     assert build_definitions(resources).resources["catalog_source"].spec == f"parquet:{tmp_path}"
+
+
+def test_loading_the_definitions_leaves_the_model_libraries_unloaded():
+    """The webserver, the daemon and every CLI call load the definitions: the libraries of the
+    Hugging Face backends, the registry and the data checks load only inside asset bodies."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, afmrl_dagster.definitions; "
+             "print(','.join(m for m in ('transformers', 'peft', 'mlflow', 'great_expectations', 'rapidocr_onnxruntime', 'faiss') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True).stdout.strip()
+    assert loaded == "", f"loading the definitions imported {loaded}"

@@ -28,7 +28,6 @@ import torch
 
 from ..vlm.lora import add_lora
 from ..vlm.processors import QWEN_VL_TYPES, build_processor
-from .json_constraint import JSONConstraintError, JSONObjectLogitsProcessor
 from .prompts import STUDENT_PROMPT, PromptTemplate
 
 ADAPTER_NAME = "default"  # peft's name of the adapter being trained and saved
@@ -155,6 +154,8 @@ class HFAttributeGenerator:
         constrained = self.config.constrained_json if constrained is None else constrained
         processors = []
         if constrained:
+            from .json_constraint import JSONConstraintError, JSONObjectLogitsProcessor  # imports transformers: loaded on use
+
             if min_new_tokens:
                 raise JSONConstraintError("min_new_tokens forbids the end of a closed JSON object; generate with constrained=False")
             processors.append(JSONObjectLogitsProcessor(self.tokenizer, batch["input_ids"].shape[1], max_new_tokens))

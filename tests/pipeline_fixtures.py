@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 from afmrl_dagster.assets.attributes import AttributeGeneratorConfig
 from afmrl_dagster.assets.cit import CITConfig
@@ -49,3 +51,20 @@ TINY_CONFIG = {
     # tolerated here (the default, 0, is what users get; test_failed_evaluation_gate fails it).
     "retrieval_evaluation": EvaluationConfig(min_gain_over_zero_shot=-1.0),
 }
+
+
+@contextlib.contextmanager
+def materialised_chain(root: Path, resources: dict, asset_config: dict) -> Iterator[tuple]:
+    """The whole chain materialised in process under ``root``, on a Dagster instance whose home
+    holds the project's dagster.yaml: yields ``(instance, outcome of materialize_pipeline)``."""
+    import dagster as dg
+
+    from afmrl_dagster.apps.demo import materialize_pipeline
+    from afmrl_dagster.definitions import build_definitions
+
+    home = root / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((Path(__file__).resolve().parents[1] / "dagster.yaml").read_text())
+    definitions = build_definitions(resources)
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        yield definitions, instance, materialize_pipeline(definitions, instance, asset_config, log=lambda _: None)

@@ -13,12 +13,10 @@ import dagster as dg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from afmrl_dagster.definitions import build_definitions
-from afmrl_dagster.apps.demo import materialize_pipeline
 from afmrl_dagster.registry import ENCODER_MODEL_NAME, GENERATOR_MODEL_NAME
 
 from conftest import REPO_ROOT
-from pipeline_fixtures import TINY_CATALOG, TINY_CONFIG, tiny_resources
+from pipeline_fixtures import TINY_CATALOG, TINY_CONFIG, materialised_chain, tiny_resources
 
 
 def latest_metadata(instance, asset: str, partition: str | None = None) -> dict:
@@ -33,11 +31,7 @@ def latest_metadata(instance, asset: str, partition: str | None = None) -> dict:
 def pipeline_run(tmp_path_factory, mlflow_server):
     """The whole chain, tracked and registered in a real MLflow server."""
     root = tmp_path_factory.mktemp("pipeline")
-    definitions = build_definitions(tiny_resources(root, tracking_uri=mlflow_server.url))
-    (root / "dagster_home").mkdir()
-    (root / "dagster_home" / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
-    with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
-        outcome = materialize_pipeline(definitions, instance, TINY_CONFIG, log=lambda _: None)
+    with materialised_chain(root, tiny_resources(root, tracking_uri=mlflow_server.url), TINY_CONFIG) as (definitions, instance, outcome):
         yield definitions, instance, outcome, root
 
 

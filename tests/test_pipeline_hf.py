@@ -14,20 +14,17 @@ import sys
 import dagster as dg
 import pytest
 
-from afmrl_dagster.apps.demo import materialize_pipeline
 from afmrl_dagster.assets.attributes import AttributeGeneratorConfig
 from afmrl_dagster.assets.cit import CITConfig
 from afmrl_dagster.assets.encoder import EncoderTrainingRunConfig
 from afmrl_dagster.assets.rar import RARConfig
 from afmrl_dagster.assets.retrieval import EvaluationConfig
-from afmrl_dagster.definitions import build_definitions
 from afmrl_dagster.resources.teacher import AttributeTeacherBackend
 from afmrl_dagster.serving import read_serving_record
 from afmrl_dagster.storage import open_store
 from afmrl_dagster.vlm.tiny_models import build_tiny_qwen2_vl
 
-from conftest import REPO_ROOT
-from pipeline_fixtures import tiny_resources
+from pipeline_fixtures import materialised_chain, tiny_resources
 
 CATALOG = "builtin:families=2,siblings=3,listings=3,lines=mugs"
 IMAGE_SIZE = 16  # the tiny Qwen2-VL's processor turns a 16 px photo into 4 image tokens
@@ -53,10 +50,7 @@ def hf_run(tmp_path_factory):
         "cit_encoder": CITConfig(epochs=1, batch_size=4),
         "retrieval_evaluation": EvaluationConfig(min_gain_over_zero_shot=-1.0),
     }
-    (root / "dagster_home").mkdir()
-    (root / "dagster_home" / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
-    with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
-        outcome = materialize_pipeline(build_definitions(resources), instance, config, log=lambda _: None)
+    with materialised_chain(root, resources, config) as (_, instance, outcome):
         yield instance, outcome, root, model
 
 
@@ -112,10 +106,7 @@ def finetune_run(tmp_path_factory):
         "cit_encoder": CITConfig(epochs=1, batch_size=4),
         "retrieval_evaluation": EvaluationConfig(min_gain_over_zero_shot=-1.0),
     }
-    (root / "dagster_home").mkdir()
-    (root / "dagster_home" / "dagster.yaml").write_text((REPO_ROOT / "dagster.yaml").read_text())
-    with dg.instance_for_test(temp_dir=str(root / "dagster_home")) as instance:
-        outcome = materialize_pipeline(build_definitions(resources), instance, config, log=lambda _: None)
+    with materialised_chain(root, resources, config) as (_, instance, outcome):
         yield instance, outcome, root
 
 

@@ -40,6 +40,12 @@ class EncoderTrainingRunConfig(dg.Config):
                                         description="AGCL weights exp(1 + tanh(BM25)) on negatives; off = plain InfoNCE weights.")
     use_false_negative_mask: bool = Field(default=AGCLConfig.use_false_negative_mask, description="Drop negatives with s_ij > s_ii + delta.")
     delta: float = Field(default=AGCLConfig.delta, description="Margin of the false-negative mask.")
+    bm25_normalisation: str = Field(default=AGCLConfig.bm25_normalisation,
+                                    description="BM25 row scale before tanh: 'raw' (the paper's), 'positive' (B_ij / B_ii) or 'zscore'.")
+    bm25_tokenizer: str = Field(default=EncoderTrainingConfig.bm25_tokenizer,
+                                description="BM25 terms: 'words' (the paper's) or 'pairs' (one term per key=value fact).")
+    pairs_per_product: int = Field(default=EncoderTrainingConfig.pairs_per_product,
+                                   description="(anchor, positive) pairs of a product per epoch, side by side in the batches.")
     sampler: str = Field(default=EncoderTrainingConfig.sampler, description="'product_line' (siblings as hard negatives) or 'random'.")
     seed: int = Field(default=EncoderTrainingConfig.seed, description="Seed of initialisation and batching.")
     finetune_image_blocks: int = Field(default=FinetuneConfig.image_blocks,
@@ -124,9 +130,12 @@ def agcl_encoder(
         batch_size=config.batch_size,
         learning_rate=config.vlm2vec_learning_rate if backend.kind == "vlm2vec" else config.learning_rate,
         sampler=config.sampler,
+        pairs_per_product=config.pairs_per_product,
+        bm25_tokenizer=config.bm25_tokenizer,
         seed=config.seed,
         device=device,
-        agcl=AGCLConfig(use_weights=config.use_attribute_weights, use_false_negative_mask=config.use_false_negative_mask, delta=config.delta),
+        agcl=AGCLConfig(use_weights=config.use_attribute_weights, use_false_negative_mask=config.use_false_negative_mask, delta=config.delta,
+                        bm25_normalisation=config.bm25_normalisation),
         head=DualTowerConfig(
             embed_dim=config.embed_dim,
             image_tower=feature_towers.image_model,

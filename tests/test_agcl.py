@@ -298,3 +298,53 @@ def test_agcl_step_benchmark_runs_and_writes_its_block(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "**ratio AGCL / InfoNCE**" in readme.read_text()
+
+
+@pytest.mark.parametrize("normalisation", ["positive", "zscore"])
+def test_normalised_bm25_matches_hand_computation(normalisation):
+    queries, candidates, bm25, same = hand_made_batch()
+    if normalisation == "positive":
+        scaled = [[value / row[i] for value in row] for i, row in enumerate(bm25.tolist())]
+    else:
+        scaled = []
+        for row in bm25.tolist():
+            mean = sum(row) / len(row)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in row) / len(row))
+            scaled.append([(v - mean) / sd for v in row])
+    loss_fn = AGCLLoss(AGCLConfig(bm25_normalisation=normalisation, symmetric=False))
+    out = loss_fn(queries, candidates, 0.1, bm25, same)
+    s = (queries @ candidates.T).tolist()
+    expected, _ = hand_loss(s, 0.1, scaled, same.tolist(), True, True, 0.1)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    # Raw BM25 of facts shared in the batch saturates tanh (every weight ~e^2); a normalised row keeps them apart.
+    from afmrl_dagster.training.agcl import bm25_log_weights
+
+    saturated = torch.tensor([[9.0, 6.0, 4.0, 3.0]] * 4)
+    raw = bm25_log_weights(saturated).exp()[0]
+    spread = bm25_log_weights(saturated, normalisation=normalisation).exp()[0]
+    assert raw.max() / raw.min() < 1.02 and spread.max() / spread.min() > 1.4
+    with pytest.raises(ValueError, match="bm25_normalisation"):
+        AGCLConfig(bm25_normalisation="softmax")
+
+
+def test_normalisation_of_rows_without_overlap_gives_equal_weights():
+    from afmrl_dagster.training.agcl import normalise_bm25
+
+    bm25 = torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    assert normalise_bm25(bm25, "positive").tolist() == [[0.0, 0.0], [1.0, 1.0]]  # row 0's positive shares nothing
+    assert normalise_bm25(bm25, "zscore")[1].tolist() == [0.0, 0.0]  # a constant row
+
+
+def test_sampler_draws_several_pairs_of_a_product_into_one_batch():
+    product_ids = [f"p{i // 4}" for i in range(32)]  # 8 products of 4 listings
+    lines = ["a"] * 32
+    sampler = ProductBatchSampler(product_ids, lines, batch_size=8, seed=1, pairs_per_product=4)
+    assert len(sampler) == 4
+    batches = sampler.epoch(0)
+    assert sum(len(a) for a, _ in batches) == 32
+    for anchors, positives in batches:
+        products = [product_ids[i] for i in anchors]
+        assert products == [product_ids[i] for i in positives] and all(a != p for a, p in zip(anchors, positives))
+        assert len(set(products)) == 2  # 4 pairs each of 2 products: several views of a product per batch
+    with pytest.raises(ValueError, match="pairs_per_product"):
+        EncoderTrainingConfig(pairs_per_product=0)

@@ -8,6 +8,9 @@ between their attribute texts:
     L_i  = -log( w_ii e^{s_ii/tau} / (w_ii e^{s_ii/tau} + sum_{j in N_i} w_ij e^{s_ij/tau}) )
 
 computed as a log-sum-exp over logits s/tau + log w with excluded entries at -inf.
+``AGCLConfig.bm25_normalisation`` puts each row of B on a scale first (``raw`` = the paper's
+formula, the default; ``positive``: B_ij / B_ii; ``zscore``: standardised within the row):
+the fair test (``benchmarks/quality.py``) found neither beating the raw form on validation.
 With weights and mask switched off this is plain InfoNCE (the baseline); listings of the
 same product are never negatives in either case.
 """
@@ -36,16 +39,45 @@ class AGCLConfig:
     # its own BM25). With False the positive keeps the lowest weight e, so a negative whose
     # attributes overlap the query's outweighs the positive instead of matching it.
     weight_positive: bool = True
+    # How each row of B is put on a scale before tanh ("raw" = the paper's formula). Raw BM25
+    # of texts sharing a rare fact is often > 2, where tanh saturates; "positive" divides row
+    # i by its positive's score B_ii (a share of what the true match shares), "zscore"
+    # standardises row i over its candidates (the spread of the batch, whatever the scale).
+    bm25_normalisation: str = "raw"
 
     def __post_init__(self) -> None:
+        if self.bm25_normalisation not in BM25_NORMALISATIONS:
+            raise ValueError(f"bm25_normalisation must be one of {BM25_NORMALISATIONS}, got {self.bm25_normalisation!r}")
         if not -2.0 <= self.delta <= 2.0:
             raise ValueError(f"delta compares cosine similarities and must be in [-2, 2], got {self.delta}")
         if self.bm25_scale <= 0:
             raise ValueError(f"bm25_scale must be > 0, got {self.bm25_scale}")
 
 
-def bm25_log_weights(bm25: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """log w = 1 + tanh(scale * B): weights lie in [e, e^2)."""
+BM25_NORMALISATIONS = ("raw", "positive", "zscore")
+
+
+def normalise_bm25(bm25: torch.Tensor, normalisation: str = "raw") -> torch.Tensor:
+    """Row-wise scale of a square BM25 matrix whose diagonal holds each row's positive.
+
+    ``raw``: unchanged. ``positive``: ``B_ij / B_ii`` (a row whose positive shares nothing
+    becomes 0, every weight equal). ``zscore``: ``(B_ij - mean_i) / sd_i`` over row i (0 for a
+    constant row)."""
+    if normalisation == "raw":
+        return bm25
+    if normalisation == "positive":
+        own = bm25.diagonal().unsqueeze(1)
+        return torch.where(own > 0, bm25 / own.clamp_min(1e-12), torch.zeros_like(bm25))
+    if normalisation == "zscore":
+        mean = bm25.mean(dim=1, keepdim=True)
+        sd = bm25.std(dim=1, unbiased=False, keepdim=True)
+        return torch.where(sd > 1e-6, (bm25 - mean) / sd.clamp_min(1e-6), torch.zeros_like(bm25))
+    raise ValueError(f"unknown BM25 normalisation {normalisation!r}; expected one of {BM25_NORMALISATIONS}")
+
+
+def bm25_log_weights(bm25: torch.Tensor, scale: float = 1.0, normalisation: str = "raw") -> torch.Tensor:
+    """log w = 1 + tanh(scale * normalised B): weights lie in [e, e^2) raw, in (1, e^2) z-scored."""
+    bm25 = normalise_bm25(bm25, normalisation)
     return 1.0 + torch.tanh(bm25 * scale if scale != 1.0 else bm25)
 
 
@@ -68,7 +100,7 @@ class AGCLLoss(nn.Module):
             excluded = excluded | ((detached > detached.diagonal().unsqueeze(1) + self.config.delta) & off_diagonal)
         logits = similarity / temperature
         if self.config.use_weights:
-            log_weights = bm25_log_weights(bm25.to(logits.dtype), self.config.bm25_scale)
+            log_weights = bm25_log_weights(bm25.to(logits.dtype), self.config.bm25_scale, self.config.bm25_normalisation)
             if not self.config.weight_positive:
                 log_weights = log_weights.masked_fill(~off_diagonal, 1.0)
             logits = logits + log_weights

@@ -65,6 +65,9 @@ class EncoderTrainingConfig:
     warmup_fraction: float = 0.1
     grad_accumulation: int = 1
     sampler: str = "product_line"
+    # Pairs drawn per product in an epoch, adjacent in the sampler's order (so mostly in one
+    # batch): more steps per epoch and several views of a product per batch on small catalogs.
+    pairs_per_product: int = 1
     seed: int = 0
     agcl: AGCLConfig = field(default_factory=AGCLConfig)
     head: DualTowerConfig = field(default_factory=DualTowerConfig)
@@ -96,6 +99,8 @@ class EncoderTrainingConfig:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.pairs_per_product < 1:
+            raise ValueError(f"pairs_per_product must be >= 1, got {self.pairs_per_product}")
         if self.bm25_tokenizer not in TOKENIZERS:
             raise ValueError(f"bm25_tokenizer must be one of {sorted(TOKENIZERS)}, got {self.bm25_tokenizer!r}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -130,22 +135,27 @@ class TrainingResult:
 
 
 class ProductBatchSampler:
-    """Batches of (anchor, positive) listing indices of distinct products; one pass over products per epoch.
+    """Batches of (anchor, positive) listing indices; one pass over products per epoch.
 
-    Products with a single listing have no positive and are skipped as anchors. In
+    Each product gives ``pairs_per_product`` pairs an epoch, next to each other in the order
+    (so a batch holds several views of it; the loss never counts two listings of one product
+    as negatives). Products with a single listing have no positive and are skipped. In
     ``product_line`` mode the products of a line are kept together (lines in random order,
     products shuffled within), so most batches hold siblings from one line; ``random``
     mode shuffles all products.
     """
 
-    def __init__(self, product_ids: Sequence[str], product_lines: Sequence[str], batch_size: int, mode: str = "product_line", seed: int = 0):
+    def __init__(self, product_ids: Sequence[str], product_lines: Sequence[str], batch_size: int, mode: str = "product_line", seed: int = 0,
+                 pairs_per_product: int = 1):
         if len(product_ids) != len(product_lines):
             raise ValueError(f"{len(product_ids)} product ids but {len(product_lines)} product lines")
         if mode not in SAMPLERS:
             raise ValueError(f"mode must be one of {SAMPLERS}, got {mode!r}")
         if batch_size < 2:
             raise ValueError(f"batch_size must be >= 2, got {batch_size}")
-        self.batch_size, self.mode, self.seed = batch_size, mode, seed
+        if pairs_per_product < 1:
+            raise ValueError(f"pairs_per_product must be >= 1, got {pairs_per_product}")
+        self.batch_size, self.mode, self.seed, self.pairs_per_product = batch_size, mode, seed, pairs_per_product
         products, codes = np.unique(np.asarray(product_ids, dtype=object).astype(str), return_inverse=True)
         order = np.argsort(codes, kind="stable")
         counts = np.bincount(codes, minlength=len(products))
@@ -160,7 +170,7 @@ class ProductBatchSampler:
             raise ValueError(f"need at least 2 products with 2+ listings to form contrastive pairs, found {self.num_products}")
 
     def __len__(self) -> int:
-        full, rest = divmod(self.num_products, self.batch_size)
+        full, rest = divmod(self.num_products * self.pairs_per_product, self.batch_size)
         return full + (rest >= 2)
 
     def _product_order(self, rng: np.random.Generator) -> np.ndarray:
@@ -173,7 +183,7 @@ class ProductBatchSampler:
     def epoch(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The batches of epoch ``epoch`` (deterministic given the seed and the epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = self._product_order(rng)
+        order = np.repeat(self._product_order(rng), self.pairs_per_product)
         counts, starts = self._counts[order], self._starts[order]
         first = (rng.random(len(order)) * counts).astype(np.int64)
         # A second, different listing: shift by 1..count-1 places around the product's listings.
@@ -513,7 +523,7 @@ def train_listing_encoder(
         raise ValueError(
             f"{n} listings but {len(product_ids)} product ids, {len(product_lines)} lines, {len(attribute_texts)} attribute texts"
         )
-    sampler = ProductBatchSampler(product_ids, product_lines, config.batch_size, config.sampler, config.seed)
+    sampler = ProductBatchSampler(product_ids, product_lines, config.batch_size, config.sampler, config.seed, config.pairs_per_product)
     scorer = BM25Scorer(attribute_texts, tokenizer=config.bm25_tokenizer) if config.agcl.use_weights else None
     _, product_codes = np.unique(np.asarray(product_ids, dtype=object).astype(str), return_inverse=True)
     loss_fn = AGCLLoss(config.agcl)

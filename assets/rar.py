@@ -35,6 +35,12 @@ class RARConfig(dg.Config):
         "(at least 5), since on a small catalog Recall@50 is 1 for nearly every output and GRPO would get no signal.",
     )
     invalid_reward: float = Field(default=RARSettings.invalid_reward, description="Reward of output that does not parse.")
+    reward: str = Field(
+        default=RARSettings.reward,
+        description="recall (Recall@reward_k, the paper's), reciprocal_rank (1 / rank of the first true match) or margin "
+        "(cosine of the best true match minus the best wrong one): the graded kinds still differ between samples "
+        "when every sample of a group finds the product in the top k.",
+    )
     seed: int = Field(default=GRPOConfig.seed, description="Seed of query sampling and generation.")
     hf_learning_rate: float = Field(default=HFRARSettings.hf_learning_rate,
                                     description="hf-vlm generator: learning rate of its LoRA adapter (learning_rate is the compact one's).")
@@ -121,7 +127,7 @@ def rar_generator(
         outcome = refine_writer_with_rar(
             writer, encoder, queries, [product_ids[i] for i in train_rows], reward_gallery, grpo,
             reward_k=reward_k, invalid_reward=config.invalid_reward, hf=HFRARSettings(hf_learning_rate=config.hf_learning_rate),
-            on_step=on_step,
+            on_step=on_step, reward_kind=RARSettings(reward=config.reward).reward,
         )
         policy, history = outcome.policy, outcome.history
         reward_first, reward_last = reward_trend(history)

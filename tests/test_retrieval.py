@@ -224,3 +224,43 @@ def test_reward_for_query_without_positives_and_input_checks(reward_setup):
         reward(np.array([0, 1]), [["{}"], ["{}", "{}"]])
     with pytest.raises(ValueError, match="groups"):
         reward(np.array([0]), [["{}"], ["{}"]])
+
+
+def naive_graded(setup, query, text, kind):
+    """Reciprocal rank of the first true match, or the cosine margin over the best wrong listing."""
+    reward, featurizer, head, gallery, products, listings, query_image = setup
+    parsed = parse_attributes(text, reward.vocabulary)
+    if not parsed.is_valid:
+        return -0.1
+    with torch.inference_mode():
+        embedding = head(
+            torch.from_numpy(query_image[query : query + 1]), torch.ones(1, dtype=torch.bool),
+            torch.from_numpy(featurizer.encode([listing_text(reward.query_titles[query], parsed.attributes)])),
+        ).numpy()[0]
+    own = listings.index(reward_query_listing(query))
+    scores = {i: float(gallery[i] @ embedding) for i in range(len(gallery)) if i != own}
+    true = max(s for i, s in scores.items() if products[i] == products[own])
+    wrong = max(s for i, s in scores.items() if products[i] != products[own])
+    if kind == "margin":
+        return true - wrong
+    return 1.0 / (1 + sum(s > true for s in scores.values()))
+
+
+@pytest.mark.parametrize("kind", ["reciprocal_rank", "margin"])
+def test_graded_rewards_match_naive_recomputation_and_separate_what_recall_ties(reward_setup, kind):
+    recall = reward_setup[0]
+    graded = RetrievalReward(
+        reward_setup[2], reward_setup[1], recall.query_titles, reward_setup[6], np.ones(3, dtype=bool),
+        ["shirt-red", "shirt-blue", "mug"], ["red-0", "blue-0", "mug-0"], reward_setup[3], reward_setup[4], reward_setup[5],
+        k=2, vocabulary={"colour", "size", "material"}, kind=kind,
+    )
+    texts = [['{"colour": "red"}', '{"colour": "blue"}', '{"colour": "red", "size": "xl"}', "nope"]]
+    rewards = graded(np.array([0]), texts)
+    expected = [naive_graded(reward_setup, 0, t, kind) for t in texts[0]]
+    np.testing.assert_allclose(rewards[0], expected, atol=1e-5)
+    assert rewards[0, 3] == pytest.approx(-0.1)
+    # A wrong colour still ranks the true product somewhere: graded, not a flat 0 as Recall@2 gives.
+    assert recall(np.array([0]), texts)[0, 1] == 0.0 and rewards[0, 1] != rewards[0, 0]
+    with pytest.raises(ValueError, match="reward kind"):
+        RetrievalReward(reward_setup[2], reward_setup[1], recall.query_titles, reward_setup[6], np.ones(3, dtype=bool),
+                        ["a", "b", "c"], ["x", "y", "z"], reward_setup[3], reward_setup[4], reward_setup[5], kind="ndcg")

@@ -4,7 +4,13 @@ For each generated text: parse it strictly (unparseable -> ``invalid_reward``), 
 attributes to the query's title, embed the query with the frozen Stage-1 encoder (any backend:
 the head over the frozen towers re-embeds only the text; a fine-tuned or VLM2Vec encoder reads
 the photo and the text again), search the gallery exactly (the query's own listing excluded)
-and score the fraction of the query's positives in the top k (method.md: Recall@50).
+and score it by one of :data:`REWARD_KINDS`:
+
+- ``recall``: the fraction of the query's positives in the top k (method.md: Recall@50);
+- ``reciprocal_rank``: 1 / rank of the query's first true match in the whole gallery, graded
+  where Recall@k is saturated (every sample of a group finds the product in the top k);
+- ``margin``: cosine of the best true match minus that of the best wrong listing, in [-2, 2],
+  which differs between any two samples that move the query at all.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from ..encoders.towers import TextFeaturizer
 from .metrics import top_indices
 
 INVALID_REWARD = -0.1  # reward of a generated text that does not parse (the pipeline's default)
+REWARD_KINDS = ("recall", "reciprocal_rank", "margin")
 
 
 class RetrievalReward:
@@ -41,6 +48,7 @@ class RetrievalReward:
         k: int = 50,
         invalid_reward: float = INVALID_REWARD,
         vocabulary: set[str] | None = None,
+        kind: str = "recall",
     ):
         """The reward through a head over the frozen towers: the queries' image features are
         given, the text tower embeds each title + sampled attributes (see :meth:`for_encoder`
@@ -52,7 +60,7 @@ class RetrievalReward:
         features = ListingFeatures(list(query_listing_ids), image, query_image_mask, np.zeros((n, 1), np.float32))
         queries = ListingInputs(list(query_listing_ids), list(query_titles), features=features, text_features_current=False)
         self._setup(FrozenTowerEncoder(head).use_text_featurizer(text_featurizer), queries, query_product_ids, gallery_embeddings,
-                    gallery_product_ids, gallery_listing_ids, k, invalid_reward, vocabulary)
+                    gallery_product_ids, gallery_listing_ids, k, invalid_reward, vocabulary, kind)
 
     @classmethod
     def for_encoder(
@@ -66,6 +74,7 @@ class RetrievalReward:
         k: int = 50,
         invalid_reward: float = INVALID_REWARD,
         vocabulary: set[str] | None = None,
+        kind: str = "recall",
     ) -> RetrievalReward:
         """The reward through any frozen :class:`ListingEncoder`; ``queries`` are the query
         listings as that encoder reads them (their own attributes are replaced by each sample)."""
@@ -73,11 +82,14 @@ class RetrievalReward:
             raise ValueError(f"{len(queries)} queries but {len(query_product_ids)} product ids")
         reward = cls.__new__(cls)
         reward._setup(encoder, queries, query_product_ids, gallery_embeddings, gallery_product_ids, gallery_listing_ids, k,
-                      invalid_reward, vocabulary)
+                      invalid_reward, vocabulary, kind)
         return reward
 
     def _setup(self, encoder, queries, query_product_ids, gallery_embeddings, gallery_product_ids, gallery_listing_ids, k,
-               invalid_reward, vocabulary) -> None:
+               invalid_reward, vocabulary, kind="recall") -> None:
+        if kind not in REWARD_KINDS:
+            raise ValueError(f"reward kind must be one of {REWARD_KINDS}, got {kind!r}")
+        self.kind = kind
         if not (len(gallery_embeddings) == len(gallery_product_ids) == len(gallery_listing_ids)):
             raise ValueError("gallery embeddings, product ids and listing ids must align")
         if k < 1:
@@ -105,16 +117,32 @@ class RetrievalReward:
         self.last_stats: dict[str, float] = {}
 
     def _recall(self, embeddings: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Fraction of each query's positives in its top k, for ``embeddings`` of those ``queries``."""
+        """The reward of :attr:`kind` for ``embeddings`` of those ``queries`` (0 for a query
+        without a positive in the gallery)."""
         scores = embeddings @ self.gallery.T
         own = self.query_gallery_row[queries]
         has_own = own >= 0
         scores[has_own.nonzero()[:, 0].to(self.device), own[has_own].to(self.device)] = float("-inf")
+        if self.kind != "recall":
+            return self._graded(scores.cpu(), queries)
         depth = min(self.k, len(self.gallery))
         top = top_indices(scores.cpu(), depth)
         hits = (self.gallery_products[top] == self.query_products[queries].unsqueeze(1)).sum(1).float()
         relevant = self.num_positives[queries]
         return torch.where(relevant > 0, hits / relevant.clamp(1, self.k).float(), torch.zeros_like(hits))
+
+    def _graded(self, scores: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Reciprocal rank of the first true match, or its cosine margin over the best wrong listing."""
+        positive = self.gallery_products.unsqueeze(0) == self.query_products[queries].unsqueeze(1)
+        best_true = scores.masked_fill(~positive, float("-inf")).max(dim=1).values
+        best_wrong = scores.masked_fill(positive, float("-inf")).max(dim=1).values
+        relevant = self.num_positives[queries] > 0
+        if self.kind == "reciprocal_rank":
+            rank = (scores > best_true.unsqueeze(1)).sum(dim=1) + 1
+            value = 1.0 / rank.float()
+        else:
+            value = best_true - best_wrong.clamp_min(-1.0)
+        return torch.where(relevant, value.float(), torch.zeros_like(value, dtype=torch.float32))
 
     def __call__(self, query_indices: np.ndarray, texts: list[list[str]]) -> np.ndarray:
         """Rewards ``float32 [len(query_indices), G]``; all valid outputs are embedded in one ``embed`` call."""

@@ -20,7 +20,7 @@ from ..catalog.splits import holdout_products
 from ..encoders.dual_tower import DualTowerHead, ListingFeatures
 from ..encoders.listing_encoder import FrozenTowerEncoder, ListingEncoder, ListingInputs
 from ..encoders.towers import TextFeaturizer
-from ..retrieval.reward import INVALID_REWARD, RetrievalReward
+from ..retrieval.reward import INVALID_REWARD, REWARD_KINDS, RetrievalReward
 from .agcl import AGCLConfig
 from .encoder_training import EncoderTrainingConfig, TrainingResult, train_listing_encoder
 from .generator_sft import SFTConfig, train_generator_sft
@@ -83,6 +83,11 @@ class RARSettings:
 
     reward_k: int = 0  # reward = Recall@reward_k; 0 = default_reward_k(gallery size)
     invalid_reward: float = INVALID_REWARD
+    reward: str = "recall"  # one of REWARD_KINDS: recall (Recall@reward_k), reciprocal_rank, margin
+
+    def __post_init__(self) -> None:
+        if self.reward not in REWARD_KINDS:
+            raise ValueError(f"reward must be one of {REWARD_KINDS}, got {self.reward!r}")
 
 
 @dataclass
@@ -108,6 +113,7 @@ def refine_with_rar(
     reward_k: int | None = None,
     invalid_reward: float = RARSettings.invalid_reward,
     on_step: Callable[[dict], None] | None = None,
+    reward_kind: str = RARSettings.reward,
 ) -> tuple[AttributeGenerator, list[dict]]:
     """RAR: a copy of the distilled generator ``reference`` trained with GRPO.
 
@@ -120,7 +126,7 @@ def refine_with_rar(
     reward = RetrievalReward(
         head, text_featurizer, list(query_titles), queries.image, queries.image_mask, list(query_product_ids),
         list(queries.listing_ids), gallery.embeddings, list(gallery.product_ids), list(gallery.listing_ids),
-        k=reward_k or default_reward_k(len(gallery.listing_ids)), invalid_reward=invalid_reward,
+        k=reward_k or default_reward_k(len(gallery.listing_ids)), invalid_reward=invalid_reward, kind=reward_kind,
     )
     policy = copy.deepcopy(reference)
     history = train_grpo(policy, reference, vocabulary, queries.image, queries.image_mask, queries.text, reward, config, on_step=on_step)
@@ -128,23 +134,26 @@ def refine_with_rar(
 
 
 def rar_reward(encoder: ListingEncoder, queries: ListingInputs, query_product_ids: Sequence[str], gallery: RARGallery,
-               reward_k: int | None = None, invalid_reward: float = RARSettings.invalid_reward) -> RetrievalReward:
+               reward_k: int | None = None, invalid_reward: float = RARSettings.invalid_reward,
+               reward_kind: str = RARSettings.reward) -> RetrievalReward:
     """RAR's reward over ``queries`` through the frozen stage-1 ``encoder`` (any backend):
-    Recall@``reward_k`` of the query's product with each sampled attribute set appended."""
+    ``reward_kind`` (Recall@``reward_k`` by default) of the query's product with each sampled
+    attribute set appended."""
     return RetrievalReward.for_encoder(
         encoder, queries, list(query_product_ids), gallery.embeddings, list(gallery.product_ids), list(gallery.listing_ids),
-        k=reward_k or default_reward_k(len(gallery.listing_ids)), invalid_reward=invalid_reward,
+        k=reward_k or default_reward_k(len(gallery.listing_ids)), invalid_reward=invalid_reward, kind=reward_kind,
     )
 
 
 def refine_writer_with_rar(writer, encoder: ListingEncoder, queries: ListingInputs, query_product_ids: Sequence[str],
                            gallery: RARGallery, config: GRPOConfig, reward_k: int | None = None,
-                           invalid_reward: float = RARSettings.invalid_reward, hf=None, on_step: Callable[[dict], None] | None = None):
+                           invalid_reward: float = RARSettings.invalid_reward, hf=None, on_step: Callable[[dict], None] | None = None,
+                           reward_kind: str = RARSettings.reward):
     """RAR of a distilled writer of any kind (:mod:`.generator_backends`): GRPO rewarded by
     retrieval through the frozen ``encoder``; returns its :class:`~.generator_backends.RAROutcome`."""
     from .generator_backends import HFRARSettings
 
-    reward = rar_reward(encoder, queries, query_product_ids, gallery, reward_k, invalid_reward)
+    reward = rar_reward(encoder, queries, query_product_ids, gallery, reward_k, invalid_reward, reward_kind)
     return writer.refine(queries, reward, config, hf or HFRARSettings(), on_step=on_step)
 
 

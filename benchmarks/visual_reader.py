@@ -28,25 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from afmrl_dagster.attributes.visual_reader import (
-    DEFAULT_MAX_SIDE,
-    ReadWord,
-    attributes_from_words,
-    decode_capped,
-    dominant_colour,
-    fold,
-    lexicon_from_catalog,
-    read_words,
-)
+from afmrl_dagster.attributes.visual_reader import WordCache, attributes_from_words, lexicon_from_catalog
 from afmrl_dagster.catalog.loaders import load_grocery
 from afmrl_dagster.catalog.schema import seller_attributes_dict
 from afmrl_dagster.catalog.loaders import grocery_split_listing_ids
@@ -54,7 +43,7 @@ from afmrl_dagster.evaluation.protocols import GROCERY_ICONIC_PREFIX
 from afmrl_dagster.local_files import write_text_atomically
 from afmrl_dagster.readme import publish_result
 from afmrl_dagster.settings import Settings
-from afmrl_dagster.storage import content_hash
+from afmrl_dagster.retrieval.text_fusion import TrigramBM25
 
 BLOCK = "visual-reader"  # docs/results.md markers <!-- visual-reader:start --> ... <!-- visual-reader:end -->
 ALPHAS = [round(0.05 * i, 2) for i in range(31)]
@@ -63,65 +52,6 @@ BOOTSTRAP = 2000
 
 def log(message: str) -> None:
     print(f"visual-reader: {message}", file=sys.stderr, flush=True)
-
-
-class OcrCache:
-    """Words read per image, by content hash, one JSON file per image."""
-
-    def __init__(self, folder: str):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.seconds, self.read = 0.0, 0
-
-    def words(self, data: bytes) -> tuple[list[ReadWord], str]:
-        path = self.folder / f"{content_hash(data, str(DEFAULT_MAX_SIDE))[:32]}.json"
-        if path.is_file():
-            cached = json.loads(path.read_text())
-            return [ReadWord(**word) for word in cached["words"]], cached["colour"]
-        started = time.perf_counter()
-        image = decode_capped(data)
-        words, colour = read_words(image), dominant_colour(image)
-        self.seconds += time.perf_counter() - started
-        self.read += 1
-        write_text_atomically(path, json.dumps({"words": [w.__dict__ for w in words], "colour": colour}))
-        return words, colour
-
-
-def trigram_bag(text: str) -> Counter:
-    """Char trigrams of each folded word padded with spaces (word starts and ends count)."""
-    grams: Counter = Counter()
-    for word in fold(text).split():
-        padded = f" {word} "
-        grams.update(padded[i : i + 3] for i in range(len(padded) - 2))
-    return grams
-
-
-class TrigramBM25:
-    def __init__(self, documents: list[str], k1: float = 1.2, b: float = 0.75):
-        self.bags = [trigram_bag(doc) for doc in documents]
-        self.lengths = np.array([sum(bag.values()) for bag in self.bags], dtype=np.float64)
-        self.mean_length = max(self.lengths.mean(), 1.0)
-        df: Counter = Counter(gram for bag in self.bags for gram in bag)
-        n = len(documents)
-        self.idf = {gram: math.log(1 + (n - count + 0.5) / (count + 0.5)) for gram, count in df.items()}
-        self.k1, self.b = k1, b
-
-    def scores(self, query: str) -> np.ndarray:
-        out = np.zeros(len(self.bags))
-        for gram in set(trigram_bag(query)):
-            idf = self.idf.get(gram)
-            if idf is None:
-                continue
-            for j, bag in enumerate(self.bags):
-                tf = bag.get(gram, 0)
-                if tf:
-                    out[j] += idf * tf * (self.k1 + 1) / (tf + self.k1 * (1 - self.b + self.b * self.lengths[j] / self.mean_length))
-        return out
-
-
-def scaled(scores: np.ndarray) -> np.ndarray:
-    low, high = scores.min(axis=1, keepdims=True), scores.max(axis=1, keepdims=True)
-    return np.where(high > low, (scores - low) / np.maximum(high - low, 1e-12), 0.0)
 
 
 def hits(image_scores: np.ndarray, text_scores: np.ndarray, alpha: float, truth: np.ndarray) -> np.ndarray:
@@ -163,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({len(packages)} Packages)")
 
     # the reader, once per image (cached on disk)
-    ocr = OcrCache(args.cache)
+    ocr = WordCache(args.cache)
     lexicon = lexicon_from_catalog(iconic)
     texts: dict[str, tuple[str, str]] = {}
     for frame in (queries, pool):
@@ -203,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             image = embed(frame) @ gallery_vectors[columns].T
             truth = np.array([column_of[product_index[p]] for p in frame["product_id"].to_list()])
             listing_ids = frame["listing_id"].to_list()
-            text = {variant: scaled(np.stack([bm25.scores(texts[i][v]) for i in listing_ids])) for v, variant in enumerate(("attributes", "words"))}
+            text = {variant: bm25.matrix([texts[i][v] for i in listing_ids]) for v, variant in enumerate(("attributes", "words"))}
             return image, text, truth
 
         q_image, q_text, q_truth = arrays(queries)

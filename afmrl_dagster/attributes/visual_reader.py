@@ -29,11 +29,14 @@ image bytes are also remembered, so a changed lexicon costs no second OCR pass.
 from __future__ import annotations
 
 import io
+import json
 import re
 import threading
+import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
@@ -42,6 +45,7 @@ from PIL import Image
 
 from ..catalog.images import COLOURS
 from ..catalog.schema import seller_attributes_dict
+from ..local_files import write_text_atomically
 from ..storage import content_hash
 from .format import MAX_KEYS, MAX_VALUE_CHARS, attributes_to_json, normalize_attributes
 from .teacher import title_facts
@@ -235,6 +239,31 @@ def attributes_from_words(words: Iterable[ReadWord], lexicon: Lexicon | None = N
         attributes["text_on_pack"] = " ".join(bag)
     normalised = normalize_attributes({key: value[:MAX_VALUE_CHARS] for key, value in attributes.items()})
     return dict(list(normalised.items())[:MAX_KEYS])
+
+
+class WordCache:
+    """Words read per image and its dominant colour, on disk by image content (one JSON file
+    each), so an experiment that reads the same photos again runs no OCR: ``read`` counts the
+    images read this time and ``seconds`` their OCR time."""
+
+    def __init__(self, folder: str | Path, threads: int = DEFAULT_THREADS, max_side: int = DEFAULT_MAX_SIDE):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.threads, self.max_side = threads, max_side
+        self.seconds, self.read = 0.0, 0
+
+    def words(self, data: bytes) -> tuple[list[ReadWord], str]:
+        path = self.folder / f"{content_hash(data, str(self.max_side))[:32]}.json"
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            return [ReadWord(**word) for word in cached["words"]], cached["colour"]
+        started = time.perf_counter()
+        image = decode_capped(data, self.max_side)
+        words, colour = read_words(image, self.threads), dominant_colour(image)
+        self.seconds += time.perf_counter() - started
+        self.read += 1
+        write_text_atomically(path, json.dumps({"words": [w.__dict__ for w in words], "colour": colour}))
+        return words, colour
 
 
 # ---- the teacher -------------------------------------------------------------------------------

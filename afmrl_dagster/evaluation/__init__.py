@@ -8,6 +8,7 @@
 - ``encoders``: the encoder a spec names (``zero-shot``, ``champion``, a head folder, an MLflow
   URI) and the embeddings it gives a plan's listings.
 - ``scoring``: metrics of embeddings per part, per plan, and of a registered version as it serves.
+- ``statistics``: per-query ranks, bootstrap intervals and paired differences.
 - ``report``: the JSON record of ``afmrl evaluate`` and the markdown tables.
 
 Names are imported from their submodule on first use (:mod:`afmrl_dagster.lazy_exports`).
@@ -23,4 +24,5 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "report": ["REPORTED_METRICS", "RETRIEVAL_COLUMNS", "evaluation_report", "report_markdown", "results_markdown"],
     "scoring": ["KNN_K", "evaluate_embeddings", "evaluate_parts", "evaluation_set_fingerprint", "score_plan", "score_registered_version"],
     "splits": ["HeldOutSplit", "PARTS"],
+    "statistics": ["Estimate", "bootstrap_interval", "estimate", "first_match_ranks", "paired_difference", "ranks_from_scores"],
 })

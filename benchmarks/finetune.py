@@ -41,6 +41,7 @@ from afmrl_dagster.encoders.finetune import new_finetuned_encoder
 from afmrl_dagster.encoders.listing_encoder import ListingInputs
 from afmrl_dagster.evaluation.protocols import GROCERY_ICONIC_PREFIX
 from afmrl_dagster.evaluation.splits import HeldOutSplit
+from afmrl_dagster.evaluation.statistics import bootstrap_interval
 from afmrl_dagster.experiments.quality_ladder import WDC_TRAIN_FILES, load_ladder_dataset, seller_attributes
 from afmrl_dagster.local_files import write_text_atomically
 from afmrl_dagster.readme import publish_result
@@ -68,12 +69,13 @@ def grocery_task(root: Path, photos_per_product: int) -> dict:
     photos = train.filter(~pl.col("listing_id").str.starts_with(GROCERY_ICONIC_PREFIX)).sort("listing_id")
     photos = photos.group_by("product_id", maintain_order=True).head(photos_per_product).select(train.columns)
     train = pl.concat([iconic, photos]).sort("listing_id")
-    queries = dataset.plan.listings.filter(pl.col("listing_id").is_in(list(dataset.plan.query_ids))
+    queries = dataset.validation.listings.filter(pl.col("listing_id").is_in(list(dataset.validation.query_ids))
                                            & pl.col("product_id").is_in(packages)).sort("listing_id")
     return {
         "name": "grocery", "products": "closed set",
         "note": (f"the {len(packages)} Packages/ products; train on {photos.height} store photos (at most {photos_per_product} per product) "
-                 f"and {iconic.height} catalog images; their {queries.height} val.txt photos are the validation queries "
+                 f"and {iconic.height} catalog images; their {queries.height} validation photos "
+                 "(half of val.txt; the other half is the ladder's test) are the queries "
                  "(new photos of trained products)"),
         "train": train, "train_texts": train["text"].to_list(), "queries": queries,
         "galleries": {"identical_product": train, "photo_to_catalog": iconic},
@@ -109,12 +111,6 @@ def hits_at_1(query_emb, query_ids, query_products, gallery_emb, gallery_ids, ga
             scores[i, position[listing_id]] = -np.inf
     best = scores.argmax(1)
     return np.array([gallery_products[j] == query_products[i] for i, j in enumerate(best)], dtype=float)
-
-
-def bootstrap(values: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (draws, len(values)))].mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def mean_sd(values: list[float], signed: bool = False) -> str:
@@ -193,7 +189,7 @@ def table(result: dict) -> str:
         cells = [arm, str(len(group))]
         cells += [mean_sd([r["recall@1"][g] for r in group]) for g in galleries]
         for g in galleries:
-            low, high = bootstrap(np.mean([r["hits"][g] for r in group], axis=0))
+            low, high = bootstrap_interval(np.mean([r["hits"][g] for r in group], axis=0))
             cells.append(f"{low:.3f} – {high:.3f}")
         if arm == ARMS[0]:
             cells += ["", ""]
@@ -201,7 +197,7 @@ def table(result: dict) -> str:
             base = {r["seed"]: r for r in by_arm[ARMS[0]]}
             deltas = [r["recall@1"][headline] - base[r["seed"]]["recall@1"][headline] for r in group]
             per_query = np.mean([np.array(r["hits"][headline]) - np.array(base[r["seed"]]["hits"][headline]) for r in group], axis=0)
-            low, high = bootstrap(per_query)
+            low, high = bootstrap_interval(per_query)
             cells += [mean_sd(deltas, signed=True), f"{low:+.3f} – {high:+.3f}"]
         cells += [f"{statistics.fmean(r['seconds_per_epoch'] for r in group):.2f}", f"{statistics.fmean(r['seconds'] for r in group):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

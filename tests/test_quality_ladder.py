@@ -1,4 +1,4 @@
-"""The ablation ladder: dataset protocols, the runs, the tables and the benchmark script."""
+"""The fair test of the claims: dataset parts, the runs, the statistics, the tables and the benchmark script."""
 
 from __future__ import annotations
 
@@ -12,23 +12,26 @@ import polars as pl
 import pytest
 
 from afmrl_dagster.experiments.attribute_ladder import ATTRIBUTE_ROWS, AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
+from afmrl_dagster.evaluation.statistics import first_match_ranks, paired_difference
 from afmrl_dagster.attributes.teacher import SellerAttributeTeacher, title_facts
 from afmrl_dagster.encoders.towers import DEFAULT_TEXT_MODEL, TextFeaturizer
-from afmrl_dagster.evaluation.scoring import score_plan
 from afmrl_dagster.training.attribute_stages import CITSettings, DistillationSettings
 from afmrl_dagster.training.grpo import GRPOConfig
 from afmrl_dagster.experiments.quality_ladder import (
-    ROWS,
+    ALL_ROWS,
+    PARTS,
     LadderSettings,
+    chosen_on_validation,
     dataset_features,
-    ladder_markdown,
     load_ladder_dataset,
-    paired_differences,
+    rank_metrics,
     run_ladder,
+    summarise,
+    unlink_duplicates,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SMALL_BUILTIN = "builtin:families=3,siblings=3,listings=4"
+SMALL_BUILTIN = "builtin:families=4,siblings=3,listings=4"
 
 
 def test_title_facts_reads_quantities_by_unit_family_and_model_codes():
@@ -61,12 +64,21 @@ def small_builtin(tmp_path_factory):
     return dataset, dataset_features(dataset, cache), cache
 
 
-def test_builtin_protocol_trains_and_queries_disjoint_products(small_builtin):
+def products_of(plan, ids):
+    return set(plan.listings.filter(pl.col("listing_id").is_in(list(ids)))["product_id"])
+
+
+def test_builtin_parts_hold_disjoint_products_and_a_part_never_searches_the_other(small_builtin):
     dataset, features, _ = small_builtin
-    query_products = set(dataset.plan.listings.filter(pl.col("listing_id").is_in(dataset.plan.query_ids))["product_id"])
-    assert query_products and not query_products & set(dataset.train["product_id"])
+    validation = products_of(dataset.validation, dataset.validation.query_ids)
+    test = products_of(dataset.test, dataset.test.query_ids)
+    trained = set(dataset.train["product_id"])
+    assert validation and test and not validation & test and not (validation | test) & trained
+    assert not products_of(dataset.test, dataset.test.tasks[0].gallery_ids) & validation
+    assert dataset.products == "unseen products"
     assert len(dataset.attribute_texts) == dataset.train.height and all(dataset.attribute_texts)
     assert features.listing_ids == dataset.listings()["listing_id"].to_list()
+    assert set(dataset.serving_attributes) >= set(dataset.listings()["listing_id"])
 
 
 def test_features_come_back_from_the_cache_unchanged(small_builtin):
@@ -77,29 +89,59 @@ def test_features_come_back_from_the_cache_unchanged(small_builtin):
     np.testing.assert_array_equal(again.text, features.text)
 
 
-def test_ladder_runs_every_row_over_every_seed(small_builtin):
+def test_first_match_ranks_skip_the_query_itself_and_count_what_outranks_the_true_match():
+    gallery = np.eye(4, dtype=np.float32)
+    queries = np.array([[1, 0.2, 0.5, 0], [0.9, 0.1, 0, 0], [0, 0, 0, 1]], dtype=np.float32)
+    ranks = first_match_ranks(queries, ["a", "b", "z"], gallery, ["a", "a", "b", "c"], ["q0", "q1", "q2"], ["q0", "g1", "g2", "g3"])
+    # q0 is gallery row 0 itself, so its true match is row 1, beaten by row 2; q1 (product b)
+    # finds row 2 behind rows 0 and 1; product z has no listing in the gallery.
+    assert ranks.tolist() == [2, 3, 0]
+    assert rank_metrics([1, 2, 0, 1]) == {"recall@1": 0.5, "recall@5": 0.75, "mrr": pytest.approx((1 + 0.5 + 0 + 1) / 4)}
+
+
+def test_paired_difference_resolves_a_consistent_gain_that_separate_intervals_would_not():
+    rng = np.random.default_rng(0)
+    baseline = (rng.random(400) < 0.6).astype(float)
+    treatment = baseline.copy()
+    flipped = rng.choice(np.flatnonzero(baseline == 0), 20, replace=False)
+    treatment[flipped] = 1.0  # 20 of 400 queries fixed, none broken: +0.05
+    delta = paired_difference(treatment, baseline)
+    assert delta.mean == pytest.approx(0.05) and delta.resolved and delta.low > 0.02
+    noise = paired_difference(rng.permutation(baseline), baseline)
+    assert not noise.resolved or abs(noise.mean) > 0.05
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_difference(treatment[:3], baseline)
+
+
+def test_unlinked_duplicates_split_only_products_with_four_listings():
+    products = ["a"] * 4 + ["b"] * 2 + ["c"] * 6
+    twins, split = unlink_duplicates(products, ["x"] * len(products), 0.5)
+    assert split == 1 and twins[4:6] == ["b", "b"]
+    changed = [p for p, q in zip(products, twins) if p != q]
+    assert changed and len(set(changed)) == 1 and twins.count(f"{changed[0]}#twin") == products.count(changed[0]) // 2
+
+
+def test_ladder_runs_every_row_over_every_seed_on_both_parts(small_builtin):
     dataset, features, _ = small_builtin
-    records = run_ladder(dataset, features, LadderSettings(seeds=(0, 1), training={"epochs": 20, "batch_size": 8}))
-    assert [(r["row"], r["seed"]) for r in records] == [(ROWS[0], None)] + [(row, seed) for row in ROWS[1:] for seed in (0, 1)]
+    settings = LadderSettings(seeds=(0, 1), training={"epochs": 6, "batch_size": 8})
+    records = run_ladder(dataset, features, settings, TextFeaturizer(DEFAULT_TEXT_MODEL))
+    assert [(r["row"], r["seed"]) for r in records] == [(ALL_ROWS[0], None)] + [(row, seed) for row in ALL_ROWS[1:] for seed in (0, 1)]
     assert all(r["final_loss"] < r["first_loss"] for r in records[1:])  # every row trained
-    r1 = {(r["row"], r["seed"]): r["metrics"]["identical_product"]["recall@1"] for r in records}
-    assert r1[("plain InfoNCE", 0)] != r1[("plain InfoNCE", 1)] or records[1]["final_loss"] != records[2]["final_loss"]
-    differences = paired_differences(records, "identical_product", "full AGCL")
-    assert differences == pytest.approx([r1[("full AGCL", s)] - r1[("plain InfoNCE", s)] for s in (0, 1)])
-    table = ladder_markdown("builtin", records)
-    assert table.count("\n") == 1 + len(ROWS)
-    assert f"| {ROWS[0]} | - | {r1[(ROWS[0], None)]:.3f} |" in table
-
-
-def test_ladder_table_reports_mean_sd_and_paired_difference():
-    def record(row, seed, r1):
-        return {"row": row, "seed": seed, "metrics": {"identical_product": {"recall@1": r1, "recall@5": 1.0, "map@10": 0.5, "mrr": 0.7}}}
-
-    records = [record("plain InfoNCE", 0, 0.50), record("plain InfoNCE", 1, 0.60), record("full AGCL", 0, 0.54), record("full AGCL", 1, 0.62)]
-    table = ladder_markdown("x", records)
-    assert "| plain InfoNCE | 2 | 0.550 ± 0.071 |" in table
-    assert "| full AGCL | 2 | 0.580 ± 0.057 |" in table
-    assert table.rstrip().endswith("+0.030 ± 0.014 |")  # differences 0.04 and 0.02
+    for record in records:
+        for part in PARTS:
+            ranks = record[part]["ranks"]["identical_product"]
+            assert len(ranks) == len(dataset.plan(part).query_ids) and min(ranks) >= 1
+    duplicated = [r for r in records if "unlinked" in r["row"]]
+    assert duplicated and all(r["unlinked_products"] > 0 for r in duplicated)
+    summary = summarise(records, "identical_product")
+    assert summary["plain InfoNCE"]["baseline"] == "zero-shot towers"
+    assert summary["AGCL mask only, unlinked duplicates"]["baseline"] == "plain InfoNCE, unlinked duplicates"
+    assert summary["plain InfoNCE"]["test_queries"] == len(dataset.test.query_ids)
+    choice = chosen_on_validation(records, "identical_product", ("plain InfoNCE", "AGCL, fact terms, z-scored BM25"))
+    best = max(("plain InfoNCE", "AGCL, fact terms, z-scored BM25"), key=lambda n: np.mean(summary[n]["validation_r1"]))
+    assert choice == best
+    zero = next(r for r in records if r["seed"] is None)
+    assert zero["test"]["metrics"]["identical_product"] == rank_metrics(zero["test"]["ranks"]["identical_product"])
 
 
 def test_unknown_rows_are_refused(small_builtin):
@@ -108,78 +150,70 @@ def test_unknown_rows_are_refused(small_builtin):
         run_ladder(dataset, features, LadderSettings(rows=("plain InfoNCE", "triplet")))
 
 
-def test_real_dataset_protocols_keep_test_listings_out_of_training(shared_data):
+def test_real_dataset_parts_keep_validation_and_test_out_of_training(shared_data):
     grocery = load_ladder_dataset(f"grocery:{shared_data / 'grocery_store'}")
-    val_photos = set(grocery.plan.query_ids)
-    assert val_photos and not val_photos & set(grocery.train["listing_id"])
-    assert any(grocery.attribute_texts) and "photo_to_catalog" in {task.name for task in grocery.plan.tasks}
-    assert grocery.plan.products == "closed set"
+    validation, test = set(grocery.validation.query_ids), set(grocery.test.query_ids)
+    assert validation and test and not validation & test and abs(len(validation) - len(test)) <= 1
+    assert not (validation | test) & set(grocery.train["listing_id"])
+    assert {task.name for task in grocery.test.tasks} == {"identical_product", "photo_to_catalog", "packages_to_catalog"}
+    assert grocery.products == "closed set" and grocery.serving_attributes is None
 
     wdc = load_ladder_dataset(f"wdc_products:{shared_data / 'wdc_products'}")
-    assert set(wdc.plan.query_ids) == set(wdc.plan.listings["listing_id"])
-    assert not set(wdc.plan.query_ids) & set(wdc.train["listing_id"])
-    assert wdc.plan.products == "closed set"  # new offers, but every gold-standard product has training offers
+    assert not set(wdc.validation.query_ids) & set(wdc.test.query_ids)
+    assert not (set(wdc.validation.query_ids) | set(wdc.test.query_ids)) & set(wdc.train["listing_id"])
+    assert wdc.products == "closed set"
 
     amazon_google = load_ladder_dataset(f"amazon_google:{shared_data / 'amazon_google'}")
-    query_products = set(amazon_google.plan.listings.filter(pl.col("listing_id").is_in(amazon_google.plan.query_ids))["product_id"])
-    assert query_products and not query_products & set(amazon_google.train["product_id"])
-    assert {task.name for task in amazon_google.plan.tasks} == {"amazon_to_google", "google_to_amazon"}
-    assert amazon_google.plan.products == "unseen products"
+    held = {part: products_of(amazon_google.plan(part), amazon_google.plan(part).query_ids) for part in PARTS}
+    assert held["validation"] and held["test"] and not held["validation"] & held["test"]
+    assert not (held["validation"] | held["test"]) & set(amazon_google.train["product_id"])
+    for task in amazon_google.test.tasks:
+        assert not products_of(amazon_google.test, task.gallery_ids) & held["validation"]
+    assert amazon_google.products == "unseen products"
 
 
-def test_benchmark_script_writes_json_and_the_readme_block(tmp_path):
+def test_benchmark_script_writes_json_claims_and_the_readme_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- quality-ladder:start -->\nold\n<!-- quality-ladder:end -->\ntail\n")
     out = tmp_path / "quality.json"
     done = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), "--datasets", "builtin", "--builtin", "builtin:families=2,siblings=2,listings=3",
-         "--seeds", "2", "--epochs", "3", "--rar-steps", "2", "--cache", str(tmp_path / "cache"), "--out", str(out), "--write-results", str(readme)],
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), "--datasets", "builtin", "--builtin", "builtin:families=2,siblings=2,listings=4",
+         "--seeds", "2", "--epochs", "3", "--rar-steps", "2", "--attribute-rows", "builtin", "--cache", str(tmp_path / "cache"),
+         "--out", str(out), "--write-results", str(readme)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["seeds"] == 2 and [d["dataset"] for d in report["datasets"]] == ["builtin"]
-    assert len(report["datasets"][0]["records"]) == 1 + (len(ROWS) - 1) * 2 + len(ATTRIBUTE_ROWS) * 2
+    assert len(report["datasets"][0]["records"]) == 1 + (len(ALL_ROWS) - 1) * 2 + len(ATTRIBUTE_ROWS) * 2
+    assert report["claims"][0]["dataset"] == "builtin" and report["reward"] == "reciprocal_rank"
     text = readme.read_text()
-    assert "old" not in text and "| full AGCL | 2 |" in text and text.endswith("<!-- quality-ladder:end -->\ntail\n")
-    assert "| + CIT | 2 |" in text and "RAR reward, first → last fifth of steps" in text
-    assert "Products: **unseen products**" in text and report["datasets"][0]["products"] == "unseen products"
+    assert "old" not in text and text.endswith("<!-- quality-ladder:end -->\ntail\n")
+    assert "| plain InfoNCE | baseline | 2 |" in text and "| + CIT | 3: CIT | 2 |" in text
+    assert "reward, first → last fifth of steps" in text and "Products: **unseen products**" in text
+    assert "**The claims**" in text
 
 
-def test_score_plan_embeds_queries_apart_from_the_gallery(small_builtin):
-    dataset, features, _ = small_builtin
-    rng = np.random.default_rng(0)
-    gallery = rng.normal(size=(dataset.plan.listings.height, 8)).astype(np.float32)
-    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)  # embeddings are unit vectors
-    same = score_plan(dataset.plan, gallery, query_embeddings=gallery.copy())
-    assert same == score_plan(dataset.plan, gallery)
-    # Queries moved onto a gallery listing of their own product find it first.
-    products = dataset.plan.listings["product_id"].to_list()
-    ids = dataset.plan.listings["listing_id"].to_list()
-    queries = gallery.copy()
-    for i, listing in enumerate(ids):
-        twin = next(j for j, p in enumerate(products) if p == products[i] and ids[j] != listing)
-        queries[i] = gallery[twin]
-    assert score_plan(dataset.plan, gallery, query_embeddings=queries)["identical_product"]["recall@1"] == 1.0
-    with pytest.raises(ValueError, match="differ in shape"):
-        score_plan(dataset.plan, gallery, query_embeddings=queries[:, :4])
-
-
-def test_attribute_chain_runs_distillation_rar_and_cit_per_seed(small_builtin):
+def test_attribute_chain_rewards_unseen_products_and_credits_cit_apart(small_builtin):
     dataset, features, _ = small_builtin
     chain = AttributeChainSettings(
         distillation=DistillationSettings(epochs=10, d_model=32, n_layers=1), grpo=GRPOConfig(steps=2, queries_per_step=4, group_size=4),
         cit=CITSettings(epochs=3),
     )
-    settings = LadderSettings(seeds=(0, 1), training={"epochs": 10, "batch_size": 8})
+    settings = LadderSettings(seeds=(0, 1), training={"epochs": 6, "batch_size": 8})
     records = run_attribute_chain(dataset, features, TextFeaturizer(DEFAULT_TEXT_MODEL), settings, chain)
     assert [(r["row"], r["seed"]) for r in records] == [(row, seed) for seed in (0, 1) for row in ATTRIBUTE_ROWS]
     by = {(r["row"], r["seed"]): r for r in records}
     for seed in (0, 1):
-        rar = by[("+ RAR", seed)]
-        assert rar["reward_k"] == 5 and np.isfinite(rar["final_kl"]) and -0.1 <= rar["reward_first_steps"] <= 1.0
-        assert by[("+ distilled generator attributes", seed)]["query_validity"] == 1.0  # constrained decoding
-        assert 0 < by[("+ CIT", seed)]["cit_listings"] < dataset.train.height
-        assert all(0.0 <= r["metrics"]["identical_product"]["recall@1"] <= 1.0 for r in records)
+        distilled, rar = by[("+ distilled generator attributes", seed)], by[("+ RAR", seed)]
+        assert distilled["validity"] == 1.0  # constrained decoding
+        assert distilled["stage_one_listings"] + distilled["reward_listings"] == dataset.train.height
+        assert rar["reward"] == "reciprocal_rank" and np.isfinite(rar["final_kl"]) and 0.0 < rar["reward_first_steps"] <= 1.0
+        assert rar["reward_std_mean"] > 0  # a graded reward separates the samples of a group
+        assert by[("+ CIT", seed)]["cit_listings"] == by[("CIT round, distilled attributes", seed)]["cit_listings"] == distilled["reward_listings"]
+    summary = summarise(records, "identical_product", {"+ RAR": "+ distilled generator attributes"})
+    assert summary["+ RAR"]["baseline"] == "+ distilled generator attributes"
     table = attribute_chain_markdown(records)
-    assert table.count("\n") == 2 and "| 2 | 5 | 1.000 ± 0.000 |" in table
+    assert table.count("\n") == 3 and "| + RAR | 2 | reciprocal_rank | 5 | 1.000 ± 0.000 |" in table
+    assert "| + RAR, Recall@k reward | 2 | recall | 5 |" in table
+    assert by[("+ RAR, Recall@k reward", 0)]["reward"] == "recall"

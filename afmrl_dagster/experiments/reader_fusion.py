@@ -1,0 +1,128 @@
+"""Claim 2 on photos: the visual reader's attributes fused into the trained encoder's search.
+
+A store photo carries no attributes of its own; the towers see its pixels, not the words on
+the pack. The visual reader (:mod:`afmrl_dagster.attributes.visual_reader`) reads them. Here
+each query photo's reader attributes are scored against each catalog entry's text (title,
+description, seller attributes) by char-trigram BM25 (:mod:`afmrl_dagster.retrieval.text_fusion`),
+and the score, min-max scaled per query, is added with a weight ``alpha`` to the cosine of a
+trained head's embeddings. ``alpha`` is chosen per seed on the validation photos (the grid
+:data:`ALPHAS`, by the mean R@1 of the first task) and test is scored once with it.
+
+Only tasks whose gallery is catalog entries are fused (grocery's ``photo_to_catalog`` and
+``packages_to_catalog``): the training photos of the ``identical_product`` gallery have no
+entry text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..attributes.visual_reader import WordCache, attributes_from_words, lexicon_from_catalog
+from ..catalog.schema import seller_attributes_dict
+from ..encoders.dual_tower import ListingFeatures, embed_features
+from ..evaluation.statistics import ranks_from_scores
+from ..retrieval.text_fusion import TrigramBM25
+from ..training.encoder_training import EncoderTrainingConfig, train_encoder
+from .quality_ladder import BASELINE_ROW, PARTS, ROWS, LadderDataset, LadderSettings, rank_metrics, rows_of
+
+READER_ROW = "plain InfoNCE + visual reader (fused at search)"
+ALPHAS = tuple(round(0.05 * i, 2) for i in range(31))
+FUSED_TASKS = ("photo_to_catalog", "packages_to_catalog")
+
+
+def reader_texts(dataset: LadderDataset, cache: str | Path, read_bytes: Callable[[str], bytes] = lambda uri: Path(uri).read_bytes(),
+                 progress: Callable[[str], None] = lambda message: None) -> tuple[dict[str, str], dict]:
+    """The reader's attribute values (joined) for every validation and test query photo, and the
+    OCR cost (``{"photos_read": n, "seconds_per_photo": s}``; cached photos cost nothing)."""
+    catalog = dataset.train.filter(dataset.train["listing_id"].is_in(list(_catalog_ids(dataset))))
+    lexicon = lexicon_from_catalog(catalog)
+    words_cache = WordCache(cache)
+    texts = {}
+    for part in PARTS:
+        plan = dataset.plan(part)
+        queries = plan.listings.filter(plan.listings["listing_id"].is_in(plan.query_ids))
+        for n, (listing, uri) in enumerate(zip(queries["listing_id"].to_list(), queries["image_uri"].to_list())):
+            words, colour = words_cache.words(read_bytes(uri))
+            texts[listing] = " ".join(attributes_from_words(words, lexicon, colour).values())
+            if (n + 1) % 50 == 0:
+                progress(f"{dataset.name}: read {n + 1}/{queries.height} {part} photos ({words_cache.read} by OCR)")
+    return texts, {"photos_read": words_cache.read, "seconds_per_photo": words_cache.seconds / max(words_cache.read, 1)}
+
+
+def _catalog_ids(dataset: LadderDataset) -> set[str]:
+    return {i for part in PARTS for task in dataset.plan(part).tasks if task.name in FUSED_TASKS for i in task.gallery_ids}
+
+
+def entry_texts(dataset: LadderDataset) -> dict[str, str]:
+    """Title, description and seller attributes of every catalog entry a fused task searches."""
+    ids = _catalog_ids(dataset)
+    entries = dataset.train.filter(dataset.train["listing_id"].is_in(list(ids)))
+    return {row["listing_id"]: " ".join([row["title"] or "", row.get("description") or "",
+                                         *seller_attributes_dict(row.get("seller_attributes")).values()])
+            for row in entries.iter_rows(named=True)}
+
+
+def run_reader_fusion(
+    dataset: LadderDataset,
+    features: ListingFeatures,
+    queries_read: dict[str, str],
+    entries: dict[str, str],
+    settings: LadderSettings | None = None,
+    row: str = BASELINE_ROW,
+    progress: Callable[[str], None] = lambda message: None,
+) -> list[dict]:
+    """One record per seed: the head of ``row`` trained as :func:`~.quality_ladder.run_ladder`
+    trains it, its cosine fused with the reader's BM25 on :data:`FUSED_TASKS`, ``alpha`` chosen
+    on validation; ranks and metrics of both parts, in the ladder's record shape."""
+    settings = settings or LadderSettings()
+    spec = ROWS[row]
+    train_rows = rows_of(features, dataset.train)
+    part_features = {part: features.subset(rows_of(features, dataset.plan(part).listings)) for part in PARTS}
+    tasks = {part: [task for task in dataset.plan(part).tasks if task.name in FUSED_TASKS and task.query_ids] for part in PARTS}
+    if not tasks["validation"]:
+        raise ValueError(f"{dataset.name}: no task searches catalog entries ({', '.join(FUSED_TASKS)}); nothing to fuse")
+    text_scores = {}
+    for part in PARTS:
+        for task in tasks[part]:
+            missing = [i for i in task.gallery_ids if i not in entries] + [i for i in task.query_ids if i not in queries_read]
+            if missing:
+                raise ValueError(f"{dataset.name}: no reader or entry text for listing {missing[0]!r} of task {task.name}")
+            bm25 = TrigramBM25([entries[i] for i in task.gallery_ids])
+            text_scores[(part, task.name)] = bm25.matrix([queries_read[i] for i in task.query_ids])
+    records = []
+    for seed in settings.seeds:
+        started = time.perf_counter()
+        config = EncoderTrainingConfig(**{**settings.training, **dataset.training, **spec.training}, seed=seed, agcl={**settings.agcl, **spec.agcl})
+        head = train_encoder(features.subset(train_rows), dataset.train["product_id"].to_list(), dataset.train["product_line"].to_list(),
+                             dataset.attribute_texts, config).head
+        cosines, truth = {}, {}
+        for part in PARTS:
+            plan = dataset.plan(part)
+            embeddings = embed_features(head, part_features[part])
+            row_of = {listing: i for i, listing in enumerate(plan.listings["listing_id"].to_list())}
+            products = plan.listings["product_id"].to_list()
+            for task in tasks[part]:
+                q = [row_of[i] for i in task.query_ids]
+                g = [row_of[i] for i in task.gallery_ids]
+                cosines[(part, task.name)] = embeddings[q] @ embeddings[g].T
+                truth[(part, task.name)] = ([products[i] for i in q], [products[i] for i in g])
+
+        def ranks(part: str, alpha: float, cosines=cosines, truth=truth) -> dict[str, list[int]]:
+            return {task.name: ranks_from_scores(cosines[(part, task.name)] + alpha * text_scores[(part, task.name)],
+                                                 *truth[(part, task.name)]).tolist() for task in tasks[part]}
+
+        first = tasks["validation"][0].name
+        alpha = max(ALPHAS, key=lambda a: (float(np.mean(np.asarray(ranks("validation", a)[first]) == 1)), -a))
+        outcome = {}
+        for part in PARTS:
+            part_ranks = ranks(part, alpha)
+            outcome[part] = {"ranks": part_ranks, "metrics": {task: rank_metrics(values) for task, values in part_ranks.items()}}
+        records.append({"dataset": dataset.name, "row": READER_ROW, "seed": seed, "alpha": alpha,
+                        "seconds": time.perf_counter() - started, **outcome})
+        progress(f"{dataset.name}: {READER_ROW} seed {seed} alpha {alpha} validation R@1 "
+                 f"{outcome['validation']['metrics'][first]['recall@1']:.3f}")
+    return records

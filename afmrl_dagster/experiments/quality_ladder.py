@@ -405,7 +405,8 @@ def run_ladder(
     progress: Callable[[str], None] = lambda message: None,
 ) -> list[dict]:
     """One record per (row, seed): first-match ranks of every task on validation and test,
-    their metrics, training seconds and the last epoch's AGCL diagnostics."""
+    their metrics, training seconds and the last epoch's AGCL diagnostics. A row with
+    attributes in the text is left out on a dataset without serving-time attributes."""
     settings = settings or LadderSettings()
     unknown = set(settings.rows) - set(ALL_ROWS)
     if unknown:

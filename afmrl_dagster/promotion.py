@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -21,16 +22,26 @@ def promotion_decision(
 ) -> PromotionDecision:
     """Promote when there is no champion, or when the candidate beats it by more than ``margin``
     on ``metric``; both sets of metrics must come from the same evaluation set."""
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"the promotion margin must be a finite number >= 0, got {margin!r}: a negative margin promotes a worse model")
     if metric not in candidate_metrics:
         raise KeyError(f"promotion metric {metric!r} not among the candidate's metrics {sorted(candidate_metrics)}")
-    candidate = candidate_metrics[metric]
+    candidate = float(candidate_metrics[metric])
     if champion_version is not None and champion_version == candidate_version:
         return PromotionDecision(False, f"version {candidate_version} is already the champion")
+    if not math.isfinite(candidate):
+        return PromotionDecision(False, f"version {candidate_version} scored {metric}={candidate}: a score that is not a number never "
+                                        f"promotes; champion {champion_version or '(none)'} kept")
     if champion_version is None:
         return PromotionDecision(True, f"no champion yet: version {candidate_version} becomes champion ({metric}={candidate:.4f})")
     if champion_metrics is None:
         raise ValueError(f"champion version {champion_version} must be scored on the same evaluation set before comparing")
-    champion = champion_metrics[metric]
+    if metric not in champion_metrics:
+        raise KeyError(f"promotion metric {metric!r} not among champion version {champion_version}'s metrics {sorted(champion_metrics)}")
+    champion = float(champion_metrics[metric])
+    if not math.isfinite(champion):
+        return PromotionDecision(False, f"champion version {champion_version} re-scored {metric}={champion}: the comparison cannot be "
+                                        "made, nothing moves; check the champion's artefact and serving inputs")
     if candidate > champion + margin:
         return PromotionDecision(
             True, f"version {candidate_version} {metric}={candidate:.4f} beats champion {champion_version} ({champion:.4f}) by more than {margin}"

@@ -17,6 +17,20 @@ def test_candidate_must_beat_champion_by_the_margin():
     assert not promotion_decision("2", {"recall@1": 0.40}, "1", {"recall@1": 0.50}, "recall@1").promote
 
 
+def test_a_score_that_is_not_a_number_never_promotes_and_the_margin_cannot_be_negative():
+    nan = float("nan")
+    for champion, metrics in ((None, None), ("1", {"recall@1": 0.7})):
+        decision = promotion_decision("2", {"recall@1": nan}, champion, metrics, "recall@1")
+        assert not decision.promote and "never promotes" in decision.reason
+    broken_champion = promotion_decision("2", {"recall@1": 0.5}, "1", {"recall@1": nan}, "recall@1")
+    assert not broken_champion.promote and "cannot be made" in broken_champion.reason
+    for margin in (-0.5, nan, float("inf")):
+        with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
+            promotion_decision("2", {"recall@1": 0.30}, "1", {"recall@1": 0.70}, "recall@1", margin=margin)
+    with pytest.raises(KeyError, match="champion version 1's metrics"):
+        promotion_decision("2", {"recall@1": 0.5}, "1", {"mrr": 0.7}, "recall@1")
+
+
 def test_champion_is_not_promoted_over_itself_and_metric_must_exist():
     assert not promotion_decision("3", {"recall@1": 0.9}, "3", None, "recall@1").promote
     with pytest.raises(ValueError, match="same evaluation set"):

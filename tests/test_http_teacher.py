@@ -106,3 +106,22 @@ def test_noise_from_a_served_language_model_is_recorded_invalid_with_its_raw_tex
     table = attribute_table(["ssd-1", "ram-1"], outputs, "tiny-lm")
     assert table["raw_text"].to_list() == outputs and all(text for text in outputs)
     assert not table["is_valid"].any() and table["error"].null_count() == 0
+
+
+@pytest.mark.parametrize("header", ["-1", "nan", "inf", "-inf", "Wed, 21 Oct 2026 07:28:00 GMT", "soon"])
+def test_a_retry_after_that_is_not_a_wait_falls_back_to_the_backoff(header):
+    """Only a finite, non-negative ``Retry-After`` is honoured; anything else would reach
+    ``time.sleep`` as a negative or NaN length and escape the retry loop."""
+    import requests
+
+    teacher = _teacher("http://127.0.0.1:9", backoff_s=0.5, max_backoff_s=4.0)
+    response = requests.Response()
+    response.status_code = 429
+    response.headers["Retry-After"] = header
+    for attempt in range(4):
+        delay = teacher._delay(attempt, response)
+        assert 0 <= delay <= 4.0 and delay >= min(0.5 * 2**attempt, 4.0) / 2
+    response.headers["Retry-After"] = "2.5"
+    assert teacher._delay(0, response) == 2.5
+    response.headers["Retry-After"] = "600"
+    assert teacher._delay(0, response) == 4.0  # capped

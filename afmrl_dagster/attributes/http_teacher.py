@@ -13,6 +13,7 @@ still fails after its retries, or one the server refuses (401, 403, 404, 400), r
 from __future__ import annotations
 
 import base64
+import math
 import os
 import random
 import threading
@@ -106,9 +107,11 @@ class OpenAICompatibleTeacher:
         retry_after = response.headers.get("Retry-After") if response is not None else None
         if retry_after is not None:
             try:
-                return min(float(retry_after), self.config.max_backoff_s)
+                seconds = float(retry_after)
             except ValueError:
-                pass
+                seconds = math.nan  # an HTTP date or junk: the backoff below
+            if math.isfinite(seconds) and seconds >= 0:  # "-1", "nan", "inf" fall back to the backoff too
+                return min(seconds, self.config.max_backoff_s)
         base = min(self.config.backoff_s * 2**attempt, self.config.max_backoff_s)
         return base * (0.5 + random.random() / 2)  # jitter spreads clients that failed together
 

@@ -125,3 +125,55 @@ def test_a_retry_after_that_is_not_a_wait_falls_back_to_the_backoff(header):
     assert teacher._delay(0, response) == 2.5
     response.headers["Retry-After"] = "600"
     assert teacher._delay(0, response) == 4.0  # capped
+
+
+def _raw_post(base_url: str, headers: dict, body: bytes = b"") -> tuple[int, dict]:
+    """One POST over a plain socket (headers as given, no client-side checks); status and JSON error body."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base_url)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with socket.create_connection((url.hostname, url.port), timeout=10) as connection:
+        connection.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.hostname}\r\n{head}\r\n".encode() + body)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
+                next((line.split(b":")[1] for line in reply.split(b"\r\n") if line.lower().startswith(b"content-length")), b"0")):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    status = int(reply.split(b" ", 2)[1])
+    return status, json.loads(reply.split(b"\r\n\r\n", 1)[1] or b"{}")
+
+
+def test_serve_teacher_answers_every_malformed_request_with_a_reason(monkeypatch):
+    """The key is checked before the body is read, a body over the cap is refused unread, and every
+    field of the wrong type gets a 400 naming it; the server keeps serving after each."""
+    monkeypatch.setenv("TEACHER_KEY", "s3cret")
+    good = {"Authorization": "Bearer s3cret", "Content-Type": "application/json"}
+    with teacher_server("--require-key-env", "TEACHER_KEY", "--max-body-mb", "1", env={"TEACHER_KEY": "s3cret"}) as base_url:
+        # A claimed gigabyte is never read: without the key, 401; with it, 413.
+        assert _raw_post(base_url, {"Content-Length": str(10**9)})[0] == 401
+        status, error = _raw_post(base_url, {**good, "Content-Length": str(10**9)})
+        assert status == 413 and "at most 1048576" in error["error"]["message"]
+        assert _raw_post(base_url, {**good, "Content-Length": "lots"})[0] == 400
+        assert _raw_post(base_url, {**good, "Content-Length": "-5"})[0] == 400
+        malformed = {
+            b"[1, 2]": "must be a JSON object",
+            b"{not json": "is not JSON",
+            b'{"model": "title-facts", "messages": "hello"}': "'messages' must be a non-empty list",
+            b'{"model": "title-facts", "messages": [1]}': "messages[0] must be an object",
+            b'{"model": "title-facts", "messages": [{"role": "user", "content": 7}]}': "messages[0].content must be",
+            b'{"model": "title-facts", "messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}': "content[0].text",
+            b'{"model": "title-facts", "messages": [{"role": "user", "content": "Title: x"}], "max_tokens": "abc"}': "'max_tokens'",
+            b'{"model": "title-facts", "messages": [{"role": "user", "content": "Title: x"}], "max_tokens": -1}': "'max_tokens'",
+            b'{"model": 5, "messages": [{"role": "user", "content": "Title: x"}]}': "'model' must be a string",
+        }
+        for body, reason in malformed.items():
+            status, error = _raw_post(base_url, {**good, "Content-Length": str(len(body))}, body)
+            assert status == 400 and reason in error["error"]["message"], (body, status, error)
+        outputs = OpenAICompatibleTeacher(EndpointConfig(base_url=base_url, model="title-facts", revision="1", api_key_env="TEACHER_KEY"),
+                                          read_image=None).annotate(pl.DataFrame({"listing_id": ["ssd-1"], "title": ["SanDisk 480GB SSD Plus"],
+                                                                                  "description": [None], "image_uri": [None]}))
+        assert json.loads(outputs[0]) == {"storage": "480 gb"}  # still serving

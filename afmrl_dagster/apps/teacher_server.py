@@ -77,6 +77,12 @@ def hf_model(name: str) -> Callable[[list[dict], int], str]:
     return generate
 
 
+# A request's body holds one photo as base64 (MAX_IMAGE_BYTES decoded) and the prompt.
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+SOCKET_TIMEOUT_S = 30.0
+MAX_TOKENS_LIMIT = 8192
+
+
 class BadRequest(ValueError):
     """The request cannot be answered as sent (answered with 400 and this message)."""
 
@@ -143,9 +149,11 @@ class TeacherServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address, model_name: str, generate: Callable[[list[dict], int], str],
-                 api_key: str | None = None, fail_first: int = 0, fail_status: int = 503):
+                 api_key: str | None = None, fail_first: int = 0, fail_status: int = 503,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         super().__init__(address, _Handler)
         self.model_name, self.generate, self.api_key = model_name, generate, api_key
+        self.max_body_bytes = max_body_bytes
         self.fail_left, self.fail_status = fail_first, fail_status
         self.requests_served = 0
         self._lock = threading.Lock()
@@ -162,6 +170,7 @@ class TeacherServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: TeacherServer
     protocol_version = "HTTP/1.1"
+    timeout = SOCKET_TIMEOUT_S  # a client that stops sending (a Content-Length it never fills) frees its thread
 
     def log_message(self, format: str, *args) -> None:  # one line per request on stderr, no DNS lookups
         sys.stderr.write(f"serve-teacher: {self.command} {self.path} {args[1] if len(args) > 1 else ''}\n")
@@ -194,31 +203,53 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._error(404, f"no route {self.path}")
 
+    def _refuse(self, status: int, message: str) -> None:
+        """An error before the body was read: the connection closes, so unread bytes never pass for the next request."""
+        self.close_connection = True
+        self._error(status, message)
+
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length)
         if self.path.rstrip("/") != "/v1/chat/completions":
-            self._error(404, f"no route {self.path}")
+            self._refuse(404, f"no route {self.path}")
             return
-        if not self._authorised():
+        if self.server.api_key is not None and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
+            self._refuse(401, "missing or wrong API key")  # checked before a byte of the body is read
             return
         try:
-            request = json.loads(raw)
-            messages = request["messages"]
-        except (ValueError, KeyError, TypeError):
-            self._error(400, "body must be JSON with a 'messages' list")
+            length = int(self.headers.get("Content-Length") or "")
+        except ValueError:
+            self._refuse(411 if self.headers.get("Content-Length") is None else 400, "a Content-Length header with the body's size is required")
             return
-        if request.get("model") != self.server.model_name:
-            self._error(404, f"model {request.get('model')!r} is not served here; this server serves {self.server.model_name!r}")
+        if length < 0:
+            self._refuse(400, f"Content-Length must be >= 0, got {length}")
+            return
+        if length > self.server.max_body_bytes:
+            self._refuse(413, f"the body has {length} bytes; this server takes at most {self.server.max_body_bytes} (--max-body-mb)")
+            return
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            self._refuse(400, f"the body ended after {len(raw)} of {length} bytes")
+            return
+        try:
+            messages, max_tokens, model = parse_completion_request(raw)
+        except BadRequest as error:
+            self._error(400, str(error))
+            return
+        if model != self.server.model_name:
+            self._error(404, f"model {model!r} is not served here; this server serves {self.server.model_name!r}")
             return
         if self.server.should_fail():
             status = self.server.fail_status
             self._error(status, "injected failure", {"Retry-After": "0"} if status == 429 else None)
             return
         try:
-            text = self.server.generate(messages, int(request.get("max_tokens") or 256))
+            text = self.server.generate(messages, max_tokens)
         except BadRequest as error:
             self._error(400, str(error))
+            return
+        except Exception as error:  # the model failed: the client still gets an answer, and the server keeps serving
+            sys.stderr.write(f"serve-teacher: generation failed: {type(error).__name__}: {error}\n")
+            self._error(500, f"generation failed: {type(error).__name__}")
             return
         self._reply(200, {
             "id": f"chatcmpl-{self.server.requests_served}", "object": "chat.completion", "created": int(time.time()),
@@ -227,8 +258,45 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
 
+def parse_completion_request(raw: bytes) -> tuple[list[dict], int, str | None]:
+    """``(messages, max_tokens, model)`` of a chat-completions body; :class:`BadRequest` naming the
+    field for anything of the wrong type, so every malformed request gets a 400 with a reason."""
+    try:
+        request = json.loads(raw)
+    except ValueError as error:
+        raise BadRequest(f"the body is not JSON: {error}") from error
+    if not isinstance(request, dict):
+        raise BadRequest(f"the body must be a JSON object, got {type(request).__name__}")
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("field 'messages' must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"messages[{i}] must be an object, got {type(message).__name__}")
+        if not isinstance(message.get("role", "user"), str):
+            raise BadRequest(f"messages[{i}].role must be a string")
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type", ""), str):
+                    raise BadRequest(f"messages[{i}].content[{j}] must be an object with a string 'type'")
+                if part.get("type") == "text" and not isinstance(part.get("text", ""), str):
+                    raise BadRequest(f"messages[{i}].content[{j}].text must be a string")
+        elif content is not None and not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string or a list of parts, got {type(content).__name__}")
+    max_tokens = request.get("max_tokens", 256)
+    if max_tokens is None:
+        max_tokens = 256
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise BadRequest(f"field 'max_tokens' must be an integer in [1, {MAX_TOKENS_LIMIT}], got {max_tokens!r}")
+    model = request.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(f"field 'model' must be a string, got {type(model).__name__}")
+    return messages, max_tokens, model
+
+
 def build_server(model: str, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-                 fail_first: int = 0, fail_status: int = 503) -> TeacherServer:
+                 fail_first: int = 0, fail_status: int = 503, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> TeacherServer:
     if model == "title-facts":
         generate = title_facts_model
     elif model.startswith("hf:"):
@@ -237,7 +305,7 @@ def build_server(model: str, host: str = "127.0.0.1", port: int = 0, api_key: st
         generate = hf_vlm_model(model[len("hf-vlm:"):].strip())
     else:
         raise ValueError(f"unknown model {model!r}: use 'title-facts', 'hf:<id or folder>' or 'hf-vlm:<id or folder>'")
-    return TeacherServer((host, port), model, generate, api_key, fail_first, fail_status)
+    return TeacherServer((host, port), model, generate, api_key, fail_first, fail_status, max_body_bytes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -248,6 +316,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-key-env", metavar="VAR", help="demand 'Authorization: Bearer $VAR'")
     parser.add_argument("--fail-first", type=int, default=0, metavar="N", help="answer the first N completions with --fail-status")
     parser.add_argument("--fail-status", type=int, default=503, metavar="S")
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
+                        help=f"refuse (413) a request body larger than this (default {DEFAULT_MAX_BODY_BYTES // 2**20})")
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -256,7 +326,9 @@ def serve(args: argparse.Namespace) -> None:
         api_key = os.environ.get(args.require_key_env)
         if not api_key:
             raise SystemExit(f"afmrl serve-teacher: error: --require-key-env {args.require_key_env} but that variable is unset")
-    server = build_server(args.model, args.host, args.port, api_key, args.fail_first, args.fail_status)
+    if not args.max_body_mb > 0:
+        raise SystemExit(f"afmrl serve-teacher: error: --max-body-mb must be > 0, got {args.max_body_mb}")
+    server = build_server(args.model, args.host, args.port, api_key, args.fail_first, args.fail_status, int(args.max_body_mb * 2**20))
     host, port = server.server_address[:2]
     print(f"afmrl serve-teacher: serving {args.model} on http://{host}:{port}/v1", flush=True)
     try:

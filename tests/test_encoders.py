@@ -19,7 +19,7 @@ from afmrl_dagster.encoders.dual_tower import (
     save_head,
     zero_shot_embeddings,
 )
-from afmrl_dagster.encoders.towers import ImageFeaturizer, TextFeaturizer, decode_image
+from afmrl_dagster.encoders.towers import ImageFeaturizer, TextFeaturizer, decode_image, pool_feature_map
 
 SENTENCES = ["red dress with v-neck", "arla standard milk 1 l", "colour: red; size: m", "blue shirt cotton"]
 
@@ -45,6 +45,17 @@ def test_decode_image_gives_rgb_and_rejects_corrupt_bytes():
         decode_image(b"\x89PNG\r\n\x1a\n not really a png")
     with pytest.raises(ValueError, match="cannot be decoded"):
         decode_image(png_bytes(pattern_image(0))[:60])
+
+
+def test_gem_pooling_leans_towards_the_strongest_responses():
+    flat = torch.full((1, 2, 3, 3), 0.5)
+    torch.testing.assert_close(pool_feature_map(flat, "gem"), pool_feature_map(flat, "mean"))  # equal on a constant map
+    spot = torch.zeros(1, 1, 4, 4)
+    spot[0, 0, 1, 2] = 4.0  # one strong response, e.g. a printed word, on an empty map
+    assert pool_feature_map(spot, "mean").item() == pytest.approx(0.25)
+    assert pool_feature_map(spot, "gem").item() == pytest.approx((4.0**3 / 16) ** (1 / 3), rel=1e-5)  # 1.587
+    with pytest.raises(ValueError, match="pooling must be 'mean' or 'gem'"):
+        pool_feature_map(spot, "max")
 
 
 @pytest.fixture(scope="module")

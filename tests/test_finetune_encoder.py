@@ -125,3 +125,28 @@ def test_a_saved_folder_of_another_shape_is_refused(base_encoder, tmp_path):
     (folder / "encoder.json").write_text(text)
     with pytest.raises(ValueError, match="does not fit dual-tower-finetune with 2 image blocks"):
         load_finetuned_encoder(folder)
+
+
+def test_fine_tuning_the_image_tower_alone_keeps_the_text_tower_frozen_and_cached(grocery):
+    """``unfrozen_text_layers=0`` with the GeM-pooled image tower: the untrained encoder reads photos
+    exactly as the GeM featurizer does, training moves image blocks and head only, and a text's
+    frozen output, once computed, is read from the cache."""
+    inputs, _, _ = grocery
+    torch.manual_seed(0)
+    encoder = new_finetuned_encoder("efficientnet-lite0-gem", embed_dim=32, unfrozen_blocks=1, unfrozen_text_layers=0,
+                                    head={"hidden_dim": 64})
+    assert not any(name.startswith("text_model.") for name in encoder.trained_modules)
+    reference, _ = ImageFeaturizer("efficientnet-lite0-gem").encode(inputs.load_images(range(3)))
+    averaged, _ = ImageFeaturizer("efficientnet-lite0").encode(inputs.load_images(range(3)))
+    with torch.no_grad():
+        image, _, _ = encoder.eval().tower_features(inputs, np.arange(3))
+    np.testing.assert_allclose(image.numpy(), reference, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(reference, averaged, atol=1e-3)  # GeM is not the average
+    before = {name: t.clone() for name, t in encoder.state_dict().items()}
+    result = _train(encoder, grocery, epochs=2)
+    changed = {name for name, t in result.encoder.state_dict().items() if not torch.equal(before[name], t)}
+    assert any(name.startswith("image_model._blocks.15.") for name in changed)
+    assert not any(name.startswith("text_model.") for name in changed)
+    misses = result.encoder.cache_stats()["text_misses"]
+    result.encoder.embed(inputs)
+    assert result.encoder.cache_stats()["text_misses"] == misses  # every text's frozen output was cached

@@ -46,11 +46,13 @@ from .listing_encoder import ENCODER_FILE, ListingEncoder, ListingInputs, write_
 from .towers import (
     DEFAULT_IMAGE_MODEL,
     DEFAULT_TEXT_MODEL,
+    EFFICIENTNET_POOLING,
     _pooled,
     image_pixels,
     load_image_tower,
     load_text_tower,
     mean_pooled,
+    pool_feature_map,
 )
 
 KIND = "dual-tower-finetune"
@@ -150,6 +152,7 @@ class FinetunedTowerEncoder(ListingEncoder):
         self.head = DualTowerHead(DualTowerConfig(**{**config.head, "image_dim": image_dim, "text_dim": text_tower.dim,
                                                      "image_tower": config.image_tower, "text_tower": config.text_tower}))
         self._efficientnet = image_processor is None
+        self._pooling = EFFICIENTNET_POOLING.get(config.image_tower, "mean")
         # A text tower whose frozen part can run alone (BERT-style: ``encoder.layer``) is split and cached.
         self._split_text = not text_tower.dual and isinstance(getattr(getattr(self.text_model, "encoder", None), "layer", None), nn.ModuleList)
         self.trained_modules = self._choose_trained_modules()
@@ -183,6 +186,8 @@ class FinetunedTowerEncoder(ListingEncoder):
             names += [f"image_model.{path}.{i}" for i in range(len(layers) - c.image_blocks, len(layers))]
             names += [f"image_model.{p}" for p in _modules_after(self.image_model, "", (
                 "vision_model.post_layernorm", "vision_model.head", "visual_projection"))]
+        if self._split_text:  # the frozen layers' output is cached, also when no text layer trains
+            self._text_split = len(self.text_model.encoder.layer) - min(c.text_layers, len(self.text_model.encoder.layer))
         if c.text_layers:
             root = "text_model" if self._text.dual and hasattr(self.text_model, "text_model") else ""
             path, layers = _layer_list(self.text_model, root)
@@ -236,7 +241,7 @@ class FinetunedTowerEncoder(ListingEncoder):
         rate = m._global_params.drop_connect_rate
         for idx in range(self._image_split, len(m._blocks)):
             x = m._blocks[idx](x, drop_connect_rate=rate * float(idx) / len(m._blocks) if rate else rate)
-        return m._swish(m._bn1(m._conv_head(x))).mean(dim=(2, 3))
+        return pool_feature_map(m._swish(m._bn1(m._conv_head(x))), self._pooling)
 
     def image_features(self, inputs: ListingInputs, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled image features ``[n, dim]`` of ``rows`` (zeros where a listing has no image) and the mask."""

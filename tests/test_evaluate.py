@@ -150,3 +150,48 @@ def test_registered_encoder_from_mlflow(tmp_path, mlflow_store):
     assert encoder.head.config.embed_dim == 64
     with pytest.raises(EvaluationError, match="models:/no-such-model@champion"):
         resolve_encoder("models:/no-such-model@champion")
+
+
+def _parquet_catalog(folder, change=None) -> str:
+    """The tiny built-in catalog written as ``<line>.parquet`` files, after ``change(frame)``."""
+    import polars as pl
+
+    from afmrl_dagster.evaluation.protocols import builtin_or_parquet
+
+    catalog, _ = builtin_or_parquet("builtin:families=2,siblings=2,listings=2,lines=mugs")
+    catalog = change(catalog) if change else catalog
+    folder.mkdir(parents=True, exist_ok=True)
+    for (line,), frame in catalog.group_by(["product_line"]):
+        frame.with_columns(pl.col("image_uri").fill_null("")).write_parquet(folder / f"{line}.parquet")
+    return f"parquet:{folder}"
+
+
+def test_a_bad_catalog_or_destination_is_one_clear_line_and_exit_2_before_any_work(tmp_path, capsys):
+    import polars as pl
+
+    def refused(catalog: str, out=None) -> str:
+        out = out or tmp_path / "m.json"
+        with pytest.raises(SystemExit) as exit_info:
+            main(["evaluate", "--catalog", catalog, "--encoder", "zero-shot", "--out", str(out)])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert "afmrl evaluate: error:" in error and "Traceback" not in error
+        assert "queries," not in error  # refused before planning or embedding
+        return error
+
+    no_products = _parquet_catalog(tmp_path / "no-products", lambda frame: frame.with_columns(pl.lit(None, pl.Utf8).alias("product_id")))
+    assert "field 'product_id': required field is missing or blank" in refused(no_products)
+    twice = _parquet_catalog(tmp_path / "twice", lambda frame: pl.concat([frame, frame.head(1)]))
+    assert "field 'listing_id': duplicate of row 0" in refused(twice)
+    (tmp_path / "not-parquet").mkdir()
+    (tmp_path / "not-parquet" / "mugs.parquet").write_text("listing_id,title\n1,mug\n")
+    assert "mugs.parquet cannot be read as a parquet table" in refused(f"parquet:{tmp_path / 'not-parquet'}")
+    (tmp_path / "empty").mkdir()
+    assert "holds no product line" in refused(f"parquet:{tmp_path / 'empty'}")
+    good = _parquet_catalog(tmp_path / "good")
+    (tmp_path / "a-file").write_text("")
+    assert "cannot write" in refused(good, tmp_path / "a-file" / "m.json")
+    assert "is a folder" in refused(good, tmp_path)
+    assert not (tmp_path / "m.json").exists()
+    report = evaluate(tmp_path, "--catalog", good, "--encoder", "zero-shot")  # the same catalog, unbroken, is scored
+    check_retrieval(report["metrics"]["identical_product"], report["counts"]["queries"])

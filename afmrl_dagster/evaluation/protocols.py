@@ -41,6 +41,7 @@ from ..catalog.loaders import (
     load_wdc_products,
     parse_catalog_spec,
 )
+from ..catalog.schema import CatalogValidationError, validate_catalog
 from ..catalog.source import CatalogSourceSpec, builtin_config, list_product_lines, load_product_line
 from .splits import HeldOutSplit
 
@@ -211,9 +212,23 @@ def builtin_or_parquet(spec: str) -> tuple[pl.DataFrame, dict[str, bytes]]:
         config = builtin_config(spec)
         batches = [generate_product_line(line, config) for line in config.product_lines]
     else:
-        batches = [load_product_line(spec, line) for line in list_product_lines(spec)]
+        lines = list_product_lines(spec)
+        if not lines:
+            raise EvaluationError(f"catalog {spec!r} holds no product line: no <line>.parquet file at {parsed.location}")
+        batches = []
+        for line in lines:
+            try:
+                batches.append(load_product_line(spec, line))
+            except CatalogValidationError:
+                raise
+            except (OSError, pl.exceptions.PolarsError) as error:
+                raise EvaluationError(f"catalog {spec!r}: {line}.parquet cannot be read as a parquet table: {error}") from error
     images = {key: value for batch in batches for key, value in batch.images.items()}
-    return pl.concat([batch.listings for batch in batches]), images
+    catalog = pl.concat([batch.listings for batch in batches])
+    report = validate_catalog(catalog)
+    if report.bad_rows:  # the rules raw_catalog applies; a score over broken rows would mislead
+        raise EvaluationError(f"catalog {spec!r}: {report.bad_rows} of {report.total_rows} listings fail validation:\n{report.describe()}")
+    return catalog, images
 
 
 def plan_evaluation(catalog_spec: str, split: str | None = None, limit: int | None = None) -> EvaluationPlan:
@@ -251,7 +266,7 @@ def plan_evaluation(catalog_spec: str, split: str | None = None, limit: int | No
                 raise EvaluationError(f"catalog {name!r} has no split protocol; leave out --split {split!r}")
             else:
                 plan = _all_against_all(load_catalog(catalog_spec), limit, name)
-    except CatalogLoadError as error:
+    except (CatalogLoadError, CatalogValidationError) as error:
         raise EvaluationError(f"cannot load catalog {catalog_spec!r}: {error}") from error
     except EvaluationError:
         raise

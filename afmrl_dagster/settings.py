@@ -60,6 +60,11 @@ EXECUTORS = ("multiprocess", "k8s")
 DEFAULT_EXECUTOR = "multiprocess"
 DEFAULT_K8S_GPUS = 1
 DEFAULT_DATA = "../shared/data"
+# Caps on what a catalog's image URI may hand the pipeline: bytes read from a local file and
+# pixels decoded (checked from the header, before decoding). A listing over either is refused
+# with its id and quarantined like any unreadable image.
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -26,6 +27,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError, PartialCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from .settings import MAX_IMAGE_BYTES
 
 COMPLETE_MARKER = "_COMPLETE"
 # Local writes go to a hidden sibling ending in this suffix, then os.replace it into place.
@@ -625,15 +628,26 @@ def read_uri_bytes(uri: str, s3_client=None) -> bytes:
             raise ValueError(f"S3 URI {uri!r} names a bucket but no object key")
         # The raw key is used as is: images referenced by a catalog may not follow our key rules.
         return S3ObjectStore(bucket, client=s3_client or make_s3_client())._get_object_bytes(key)
-    return _read_local_file(_local_path(uri), repr(uri))
+    return _read_local_file(_local_path(uri), repr(uri), max_bytes=MAX_IMAGE_BYTES)
 
 
-def _read_local_file(path: Path, what: str) -> bytes:
-    """Bytes of a local file, or a StorageError naming ``what`` was asked for and the path."""
+def _read_local_file(path: Path, what: str, max_bytes: int | None = None) -> bytes:
+    """Bytes of a local regular file (at most ``max_bytes``), or a StorageError naming ``what``
+    was asked for and the path. Devices, FIFOs and folders are refused before they are opened:
+    ``/dev/zero`` never ends and a FIFO blocks its reader."""
     try:
-        return path.read_bytes()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise StorageError(f"cannot read {what} ({path}): not a regular file (a device, FIFO, socket or folder)")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise StorageError(f"cannot read {what} ({path}): {info.st_size} bytes, more than the {max_bytes} allowed")
+        with open(path, "rb") as handle:
+            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
     except FileNotFoundError as error:
         raise StorageError(f"nothing at {what} ({path} does not exist)") from error
     except OSError as error:
         raise StorageError(f"cannot read {what} ({path}): {error}") from error
+    if max_bytes is not None and len(data) > max_bytes:  # grew after the stat
+        raise StorageError(f"cannot read {what} ({path}): more than the {max_bytes} bytes allowed")
+    return data
 

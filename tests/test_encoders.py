@@ -47,6 +47,14 @@ def test_decode_image_gives_rgb_and_rejects_corrupt_bytes():
         decode_image(png_bytes(pattern_image(0))[:60])
 
 
+def test_an_image_claiming_too_many_pixels_is_refused_before_decoding():
+    """A 12000 x 12000 PNG of one colour compresses to a few hundred KB but decodes to 432 MB."""
+    bomb = png_bytes(PIL.Image.new("L", (12000, 12000), 0))
+    assert len(bomb) < 1_000_000
+    with pytest.raises(ValueError, match="12000x12000 pixels, more than 40000000"):
+        decode_image(bomb)
+
+
 def test_gem_pooling_leans_towards_the_strongest_responses():
     flat = torch.full((1, 2, 3, 3), 0.5)
     torch.testing.assert_close(pool_feature_map(flat, "gem"), pool_feature_map(flat, "mean"))  # equal on a constant map

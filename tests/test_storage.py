@@ -382,3 +382,23 @@ def test_s3_client_fails_fast_and_requires_both_keys():
     assert client.meta.config.s3["addressing_style"] == "path"
     with pytest.raises(ValueError, match="both access_key_id and secret_access_key"):
         make_s3_client(endpoint_url="http://127.0.0.1:9", access_key_id="only-one")
+
+
+def test_an_image_uri_never_reads_a_device_a_fifo_a_folder_or_an_oversized_file(tmp_path, monkeypatch):
+    """/dev/zero would grow without end and a FIFO would block its reader: both are refused before
+    they are opened, as is a file over the byte cap; each error names the URI."""
+    import afmrl_dagster.storage as storage
+    from afmrl_dagster.storage import StorageError, read_uri_bytes
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    for uri in ("/dev/zero", str(fifo), f"file://{tmp_path}"):
+        with pytest.raises(StorageError, match="not a regular file"):
+            read_uri_bytes(uri)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"x" * 2048)
+    monkeypatch.setattr(storage, "MAX_IMAGE_BYTES", 1024)
+    with pytest.raises(StorageError, match=r"photo\.jpg.*2048 bytes, more than the 1024 allowed"):
+        read_uri_bytes(str(photo))
+    photo.write_bytes(b"x" * 1024)
+    assert read_uri_bytes(str(photo)) == b"x" * 1024

@@ -46,6 +46,7 @@ from PIL import Image
 from ..catalog.images import COLOURS
 from ..catalog.schema import seller_attributes_dict
 from ..local_files import write_text_atomically
+from ..settings import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from ..storage import content_hash
 from .format import MAX_KEYS, MAX_VALUE_CHARS, attributes_to_json, normalize_attributes
 from .teacher import title_facts
@@ -53,8 +54,6 @@ from .teacher import title_facts
 VISUAL_READER = "visual-reader"
 DEFAULT_THREADS = 2
 DEFAULT_MAX_SIDE = 512  # longest side given to the OCR engine, in pixels
-MAX_IMAGE_BYTES = 32 * 1024 * 1024
-MAX_IMAGE_PIXELS = 40_000_000  # checked from the header, before decoding
 MIN_WORD_SCORE = 0.5  # recogniser confidence below which a word is dropped
 MATCH_CONTAINMENT = 0.75  # share of a known value's trigrams found in the read text
 MAX_VARIANT_WORDS = 3

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 # the defaults of AFMRL_IMAGE_TOWER, AFMRL_TEXT_TOWER
 from ..settings import DEFAULT_IMAGE_TOWER as DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_TOWER as DEFAULT_TEXT_MODEL
+from ..settings import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
 _TEXT_MODEL_ALIASES = {DEFAULT_TEXT_MODEL, "sentence-transformers/all-MiniLM-L6-v2"}
 # EfficientNet-Lite's ImageNet weights were trained on TF-style inputs (pixel - 127) / 128,
@@ -48,11 +49,16 @@ def decode_image(data: bytes) -> PIL.Image.Image:
     Raises ``ValueError`` when the bytes cannot be decoded, so callers can count and skip
     broken images instead of crashing a whole batch.
     """
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"image is {len(data)} bytes, more than {MAX_IMAGE_BYTES}")
     try:
         image = PIL.Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:  # from the header: a few KB can claim gigabytes of pixels
+            raise ValueError(f"image is {width}x{height} pixels, more than {MAX_IMAGE_PIXELS}")
         image.load()
         image = PIL.ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"image bytes cannot be decoded: {error}") from error
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Product photos often have transparent backgrounds; black would distort features.

@@ -111,3 +111,25 @@ def test_a_failed_catalog_stops_attributes_and_features_downstream(setup):
         assert instance.get_latest_materialization_event(dg.AssetKey(asset)) is None, asset
     stored = resources["artifact_store"].open()
     assert not stored.exists("tables/teacher_attributes/mugs.parquet") and not stored.exists("tables/listing_features/mugs.parquet")
+
+
+def test_images_that_would_hang_or_flood_the_run_are_quarantined_with_their_listing(setup):
+    """A device that never ends, a FIFO that blocks its reader and a small PNG that claims 144
+    megapixels: each listing is quarantined by name on its image_uri, and the run finishes."""
+    import os
+
+    source, images, resources, instance = setup
+    rows = good_rows(images)
+    fifo = images / "pipe.jpg"
+    os.mkfifo(fifo)
+    bomb = images / "bomb.png"
+    Image.new("L", (12000, 12000), 0).save(bomb, format="PNG")
+    rows[1]["image_uri"], rows[2]["image_uri"], rows[3]["image_uri"] = "/dev/zero", str(fifo), str(bomb)
+    write_line(source, rows)
+    result = run_raw_catalog(resources, instance, max_bad_share=0.5)
+    assert result.success
+    quarantine = resources["artifact_store"].open().read_parquet("quarantine/raw_catalog/mugs.parquet")
+    problems = {r["listing_id"]: r["problem"] for r in quarantine.iter_rows(named=True)}
+    assert set(problems) == {"mug-1", "mug-2", "mug-3"}
+    assert "not a regular file" in problems["mug-1"] and "not a regular file" in problems["mug-2"]
+    assert "12000x12000 pixels" in problems["mug-3"]

@@ -8,6 +8,7 @@ from typing import Callable
 import polars as pl
 from PIL import Image
 
+from ..settings import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from .schema import CatalogBatch
 
 
@@ -25,8 +26,12 @@ def store_batch_images(batch: CatalogBatch, put_bytes: Callable[[str, bytes], st
 
 def image_problem(data: bytes) -> str | None:
     """None when ``data`` is a decodable image, else the reason."""
+    if len(data) > MAX_IMAGE_BYTES:
+        return f"image is {len(data)} bytes, more than {MAX_IMAGE_BYTES}"
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.size[0] * image.size[1] > MAX_IMAGE_PIXELS:  # from the header, before decoding
+                return f"image is {image.size[0]}x{image.size[1]} pixels, more than {MAX_IMAGE_PIXELS}"
             image.load()
             if min(image.size) < 8:
                 return f"image too small ({image.size[0]}x{image.size[1]})"

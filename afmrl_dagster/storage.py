@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import stat
+import time
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -31,6 +32,8 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from .settings import MAX_IMAGE_BYTES
 
 COMPLETE_MARKER = "_COMPLETE"
+VERSIONS_FOLDER = "versions"  # an uploaded folder's files: key_prefix/versions/<version>/...
+MANIFEST_FORMAT = 2  # 1: files directly under the prefix (still read)
 # Local writes go to a hidden sibling ending in this suffix, then os.replace it into place.
 TEMP_SUFFIX = ".afmrl-partial"
 _CHUNK = 1024 * 1024
@@ -189,11 +192,15 @@ class ObjectStore(ABC):
         return pl.read_parquet(io.BytesIO(self.get_bytes(key)))
 
     def upload_directory(self, local_dir: str | os.PathLike, key_prefix: str) -> str:
-        """Upload every file under ``local_dir`` to ``key_prefix/…``; return the prefix's URI.
+        """Upload every file under ``local_dir`` as a new version of ``key_prefix``; return the prefix's URI.
 
-        Order matters for crash safety: the old ``_COMPLETE`` marker goes first, then files
-        that the new upload does not contain, then the new files, and the manifest
-        ``_COMPLETE`` (paths, sizes, SHA-256) is written last.
+        Each upload writes its files under a folder of its own, ``key_prefix/versions/<id>/…``,
+        never over files a reader may be fetching, and then the manifest ``_COMPLETE`` (the
+        version, every path, size and SHA-256) in one put: readers see the previous complete
+        version until that moment, and a crash or a concurrent writer leaves it intact (two
+        writers: the manifest written last wins, and each names only its own files). The version
+        just replaced is kept for readers still fetching it; older ones, and files of the
+        unversioned layout, are removed after the new manifest is written.
         """
         key_prefix = _folder_key(key_prefix)
         source = Path(local_dir)
@@ -209,29 +216,65 @@ class ObjectStore(ABC):
             entries.append({"path": relative, "size": size, "sha256": sha256})
 
         marker = f"{key_prefix}/{COMPLETE_MARKER}"
-        self._delete_keys([marker])
-        new_keys = {f"{key_prefix}/{entry['path']}" for entry in entries}
-        self._delete_keys([key for key in self.list_keys(f"{key_prefix}/") if key not in new_keys])
+        previous = json.loads(self.get_bytes(marker)) if self.exists(marker) else None
+        previous_version = previous.get("version") if previous else None
+        # Sortable by time, unique across writers: tidying compares versions by their id.
+        now = time.time_ns()
+        version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now // 10**9))}.{now % 10**9:09d}Z-{uuid.uuid4().hex[:8]}"
         for entry in entries:
-            self._put_file(f"{key_prefix}/{entry['path']}", source / entry["path"])
+            self._put_file(f"{key_prefix}/{VERSIONS_FOLDER}/{version}/{entry['path']}", source / entry["path"])
         manifest = {
-            "format": 1,
+            "format": MANIFEST_FORMAT,
+            "version": version,
+            "previous_version": previous_version,
             "files": entries,
             "total_bytes": sum(entry["size"] for entry in entries),
         }
         self.put_bytes(marker, json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+        self._tidy_versions(key_prefix, keep=previous_version)
         return self.uri(key_prefix)
 
+    def _tidy_versions(self, key_prefix: str, keep: str | None) -> None:
+        """Remove the version folders older than ``keep`` (none when ``keep`` is None) and the files
+        of the unversioned layout. Newer folders stay: they may be a concurrent writer's upload,
+        not yet published."""
+        stale = []
+        for key in self.list_keys(f"{key_prefix}/"):
+            relative = key[len(key_prefix) + 1 :]
+            if relative == COMPLETE_MARKER:
+                continue
+            parts = relative.split("/")
+            if parts[0] == VERSIONS_FOLDER and len(parts) > 2 and (keep is None or parts[1] >= keep):
+                continue
+            stale.append(key)
+        self._delete_keys(stale)
+
+    def _version_prefix(self, key_prefix: str, manifest: dict) -> str:
+        """Where the manifest's files are: their version folder, or the prefix itself (format 1)."""
+        version = manifest.get("version")
+        return f"{key_prefix}/{VERSIONS_FOLDER}/{validate_key(version, what='manifest version')}" if version else key_prefix
+
     def is_complete_directory(self, key_prefix: str) -> bool:
-        """Whether ``key_prefix`` holds a finished ``upload_directory`` (its ``_COMPLETE`` manifest exists)."""
-        return self.exists(f"{_folder_key(key_prefix)}/{COMPLETE_MARKER}")
+        """Whether ``key_prefix`` holds a finished ``upload_directory``: its ``_COMPLETE`` manifest
+        exists and every file it names is present (sizes and checksums are verified on download)."""
+        key_prefix = _folder_key(key_prefix)
+        marker = f"{key_prefix}/{COMPLETE_MARKER}"
+        if not self.exists(marker):
+            return False
+        try:
+            manifest = json.loads(self.get_bytes(marker))
+            files = self._version_prefix(key_prefix, manifest)
+            present = set(self.list_keys(f"{files}/"))
+            return all(f"{files}/{entry['path']}" in present for entry in manifest["files"])
+        except (ValueError, KeyError, TypeError):
+            return False
 
     def read_manifest(self, key_prefix: str) -> dict:
         """The ``_COMPLETE`` manifest of an uploaded folder; StorageError when the upload is incomplete."""
         key_prefix = _folder_key(key_prefix)
         if not self.is_complete_directory(key_prefix):
             raise StorageError(
-                f"{self.uri(key_prefix)} is not a complete upload (no {COMPLETE_MARKER} marker): "
+                f"{self.uri(key_prefix)} is not a complete upload (no {COMPLETE_MARKER} marker, or files it names are missing): "
                 "the upload never finished or the prefix is wrong"
             )
         return json.loads(self.get_bytes(f"{key_prefix}/{COMPLETE_MARKER}"))
@@ -244,11 +287,12 @@ class ObjectStore(ABC):
         """
         key_prefix = _folder_key(key_prefix)
         manifest = self.read_manifest(key_prefix)
+        files = self._version_prefix(key_prefix, manifest)
         target = Path(local_dir)
         target.mkdir(parents=True, exist_ok=True)
         for entry in manifest["files"]:
             relative = validate_key(entry["path"], what="manifest path")  # never write outside target
-            key = f"{key_prefix}/{relative}"
+            key = f"{files}/{relative}"
             destination = target / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
             temp = destination.with_name(f".{destination.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")

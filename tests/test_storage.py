@@ -150,16 +150,20 @@ def test_unsafe_keys_are_rejected(any_store: ObjectStore, bad_key: str):
         any_store.exists(bad_key)
 
 
+def _version_keys(store: ObjectStore, prefix: str) -> tuple[str, list[str]]:
+    """The published version of ``prefix`` and its files' paths."""
+    version = json.loads(store.get_bytes(f"{prefix}/{COMPLETE_MARKER}"))["version"]
+    folder = f"{prefix}/versions/{version}/"
+    return version, [key.removeprefix(folder) for key in store.list_keys(folder)]
+
+
 def test_directory_upload_download_and_reupload(any_store: ObjectStore, tmp_path: Path):
     source = make_model_folder(tmp_path / "model")
     uri = any_store.upload_directory(source, "models/encoder/abc")
     assert uri == any_store.uri("models/encoder/abc")
     assert any_store.is_complete_directory("models/encoder/abc")
-    assert any_store.list_keys("models/encoder/abc/") == [
-        f"models/encoder/abc/{COMPLETE_MARKER}",
-        "models/encoder/abc/config.json",
-        "models/encoder/abc/sub/weights.bin",
-    ]
+    first, paths = _version_keys(any_store, "models/encoder/abc")
+    assert paths == ["config.json", "sub/weights.bin"]
     manifest = json.loads(any_store.get_bytes(f"models/encoder/abc/{COMPLETE_MARKER}"))
     weights = (source / "sub" / "weights.bin").read_bytes()
     assert {entry["path"]: entry["size"] for entry in manifest["files"]} == {"config.json": 10, "sub/weights.bin": 1000}
@@ -171,15 +175,19 @@ def test_directory_upload_download_and_reupload(any_store: ObjectStore, tmp_path
     assert (downloaded / "config.json").read_text() == '{"dim": 8}'
     assert not [p for p in downloaded.rglob("*") if p.name.startswith(".")]  # no temp files left
 
-    # A new version without sub/weights.bin replaces the old set entirely.
+    # A new version without sub/weights.bin is what readers get; the version it replaced stays for
+    # readers still fetching it, and the one before that is removed.
     (source / "sub" / "weights.bin").unlink()
     (source / "head.safetensors").write_bytes(b"new")
     any_store.upload_directory(source, "models/encoder/abc/")
-    assert any_store.list_keys("models/encoder/abc/") == [
-        f"models/encoder/abc/{COMPLETE_MARKER}",
-        "models/encoder/abc/config.json",
-        "models/encoder/abc/head.safetensors",
-    ]
+    second, paths = _version_keys(any_store, "models/encoder/abc")
+    assert second > first and paths == ["config.json", "head.safetensors"]
+    assert sorted(p.name for p in any_store.download_directory("models/encoder/abc", tmp_path / "second").iterdir()) == [
+        "config.json", "head.safetensors"]
+    assert any_store.list_keys(f"models/encoder/abc/versions/{first}/")
+    any_store.upload_directory(source, "models/encoder/abc/")
+    assert not any_store.list_keys(f"models/encoder/abc/versions/{first}/")
+    assert any_store.list_keys(f"models/encoder/abc/versions/{second}/")
 
 
 def test_download_refuses_incomplete_or_corrupt_directory(any_store: ObjectStore, tmp_path: Path):
@@ -190,16 +198,20 @@ def test_download_refuses_incomplete_or_corrupt_directory(any_store: ObjectStore
     assert not (tmp_path / "half" / "config.json").exists()
 
     any_store.upload_directory(make_model_folder(tmp_path / "model"), "models/full")
-    any_store.put_bytes("models/full/sub/weights.bin", b"tampered")
+    version, _ = _version_keys(any_store, "models/full")
+    any_store.put_bytes(f"models/full/versions/{version}/sub/weights.bin", b"tampered")
     with pytest.raises(StorageError, match="does not match its _COMPLETE manifest"):
         any_store.download_directory("models/full", tmp_path / "full")
     assert not (tmp_path / "full" / "sub" / "weights.bin").exists()
+    # A manifest whose files are gone is not complete: a cache reading the marker alone would trust it.
+    any_store.delete_prefix(f"models/full/versions/{version}/sub/")
+    assert not any_store.is_complete_directory("models/full")
 
 
-def test_crash_during_reupload_never_looks_complete(any_store: ObjectStore, tmp_path: Path, monkeypatch):
+def test_a_crash_during_reupload_keeps_the_previous_version_readable(any_store: ObjectStore, tmp_path: Path, monkeypatch):
     source = make_model_folder(tmp_path / "model")
     any_store.upload_directory(source, "models/gen")
-    assert any_store.is_complete_directory("models/gen")
+    before, _ = _version_keys(any_store, "models/gen")
 
     real_put_file = type(any_store)._put_file
     uploaded = []
@@ -211,14 +223,46 @@ def test_crash_during_reupload_never_looks_complete(any_store: ObjectStore, tmp_
         real_put_file(self, key, path)
 
     monkeypatch.setattr(type(any_store), "_put_file", crash_after_first_file)
+    (source / "config.json").write_text('{"dim": 9}')
     with pytest.raises(OSError, match="simulated crash"):
         any_store.upload_directory(source, "models/gen")
     monkeypatch.undo()
 
-    assert uploaded == ["models/gen/config.json"]
-    assert not any_store.is_complete_directory("models/gen")
-    with pytest.raises(StorageError, match="not a complete upload"):
-        any_store.download_directory("models/gen", tmp_path / "copy")
+    assert len(uploaded) == 1 and "/versions/" in uploaded[0] and before not in uploaded[0]
+    assert any_store.is_complete_directory("models/gen") and _version_keys(any_store, "models/gen")[0] == before
+    copy = any_store.download_directory("models/gen", tmp_path / "copy")
+    assert (copy / "config.json").read_text() == '{"dim": 8}'  # the previous good version, whole
+
+
+def test_concurrent_writers_leave_one_complete_version(any_store: ObjectStore, tmp_path: Path):
+    """Two writers to one prefix at once (threads, each its own folder): whichever manifest lands
+    last names only its own files, and every download verifies."""
+    import threading
+
+    any_store.upload_directory(make_model_folder(tmp_path / "v0"), "models/race")
+    sources = []
+    for i in range(2):
+        folder = make_model_folder(tmp_path / f"writer{i}")
+        (folder / "config.json").write_text(json.dumps({"writer": i}))
+        sources.append(folder)
+    errors = []
+
+    def write(folder):
+        try:
+            any_store.upload_directory(folder, "models/race")
+        except Exception as error:  # a writer must not fail because another writes
+            errors.append(error)
+
+    for round_ in range(3):
+        threads = [threading.Thread(target=write, args=(folder,)) for folder in sources]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        assert any_store.is_complete_directory("models/race")
+        copy = any_store.download_directory("models/race", tmp_path / f"copy{round_}")
+        assert json.loads((copy / "config.json").read_text())["writer"] in (0, 1)
 
 
 # --- local store only --------------------------------------------------------------------
@@ -303,7 +347,8 @@ def test_s3_large_file_goes_through_multipart_upload(s3_server, s3_bucket, tmp_p
     store = S3ObjectStore(s3_bucket, "multipart", multipart_threshold=5 * 1024 * 1024, **s3_server.store_options())
     source = make_model_folder(tmp_path / "model", big_bytes=6 * 1024 * 1024)
     store.upload_directory(source, "big")
-    head = s3_server.client().head_object(Bucket=s3_bucket, Key="multipart/big/sub/weights.bin")
+    version = json.loads(store.get_bytes(f"big/{COMPLETE_MARKER}"))["version"]
+    head = s3_server.client().head_object(Bucket=s3_bucket, Key=f"multipart/big/versions/{version}/sub/weights.bin")
     assert head["ContentLength"] == 6 * 1024 * 1024
     assert head["ETag"].strip('"').endswith("-2")  # two parts: the multipart path was taken
     copy = store.download_directory("big", tmp_path / "copy")

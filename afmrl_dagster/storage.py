@@ -279,6 +279,19 @@ class ObjectStore(ABC):
             )
         return json.loads(self.get_bytes(f"{key_prefix}/{COMPLETE_MARKER}"))
 
+    def read_directory_file(self, key_prefix: str, relative: str) -> bytes:
+        """One file of the published version of an uploaded folder, verified against its manifest."""
+        key_prefix = _folder_key(key_prefix)
+        manifest = self.read_manifest(key_prefix)
+        entry = next((e for e in manifest["files"] if e["path"] == relative), None)
+        if entry is None:
+            raise StorageError(f"{self.uri(key_prefix)} has no file {relative!r} in its {COMPLETE_MARKER} manifest")
+        key = f"{self._version_prefix(key_prefix, manifest)}/{relative}"
+        data = self.get_bytes(key)
+        if (len(data), hashlib.sha256(data).hexdigest()) != (entry["size"], entry["sha256"]):
+            raise StorageError(f"{self.uri(key)} does not match its {COMPLETE_MARKER} manifest")
+        return data
+
     def download_directory(self, key_prefix: str, local_dir: str | os.PathLike) -> Path:
         """Download a complete upload into ``local_dir`` and verify every file's size and SHA-256.
 

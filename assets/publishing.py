@@ -13,9 +13,10 @@ from ..resources.tracking import MlflowTracking, flat_metrics, mlflow_metric_nam
 
 
 def cached_manifest(store, prefix: str) -> dict | None:
-    """The manifest of a complete artefact folder at ``prefix``, or None (never a half-written one)."""
+    """The manifest of a complete artefact folder at ``prefix``, or None (never a half-written one,
+    and never one whose manifest fails its checksum)."""
     if store.is_complete_directory(prefix):
-        return json.loads(store.get_bytes(f"{prefix}/manifest.json"))
+        return json.loads(store.read_directory_file(prefix, "manifest.json"))
     return None
 
 

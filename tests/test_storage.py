@@ -182,6 +182,9 @@ def test_directory_upload_download_and_reupload(any_store: ObjectStore, tmp_path
     any_store.upload_directory(source, "models/encoder/abc/")
     second, paths = _version_keys(any_store, "models/encoder/abc")
     assert second > first and paths == ["config.json", "head.safetensors"]
+    assert any_store.read_directory_file("models/encoder/abc", "head.safetensors") == b"new"  # the published version's file
+    with pytest.raises(StorageError, match="has no file 'sub/weights.bin'"):
+        any_store.read_directory_file("models/encoder/abc", "sub/weights.bin")
     assert sorted(p.name for p in any_store.download_directory("models/encoder/abc", tmp_path / "second").iterdir()) == [
         "config.json", "head.safetensors"]
     assert any_store.list_keys(f"models/encoder/abc/versions/{first}/")

@@ -66,6 +66,52 @@ def entry_texts(dataset: LadderDataset) -> dict[str, str]:
             for row in entries.iter_rows(named=True)}
 
 
+class ReaderScores:
+    """The reader's char-trigram BM25 of each query photo against each catalog entry, for every
+    task of :data:`FUSED_TASKS` in both parts; :meth:`fuse` adds them to any embeddings' cosines."""
+
+    def __init__(self, dataset: LadderDataset, queries_read: dict[str, str], entries: dict[str, str]):
+        self.dataset = dataset
+        self.tasks = {part: [task for task in dataset.plan(part).tasks if task.name in FUSED_TASKS and task.query_ids] for part in PARTS}
+        if not self.tasks["validation"]:
+            raise ValueError(f"{dataset.name}: no task searches catalog entries ({', '.join(FUSED_TASKS)}); nothing to fuse")
+        self.text_scores = {}
+        for part in PARTS:
+            for task in self.tasks[part]:
+                missing = [i for i in task.gallery_ids if i not in entries] + [i for i in task.query_ids if i not in queries_read]
+                if missing:
+                    raise ValueError(f"{dataset.name}: no reader or entry text for listing {missing[0]!r} of task {task.name}")
+                bm25 = TrigramBM25([entries[i] for i in task.gallery_ids])
+                self.text_scores[(part, task.name)] = bm25.matrix([queries_read[i] for i in task.query_ids])
+
+    def fuse(self, embeddings: dict[str, np.ndarray]) -> tuple[float, dict]:
+        """``alpha`` chosen on validation (the grid :data:`ALPHAS`, by the first task's mean R@1;
+        ties: the smaller) and the fused ranks and metrics of both parts, in the ladder's record
+        shape. ``embeddings``: per part, one row per listing of that part's plan, in plan order."""
+        cosines, truth = {}, {}
+        for part in PARTS:
+            plan = self.dataset.plan(part)
+            row_of = {listing: i for i, listing in enumerate(plan.listings["listing_id"].to_list())}
+            products = plan.listings["product_id"].to_list()
+            for task in self.tasks[part]:
+                q = [row_of[i] for i in task.query_ids]
+                g = [row_of[i] for i in task.gallery_ids]
+                cosines[(part, task.name)] = embeddings[part][q] @ embeddings[part][g].T
+                truth[(part, task.name)] = ([products[i] for i in q], [products[i] for i in g])
+
+        def ranks(part: str, alpha: float) -> dict[str, list[int]]:
+            return {task.name: ranks_from_scores(cosines[(part, task.name)] + alpha * self.text_scores[(part, task.name)],
+                                                 *truth[(part, task.name)]).tolist() for task in self.tasks[part]}
+
+        first = self.tasks["validation"][0].name
+        alpha = max(ALPHAS, key=lambda a: (float(np.mean(np.asarray(ranks("validation", a)[first]) == 1)), -a))
+        outcome = {}
+        for part in PARTS:
+            part_ranks = ranks(part, alpha)
+            outcome[part] = {"ranks": part_ranks, "metrics": {task: rank_metrics(values) for task, values in part_ranks.items()}}
+        return alpha, outcome
+
+
 def run_reader_fusion(
     dataset: LadderDataset,
     features: ListingFeatures,
@@ -80,49 +126,19 @@ def run_reader_fusion(
     on validation; ranks and metrics of both parts, in the ladder's record shape."""
     settings = settings or LadderSettings()
     spec = ROWS[row]
+    reader = ReaderScores(dataset, queries_read, entries)
     train_rows = rows_of(features, dataset.train)
     part_features = {part: features.subset(rows_of(features, dataset.plan(part).listings)) for part in PARTS}
-    tasks = {part: [task for task in dataset.plan(part).tasks if task.name in FUSED_TASKS and task.query_ids] for part in PARTS}
-    if not tasks["validation"]:
-        raise ValueError(f"{dataset.name}: no task searches catalog entries ({', '.join(FUSED_TASKS)}); nothing to fuse")
-    text_scores = {}
-    for part in PARTS:
-        for task in tasks[part]:
-            missing = [i for i in task.gallery_ids if i not in entries] + [i for i in task.query_ids if i not in queries_read]
-            if missing:
-                raise ValueError(f"{dataset.name}: no reader or entry text for listing {missing[0]!r} of task {task.name}")
-            bm25 = TrigramBM25([entries[i] for i in task.gallery_ids])
-            text_scores[(part, task.name)] = bm25.matrix([queries_read[i] for i in task.query_ids])
     records = []
     for seed in settings.seeds:
         started = time.perf_counter()
         config = EncoderTrainingConfig(**{**settings.training, **dataset.training, **spec.training}, seed=seed, agcl={**settings.agcl, **spec.agcl})
         head = train_encoder(features.subset(train_rows), dataset.train["product_id"].to_list(), dataset.train["product_line"].to_list(),
                              dataset.attribute_texts, config).head
-        cosines, truth = {}, {}
-        for part in PARTS:
-            plan = dataset.plan(part)
-            embeddings = embed_features(head, part_features[part])
-            row_of = {listing: i for i, listing in enumerate(plan.listings["listing_id"].to_list())}
-            products = plan.listings["product_id"].to_list()
-            for task in tasks[part]:
-                q = [row_of[i] for i in task.query_ids]
-                g = [row_of[i] for i in task.gallery_ids]
-                cosines[(part, task.name)] = embeddings[q] @ embeddings[g].T
-                truth[(part, task.name)] = ([products[i] for i in q], [products[i] for i in g])
-
-        def ranks(part: str, alpha: float, cosines=cosines, truth=truth) -> dict[str, list[int]]:
-            return {task.name: ranks_from_scores(cosines[(part, task.name)] + alpha * text_scores[(part, task.name)],
-                                                 *truth[(part, task.name)]).tolist() for task in tasks[part]}
-
-        first = tasks["validation"][0].name
-        alpha = max(ALPHAS, key=lambda a: (float(np.mean(np.asarray(ranks("validation", a)[first]) == 1)), -a))
-        outcome = {}
-        for part in PARTS:
-            part_ranks = ranks(part, alpha)
-            outcome[part] = {"ranks": part_ranks, "metrics": {task: rank_metrics(values) for task, values in part_ranks.items()}}
+        alpha, outcome = reader.fuse({part: embed_features(head, part_features[part]) for part in PARTS})
         records.append({"dataset": dataset.name, "row": READER_ROW, "seed": seed, "alpha": alpha,
                         "seconds": time.perf_counter() - started, **outcome})
+        first = reader.tasks["validation"][0].name
         progress(f"{dataset.name}: {READER_ROW} seed {seed} alpha {alpha} validation R@1 "
                  f"{outcome['validation']['metrics'][first]['recall@1']:.3f}")
     return records

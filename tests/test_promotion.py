@@ -29,6 +29,14 @@ def test_a_score_that_is_not_a_number_never_promotes_and_the_margin_cannot_be_ne
             promotion_decision("2", {"recall@1": 0.30}, "1", {"recall@1": 0.70}, "recall@1", margin=margin)
     with pytest.raises(KeyError, match="champion version 1's metrics"):
         promotion_decision("2", {"recall@1": 0.5}, "1", {"mrr": 0.7}, "recall@1")
+    # A NaN candidate listed first is not "the best" by default: the scored one is chosen.
+    from afmrl_dagster.promotion import Candidate, best_candidate
+
+    broken = Candidate("AGCL encoder", "3", {"recall@1": nan}, "set", {})
+    scored = Candidate("CIT encoder", "4", {"recall@1": 0.6}, "set", {})
+    best, notes = best_candidate([broken, scored], "recall@1", "set")
+    assert best is scored and any("is not a number" in note for note in notes)
+    assert best_candidate([broken], "recall@1", "set")[0] is None
 
 
 def test_champion_is_not_promoted_over_itself_and_metric_must_exist():

@@ -10,9 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..evaluation.protocols import EvaluationError
 from ..evaluation.encoders import embed_listings, resolve_encoder
-from ..evaluation.protocols import plan_evaluation
+from ..evaluation.protocols import EvaluationError, plan_evaluation
 from ..evaluation.report import evaluation_report, report_markdown
 from ..evaluation.scoring import score_plan
 from ..local_files import write_text_atomically

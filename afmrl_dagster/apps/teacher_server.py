@@ -226,7 +226,12 @@ class _Handler(BaseHTTPRequestHandler):
         if length > self.server.max_body_bytes:
             self._refuse(413, f"the body has {length} bytes; this server takes at most {self.server.max_body_bytes} (--max-body-mb)")
             return
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:  # the client stopped sending: drop it, nothing to answer
+            sys.stderr.write(f"serve-teacher: dropped a client silent for {SOCKET_TIMEOUT_S:.0f} s mid-body\n")
+            self.close_connection = True
+            return
         if len(raw) < length:
             self._refuse(400, f"the body ended after {len(raw)} of {length} bytes")
             return

@@ -53,12 +53,15 @@ def decode_image(data: bytes) -> PIL.Image.Image:
         raise ValueError(f"image is {len(data)} bytes, more than {MAX_IMAGE_BYTES}")
     try:
         image = PIL.Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:  # from the header: a few KB can claim gigabytes of pixels
-            raise ValueError(f"image is {width}x{height} pixels, more than {MAX_IMAGE_PIXELS}")
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"image bytes cannot be decoded: {error}") from error
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:  # from the header: a few KB can claim gigabytes of pixels
+        raise ValueError(f"image is {width}x{height} pixels, more than {MAX_IMAGE_PIXELS}")
+    try:
         image.load()
         image = PIL.ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
         raise ValueError(f"image bytes cannot be decoded: {error}") from error
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Product photos often have transparent backgrounds; black would distort features.

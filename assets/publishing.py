@@ -12,10 +12,21 @@ import dagster as dg
 from ..resources.tracking import MlflowTracking, flat_metrics, mlflow_metric_name
 
 
+def manifest_key(prefix: str) -> str:
+    """Where a model folder's manifest (uri, MLflow ids, checks) is kept: beside the folder, written
+    after the folder is stored and the version registered."""
+    return f"{prefix}.manifest.json"
+
+
 def cached_manifest(store, prefix: str) -> dict | None:
-    """The manifest of a complete artefact folder at ``prefix``, or None (never a half-written one,
-    and never one whose manifest fails its checksum)."""
-    if store.is_complete_directory(prefix):
+    """The manifest of a complete, registered artefact folder at ``prefix``, or None (never a
+    half-written one). Folders published before the manifest moved beside them keep it inside,
+    where it is read through the folder's checksums."""
+    if not store.is_complete_directory(prefix):
+        return None
+    if store.exists(manifest_key(prefix)):
+        return json.loads(store.get_bytes(manifest_key(prefix)))
+    if any(entry["path"] == "manifest.json" for entry in store.read_manifest(prefix)["files"]):
         return json.loads(store.read_directory_file(prefix, "manifest.json"))
     return None
 
@@ -82,8 +93,10 @@ def publish_model(
     run,
     extra: dict,
 ) -> dict:
-    """Save the model with ``save(folder)``, log and register it in MLflow, upload the folder to
-    ``prefix`` and return its manifest (uri, MLflow ids, ``extra``)."""
+    """Save the model with ``save(folder)``, upload the folder to ``prefix``, then log and register
+    it in MLflow, and last write its manifest (uri, MLflow ids, ``extra``) beside the folder and
+    return it. In that order a registered version always has its artefact stored, and a run
+    killed before the manifest is written leaves no cache hit."""
     import tempfile
 
     from afmrl_dagster.registry import log_model
@@ -91,16 +104,16 @@ def publish_model(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / kind
         save(folder)
-        info = log_model(kind, folder, model_name)
-        manifest = {
-            "uri": store.uri(prefix),
-            "mlflow_run_id": run.info.run_id,
-            "model_name": model_name,
-            "model_version": str(info.registered_model_version),
-            **extra,
-        }
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
         store.upload_directory(folder, prefix)
+        info = log_model(kind, folder, model_name)
+    manifest = {
+        "uri": store.uri(prefix),
+        "mlflow_run_id": run.info.run_id,
+        "model_name": model_name,
+        "model_version": str(info.registered_model_version),
+        **extra,
+    }
+    store.put_bytes(manifest_key(prefix), json.dumps(manifest, indent=2).encode())
     return manifest
 
 

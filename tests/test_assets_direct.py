@@ -50,3 +50,37 @@ def test_teacher_attributes_normalise_and_report_checks(tmp_path):
     assert checks == {"attribute_parse_rate": True, "attribute_key_vocabulary": True}
     assert result.metadata["status"] == "computed"
     assert invoke(tmp_path, min_valid_share=0.9).metadata["status"] == "cached"
+
+
+def test_a_model_version_is_registered_only_once_its_artefact_is_stored(tmp_path, monkeypatch):
+    """publish_model stores the folder, then registers the version, then writes the manifest a
+    cache hit needs: a store that cannot take the folder leaves no registered version, and a
+    published model is found again by its slot."""
+    import mlflow
+    import pytest
+    from mlflow.tracking import MlflowClient
+
+    from afmrl_dagster.assets.publishing import cached_manifest, publish_model
+    from afmrl_dagster.encoders.dual_tower import DualTowerConfig, DualTowerHead, save_head
+    from afmrl_dagster.storage import LocalObjectStore, StorageError
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking)
+    head = DualTowerHead(DualTowerConfig(image_dim=8, text_dim=8, embed_dim=4, hidden_dim=8))
+    try:
+        (tmp_path / "not-a-folder").write_text("")
+        broken = LocalObjectStore(tmp_path / "not-a-folder")  # its root is a file: nothing can be stored
+        with mlflow.start_run() as run, pytest.raises(StorageError):
+            publish_model(None, "encoder", lambda folder: save_head(head, folder), broken, "models/enc/k1", "afmrl-test-encoder", run, {})
+        assert not MlflowClient().search_registered_models(filter_string="name='afmrl-test-encoder'")
+
+        store = LocalObjectStore(tmp_path / "store")
+        with mlflow.start_run() as run:
+            manifest = publish_model(None, "encoder", lambda folder: save_head(head, folder), store, "models/enc/k1", "afmrl-test-encoder", run,
+                                     {"fingerprint": "k1"})
+        assert manifest["model_version"] == "1" and cached_manifest(store, "models/enc/k1") == manifest
+        assert cached_manifest(store, "models/enc/other") is None
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -62,6 +62,14 @@ class Candidate:
     metrics: dict[str, float]
     evaluation_set: str  # fingerprint of the validation queries it was scored on
     serving_tags: dict[str, str]  # what it would serve with (see serving.serving_tags)
+    failed_checks: tuple[str, ...] = ()  # blocking checks of its artefacts that failed: never promoted
+
+
+def failed_blocking_checks(*manifests: dict) -> tuple[str, ...]:
+    """The names of the blocking checks that failed in model manifests (``{"checks": {name:
+    {"passed", "blocking", ...}}}``): a candidate with any is never promoted."""
+    return tuple(name for manifest in manifests for name, check in (manifest or {}).get("checks", {}).items()
+                 if check.get("blocking") and not check.get("passed"))
 
 
 def best_candidate(candidates: list[Candidate], metric: str, evaluation_set: str) -> tuple[Candidate | None, list[str]]:
@@ -74,6 +82,8 @@ def best_candidate(candidates: list[Candidate], metric: str, evaluation_set: str
                          f"({candidate.evaluation_set[:12]} vs {evaluation_set[:12]}); rematerialise it")
         elif metric not in candidate.metrics:
             raise KeyError(f"promotion metric {metric!r} not among {candidate.name}'s metrics {sorted(candidate.metrics)}")
+        elif candidate.failed_checks:
+            notes.append(f"{candidate.name} version {candidate.version} left out: blocking check(s) failed: {', '.join(candidate.failed_checks)}")
         elif not math.isfinite(float(candidate.metrics[metric])):
             notes.append(f"{candidate.name} version {candidate.version} left out: {metric}={candidate.metrics[metric]} is not a number")
         else:

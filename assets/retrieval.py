@@ -260,7 +260,7 @@ def encoder_promotion(
     pass. The replaced champion stays under ``previous_champion`` (``afmrl rollback``).
     """
     from afmrl_dagster.evaluation.scoring import evaluation_set_fingerprint, score_registered_version
-    from afmrl_dagster.promotion import Candidate, best_candidate, move_champion, promotion_decision
+    from afmrl_dagster.promotion import Candidate, best_candidate, failed_blocking_checks, move_champion, promotion_decision
     from afmrl_dagster.registry import ENCODER_MODEL_NAME, GENERATOR_MODEL_NAME
     from afmrl_dagster.serving import serving_tags
     from afmrl_dagster.training.generator_backends import catalog_attributes
@@ -272,10 +272,12 @@ def encoder_promotion(
     agcl_row = retrieval_evaluation.filter((pl.col("encoder") == EVALUATED_ENCODERS[2]) & (pl.col("products") == "unseen (validation)")).row(0, named=True)
     candidates = [
         Candidate("AGCL encoder", agcl_encoder["model_version"], agcl_row, evaluation_set,
-                  serving_tags(agcl_encoder["uri"], retrieval_index, retrieval_index["generator_uri"], retrieval_index["generator_version"], evaluation_set)),
+                  serving_tags(agcl_encoder["uri"], retrieval_index, retrieval_index["generator_uri"], retrieval_index["generator_version"], evaluation_set),
+                  failed_blocking_checks(agcl_encoder)),
         Candidate("CIT encoder", cit_encoder["model_version"], cit_encoder["validation"], cit_encoder["evaluation_set"],
                   serving_tags(cit_encoder["uri"], cit_encoder["index"], cit_encoder["index"]["generator_uri"],
-                               cit_encoder["index"]["generator_version"], cit_encoder["evaluation_set"])),
+                               cit_encoder["index"]["generator_version"], cit_encoder["evaluation_set"]),
+                  failed_blocking_checks(cit_encoder)),
     ]
     best, notes = best_candidate(candidates, metric, evaluation_set)
     for note in notes:

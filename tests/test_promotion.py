@@ -39,6 +39,18 @@ def test_a_score_that_is_not_a_number_never_promotes_and_the_margin_cannot_be_ne
     assert best_candidate([broken], "recall@1", "set")[0] is None
 
 
+def test_a_candidate_whose_blocking_check_failed_is_never_chosen():
+    from afmrl_dagster.promotion import Candidate, best_candidate, failed_blocking_checks
+
+    manifest = {"checks": {"cit_weights_finite": {"passed": False, "blocking": True, "metadata": {}},
+                           "cit_keeps_recall": {"passed": False, "blocking": False, "metadata": {}}}}
+    assert failed_blocking_checks(manifest, {"checks": {}}, None) == ("cit_weights_finite",)  # warnings do not block
+    cit = Candidate("CIT encoder", "4", {"recall@1": 0.9}, "set", {}, failed_blocking_checks(manifest))
+    agcl = Candidate("AGCL encoder", "3", {"recall@1": 0.6}, "set", {})
+    best, notes = best_candidate([cit, agcl], "recall@1", "set")
+    assert best is agcl and any("blocking check(s) failed: cit_weights_finite" in note for note in notes)
+
+
 def test_champion_is_not_promoted_over_itself_and_metric_must_exist():
     assert not promotion_decision("3", {"recall@1": 0.9}, "3", None, "recall@1").promote
     with pytest.raises(ValueError, match="same evaluation set"):

@@ -82,8 +82,8 @@ def test_the_vlm2vec_encoder_serves_through_the_record_and_search_answers(hf_run
     assert encoder["encoder_backend"] == f"vlm2vec:{model}"
     store = open_store(str(root / "store"))
     record = read_serving_record(store)
-    assert json.loads(store.get_bytes(store.key_of(record.encoder_uri) + "/encoder.json"))["kind"] == "vlm2vec"
-    assert json.loads(store.get_bytes(store.key_of(record.generator_uri) + "/generator.json"))["kind"] == "hf-vlm"
+    assert json.loads(store.read_directory_file(store.key_of(record.encoder_uri), "encoder.json"))["kind"] == "vlm2vec"
+    assert json.loads(store.read_directory_file(store.key_of(record.generator_uri), "generator.json"))["kind"] == "hf-vlm"
     env = {**os.environ, "AFMRL_STORE": str(root / "store"), "AFMRL_DEVICE": "cpu"}
     answer = subprocess.run([sys.executable, "-m", "afmrl_dagster.apps.cli", "search", "--text", "blue mug", "--k", "3", "--json"],
                             capture_output=True, text=True, env=env, timeout=600)
@@ -115,7 +115,7 @@ def test_fine_tuned_towers_train_index_and_serve_through_the_same_assets(finetun
     assert metadata_of(instance, "agcl_encoder")["encoder_backend"] == "dual-tower-finetune"
     store = open_store(str(root / "store"))
     record = read_serving_record(store)
-    assert json.loads(store.get_bytes(store.key_of(record.encoder_uri) + "/encoder.json"))["kind"] == "dual-tower-finetune"
+    assert json.loads(store.read_directory_file(store.key_of(record.encoder_uri), "encoder.json"))["kind"] == "dual-tower-finetune"
     assert outcome["cit"]["validation"]["num_queries"] > 0  # CIT trained the fine-tuned encoder one more round and scored it
     env = {**os.environ, "AFMRL_STORE": str(root / "store"), "AFMRL_DEVICE": "cpu"}
     answer = subprocess.run([sys.executable, "-m", "afmrl_dagster.apps.cli", "search", "--text", "green mug", "--k", "3", "--json"],

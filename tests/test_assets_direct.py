@@ -69,15 +69,16 @@ def test_a_model_version_is_registered_only_once_its_artefact_is_stored(tmp_path
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking)
     head = DualTowerHead(DualTowerConfig(image_dim=8, text_dim=8, embed_dim=4, hidden_dim=8))
+    experiment = MlflowClient(tracking).create_experiment("publish-model")  # its own, not the one an earlier test made active
     try:
         (tmp_path / "not-a-folder").write_text("")
         broken = LocalObjectStore(tmp_path / "not-a-folder")  # its root is a file: nothing can be stored
-        with mlflow.start_run() as run, pytest.raises(StorageError):
+        with mlflow.start_run(experiment_id=experiment) as run, pytest.raises(StorageError):
             publish_model(None, "encoder", lambda folder: save_head(head, folder), broken, "models/enc/k1", "afmrl-test-encoder", run, {})
         assert not MlflowClient().search_registered_models(filter_string="name='afmrl-test-encoder'")
 
         store = LocalObjectStore(tmp_path / "store")
-        with mlflow.start_run() as run:
+        with mlflow.start_run(experiment_id=experiment) as run:
             manifest = publish_model(None, "encoder", lambda folder: save_head(head, folder), store, "models/enc/k1", "afmrl-test-encoder", run,
                                      {"fingerprint": "k1"})
         assert manifest["model_version"] == "1" and cached_manifest(store, "models/enc/k1") == manifest

@@ -26,6 +26,7 @@ AWS_ACCESS_KEY_ID_ENV = "AWS_ACCESS_KEY_ID"
 AWS_SECRET_ACCESS_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 CATALOG_ENV = "AFMRL_CATALOG"
+IMAGE_ROOTS_ENV = "AFMRL_IMAGE_ROOTS"  # comma-separated folders or s3://bucket/prefix a catalog's image_uri may point into
 DEVICE_ENV = "AFMRL_DEVICE"
 IMAGE_TOWER_ENV = "AFMRL_IMAGE_TOWER"
 TEXT_TOWER_ENV = "AFMRL_TEXT_TOWER"
@@ -76,6 +77,7 @@ class Settings:
     aws_region: str | None = None
     tracking_uri: str = DEFAULT_TRACKING_URI
     catalog: str = DEFAULT_CATALOG
+    image_roots: tuple[str, ...] = ()  # besides the catalog's own location and the store's images/
     device: str = DEFAULT_DEVICE
     image_tower: str = DEFAULT_IMAGE_TOWER
     text_tower: str = DEFAULT_TEXT_TOWER
@@ -117,6 +119,7 @@ class Settings:
             aws_region=env(AWS_REGION_ENV),
             tracking_uri=env(TRACKING_URI_ENV, DEFAULT_TRACKING_URI),
             catalog=env(CATALOG_ENV, DEFAULT_CATALOG),
+            image_roots=tuple(root.strip() for root in env(IMAGE_ROOTS_ENV, "").split(",") if root.strip()),
             device=env(DEVICE_ENV, DEFAULT_DEVICE),
             image_tower=env(IMAGE_TOWER_ENV, DEFAULT_IMAGE_TOWER),
             text_tower=env(TEXT_TOWER_ENV, DEFAULT_TEXT_TOWER),

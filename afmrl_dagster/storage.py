@@ -654,6 +654,53 @@ def _split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+class UriRoots:
+    """Where a catalog's image URIs may point: local folders and ``s3://bucket/prefix`` roots.
+
+    A local URI is compared after resolving symlinks and ``..`` (so ``root/../etc/passwd`` and a
+    link out of the root are outside); an S3 URI must name the root's bucket and lie under its
+    prefix, with no ``.`` or ``..`` key segment (some servers normalise them away).
+    """
+
+    def __init__(self, roots) -> None:
+        self.roots = tuple(dict.fromkeys(str(root).strip() for root in roots if root and str(root).strip()))
+        self._local: list[Path] = []
+        self._s3: list[tuple[str, str]] = []
+        for root in self.roots:
+            if root.startswith("s3://"):
+                bucket, prefix = _split_s3_uri(root)
+                self._s3.append((bucket, prefix.strip("/")))
+            elif "://" in root and not root.startswith("file://"):
+                raise ValueError(f"image root {root!r}: only local folders, file:// and s3://bucket/prefix are supported")
+            else:
+                self._local.append(Path(os.path.realpath(_local_path(root))))
+
+    def __str__(self) -> str:
+        return ", ".join(self.roots) if self.roots else "none declared"
+
+    def problem(self, uri: str) -> str | None:
+        """None when ``uri`` lies under one of the roots, else why not (nothing is read)."""
+        if not isinstance(uri, str) or not uri:
+            return f"image_uri {uri!r} is not a non-empty string"
+        try:
+            if uri.startswith("s3://"):
+                bucket, key = _split_s3_uri(uri)
+                if any(part in (".", "..") for part in key.split("/")):
+                    return f"image_uri {uri!r} has a '.' or '..' key segment"
+                inside = any(bucket == b and (not p or key.startswith(p + "/")) for b, p in self._s3)
+            elif "://" in uri and not uri.startswith("file://"):
+                return f"image_uri {uri!r}: only local paths, file:// and s3:// are supported"
+            else:
+                path = Path(os.path.realpath(_local_path(uri)))
+                inside = any(path == root or path.is_relative_to(root) for root in self._local)
+        except ValueError as error:
+            return f"image_uri {uri!r}: {error}"
+        if inside:
+            return None
+        return (f"image_uri {uri!r} is outside the catalog's image roots ({self}); declare the folder or "
+                "s3://bucket/prefix that holds the images as a root (AFMRL_IMAGE_ROOTS; afmrl evaluate --image-root)")
+
+
 def open_store(location: str, **s3_options) -> ObjectStore:
     """``s3://bucket/prefix`` → S3ObjectStore(bucket, prefix, **s3_options); anything else → LocalObjectStore.
 

@@ -28,7 +28,7 @@ class RawCatalogConfig(dg.Config):
         dg.AssetCheckSpec("catalog_schema", asset="raw_catalog", blocking=True,
                           description="Columns, unique listing ids, required fields, slug-safe product line (Great Expectations)."),
         dg.AssetCheckSpec("images_decodable", asset="raw_catalog", blocking=True,
-                          description="Every referenced image reads and decodes."),
+                          description="Every referenced image lies under the catalog's image roots, reads and decodes."),
     ],
 )
 def raw_catalog(
@@ -46,7 +46,7 @@ def raw_catalog(
     store = artifact_store.open()
     batch = catalog_source.load_line(line)
     frame = store_batch_images(batch, store.put_bytes, line)
-    image_issues = find_image_problems(frame, artifact_store.read_uri)
+    image_issues = find_image_problems(frame, artifact_store.read_uri, catalog_source.uri_roots())
     report = validate_catalog(frame, extra_issues=image_issues)
     quarantine_key = f"quarantine/raw_catalog/{line}.parquet"
     if report.issues.height:

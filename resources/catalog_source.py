@@ -4,8 +4,9 @@ import dagster as dg
 from pydantic import Field
 
 from afmrl_dagster.catalog.schema import CatalogBatch
-from afmrl_dagster.catalog.source import list_product_lines, load_product_line
+from afmrl_dagster.catalog.source import catalog_roots, list_product_lines, load_product_line
 from afmrl_dagster.settings import DEFAULT_CATALOG
+from afmrl_dagster.storage import UriRoots
 
 from .storage import ArtifactStore
 
@@ -16,6 +17,11 @@ class CatalogSource(dg.ConfigurableResource):
 
     spec: str = Field(default=DEFAULT_CATALOG, description="Catalog source spec, e.g. builtin, grocery:/data/grocery_store, parquet:s3://bucket/catalog")
     store: ArtifactStore = Field(description="Gives the S3 endpoint and credentials for parquet:s3://... sources.")
+    image_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders or s3://bucket/prefix that listings' image_uri may point into, besides the catalog's own "
+                    "location and the store's images/ (AFMRL_IMAGE_ROOTS). Any other image_uri is quarantined unread.",
+    )
 
     def _s3_options(self) -> dict:
         return {
@@ -30,3 +36,8 @@ class CatalogSource(dg.ConfigurableResource):
 
     def load_line(self, line: str) -> CatalogBatch:
         return load_product_line(self.spec, line, s3_options=self._s3_options())
+
+    def uri_roots(self) -> UriRoots:
+        """Where this catalog's image URIs may point: its own location, the store's rendered
+        images and the declared ``image_roots``."""
+        return UriRoots([*catalog_roots(self.spec), self.store.open().uri("images"), *self.image_roots])

@@ -24,14 +24,16 @@ TINY_CATALOG = "builtin:families=2,siblings=2,listings=3"
 
 
 def tiny_resources(root: Path, catalog_spec: str = TINY_CATALOG, store: ArtifactStore | None = None, tracking_uri: str | None = None,
-                   encoder: str = "dual-tower", teacher: AttributeTeacherBackend | None = None, generator: str = "compact") -> dict:
+                   encoder: str = "dual-tower", teacher: AttributeTeacherBackend | None = None, generator: str = "compact",
+                   image_roots: list[str] | None = None) -> dict:
     """Resources of a small run under ``root``; MLflow in ``root/mlflow.db`` unless ``tracking_uri`` names a server;
-    ``encoder``, ``teacher`` and ``generator`` are the AFMRL_ENCODER, AFMRL_TEACHER and AFMRL_GENERATOR backends."""
+    ``encoder``, ``teacher`` and ``generator`` are the AFMRL_ENCODER, AFMRL_TEACHER and AFMRL_GENERATOR backends;
+    ``image_roots`` is AFMRL_IMAGE_ROOTS."""
     store = store or ArtifactStore(location=str(root / "store"))
     return {
         "artifact_store": store,
         "io_manager": TableIOManager(store=store),
-        "catalog_source": CatalogSource(spec=catalog_spec, store=store),
+        "catalog_source": CatalogSource(spec=catalog_spec, store=store, image_roots=image_roots or []),
         "mlflow_tracking": MlflowTracking(tracking_uri=tracking_uri or f"sqlite:///{root / 'mlflow.db'}", experiment_name="afmrl-test"),
         "torch_compute": TorchCompute(device="cpu"),
         "feature_towers": FeatureTowers(),

@@ -51,7 +51,7 @@ def setup(tmp_path):
     source, images = tmp_path / "source", tmp_path / "images"
     source.mkdir()
     images.mkdir()
-    resources = tiny_resources(tmp_path, catalog_spec=f"parquet:{source}")
+    resources = tiny_resources(tmp_path, catalog_spec=f"parquet:{source}", image_roots=[str(images)])
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("product_lines", ["mugs"])
         yield source, images, resources, instance
@@ -114,8 +114,8 @@ def test_a_failed_catalog_stops_attributes_and_features_downstream(setup):
 
 
 def test_images_that_would_hang_or_flood_the_run_are_quarantined_with_their_listing(setup):
-    """A device that never ends, a FIFO that blocks its reader and a small PNG that claims 144
-    megapixels: each listing is quarantined by name on its image_uri, and the run finishes."""
+    """A device that never ends, a FIFO (inside the image root) that blocks its reader and a small PNG
+    that claims 144 megapixels: each listing is quarantined by name on its image_uri, and the run finishes."""
     import os
 
     source, images, resources, instance = setup
@@ -131,5 +131,36 @@ def test_images_that_would_hang_or_flood_the_run_are_quarantined_with_their_list
     quarantine = resources["artifact_store"].open().read_parquet("quarantine/raw_catalog/mugs.parquet")
     problems = {r["listing_id"]: r["problem"] for r in quarantine.iter_rows(named=True)}
     assert set(problems) == {"mug-1", "mug-2", "mug-3"}
-    assert "not a regular file" in problems["mug-1"] and "not a regular file" in problems["mug-2"]
+    assert "outside the catalog's image roots" in problems["mug-1"]  # /dev is no image root (a device inside one: test_storage)
+    assert "not a regular file" in problems["mug-2"]
     assert "12000x12000 pixels" in problems["mug-3"]
+
+
+def test_image_uris_outside_the_catalogs_roots_are_quarantined_and_never_read(setup, monkeypatch):
+    """An absolute path, a file:// URI, a ``..`` escape, a symlink out of the declared image root and
+    another bucket: each listing is quarantined on its image_uri, and no byte behind it is read."""
+    import os
+
+    import afmrl_dagster.resources.storage as storage_resource
+
+    source, images, resources, instance = setup
+    read = []
+    real_read = storage_resource.read_uri_bytes
+    monkeypatch.setattr(storage_resource, "read_uri_bytes", lambda uri, **kw: read.append(uri) or real_read(uri, **kw))
+    secret = images.parent / "secret.jpg"  # beside the declared root, not under it
+    secret.write_bytes(jpeg((1, 2, 3)))
+    os.symlink(secret, images / "link.jpg")
+    rows = good_rows(images)
+    outside = ["/etc/passwd", "file:///etc/passwd", f"{images}/../secret.jpg", str(images / "link.jpg"), "s3://someone-elses-bucket/a.jpg"]
+    for row, uri in zip(rows[1:], outside):
+        row["image_uri"] = uri
+    write_line(source, rows)
+    result = run_raw_catalog(resources, instance, max_bad_share=0.9)
+    assert result.success
+    quarantine = resources["artifact_store"].open().read_parquet("quarantine/raw_catalog/mugs.parquet")
+    problems = {r["listing_id"]: (r["field"], r["problem"]) for r in quarantine.iter_rows(named=True)}
+    assert set(problems) == {f"mug-{i}" for i in range(1, 6)}
+    for field, problem in problems.values():
+        assert field == "image_uri" and "outside the catalog's image roots" in problem, problem
+    assert not [uri for uri in read if uri in outside], read
+    assert sorted(read) == sorted(str(images / f"mug-{i}.jpg") for i in (0, 6, 7))  # the listings inside the root

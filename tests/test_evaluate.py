@@ -195,3 +195,39 @@ def test_a_bad_catalog_or_destination_is_one_clear_line_and_exit_2_before_any_wo
     assert not (tmp_path / "m.json").exists()
     report = evaluate(tmp_path, "--catalog", good, "--encoder", "zero-shot")  # the same catalog, unbroken, is scored
     check_retrieval(report["metrics"]["identical_product"], report["counts"]["queries"])
+
+
+def test_an_image_uri_outside_the_catalogs_folder_is_refused_unread_unless_its_root_is_declared(tmp_path, capsys, monkeypatch):
+    """``/etc/passwd``, a ``file://`` URI and a ``..`` escape are named with their listing and
+    never read; the same photo outside the catalog folder is scored once its folder is declared."""
+    import os
+
+    import polars as pl
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    photo = images / "mug.jpg"
+    Image.new("RGB", (48, 48), (30, 90, 160)).save(photo, format="JPEG")
+    opened = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda path, *a, **k: opened.append(str(path)) or real_stat(path, *a, **k))
+
+    def first_image(uri: str):
+        return lambda frame: frame.with_columns(
+            pl.when(pl.int_range(pl.len()) == 0).then(pl.lit(uri)).otherwise(pl.col("image_uri")).alias("image_uri"))
+
+    for name, uri in (("absolute", "/etc/passwd"), ("file-uri", "file:///etc/passwd"), ("escape", f"{tmp_path}/{{}}/../images/mug.jpg")):
+        folder = tmp_path / name
+        catalog = _parquet_catalog(folder, first_image(uri.format(name)))
+        first = pl.read_parquet(folder / "mugs.parquet")["listing_id"][0]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["evaluate", "--catalog", catalog, "--encoder", "zero-shot", "--out", str(tmp_path / "m.json")])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert f"listing '{first}', field image_uri" in error and "outside the catalog's image roots" in error, error
+        assert "Traceback" not in error
+    assert not [path for path in opened if path == "/etc/passwd" or path.endswith("mug.jpg")]
+    catalog = _parquet_catalog(tmp_path / "declared", first_image(str(photo)))
+    report = evaluate(tmp_path, "--catalog", catalog, "--encoder", "zero-shot", "--image-root", str(images))
+    check_retrieval(report["metrics"]["identical_product"], report["counts"]["queries"])

@@ -450,3 +450,25 @@ def test_an_image_uri_never_reads_a_device_a_fifo_a_folder_or_an_oversized_file(
         read_uri_bytes(str(photo))
     photo.write_bytes(b"x" * 1024)
     assert read_uri_bytes(str(photo)) == b"x" * 1024
+
+
+def test_uri_roots_admit_only_what_lies_under_a_declared_root(tmp_path):
+    from afmrl_dagster.storage import UriRoots
+
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "images-other").mkdir()
+    os.symlink(tmp_path / "images-other", root / "out")
+    roots = UriRoots([str(root), "s3://shop/catalog", ""])
+    assert str(roots) == f"{root}, s3://shop/catalog"
+    for inside in (str(root / "sub" / "a.jpg"), f"file://{root}/a.jpg", f"{root}/sub/../a.jpg", "s3://shop/catalog/lines/a.jpg"):
+        assert roots.problem(inside) is None, inside
+    for outside in (str(tmp_path / "images-other" / "a.jpg"), f"{root}/../images-other/a.jpg", str(root / "out" / "a.jpg"),
+                    "/etc/passwd", "s3://shop/catalogue/a.jpg", "s3://shop/other/a.jpg", "s3://elsewhere/catalog/a.jpg"):
+        assert "outside the catalog's image roots" in roots.problem(outside), outside
+    assert "'..' key segment" in roots.problem("s3://shop/catalog/../private/a.jpg")
+    assert "only local paths" in roots.problem("https://example.com/a.jpg")
+    assert "remote host" in roots.problem("file://other-host/a.jpg")
+    assert "outside" in UriRoots([]).problem(str(root / "a.jpg"))  # no root declared: nothing is admitted
+    with pytest.raises(ValueError, match="only local folders"):
+        UriRoots(["https://example.com/images"])

@@ -28,6 +28,9 @@ def _add_evaluate(commands) -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, metavar="PATH", help="where to write the metrics JSON")
     evaluate.add_argument("--markdown", metavar="PATH", help="also write the metrics as a markdown table")
     evaluate.add_argument("--limit", type=int, metavar="N", help="score only the first N queries by listing id")
+    evaluate.add_argument("--image-root", action="append", default=None, metavar="FOLDER_OR_S3",
+                          help="a folder or s3://bucket/prefix the catalog's image_uri may point into, besides the catalog's "
+                               "own folder (repeatable; default: AFMRL_IMAGE_ROOTS); other image URIs are refused unread")
     return evaluate
 
 
@@ -137,7 +140,11 @@ def main(argv: list[str] | None = None) -> None:
         from ..evaluation.protocols import EvaluationError
 
         try:
-            run_evaluate(args.catalog, args.encoder, args.out, split=args.split, markdown=args.markdown, limit=args.limit)
+            from ..settings import Settings
+
+            image_roots = args.image_root if args.image_root is not None else list(Settings.from_env().image_roots)
+            run_evaluate(args.catalog, args.encoder, args.out, split=args.split, markdown=args.markdown, limit=args.limit,
+                         image_roots=image_roots)
         except EvaluationError as error:
             evaluate.exit(2, f"afmrl evaluate: error: {error}\n")
     elif args.command == "search":

@@ -43,14 +43,16 @@ def run_evaluate(
     markdown: str | os.PathLike | None = None,
     limit: int | None = None,
     echo: Callable[[str], None] = print,
+    image_roots: list[str] | None = None,
 ) -> dict:
     """Plan, embed, score and write the report (JSON to ``out``, optionally markdown); returns it.
-    A bad input raises :class:`afmrl_dagster.evaluation.EvaluationError` before anything is written."""
+    A bad input raises :class:`afmrl_dagster.evaluation.EvaluationError` before anything is written; an
+    image URI outside the catalog's folder and ``image_roots`` is one (it is never read)."""
     for path in (out, markdown):
         if path:
             writable_destination(path)  # before any embedding work
     resolved = resolve_encoder(encoder)  # before loading data: a bad encoder fails fast
-    plan = plan_evaluation(catalog, split, limit)
+    plan = plan_evaluation(catalog, split, limit, image_roots=image_roots)
     progress_line(f"{plan.protocol}: {len(plan.query_ids)} queries, {len(plan.listings)} listings to embed")
     embedded = embed_listings(resolved, plan.listings, plan.images, progress=progress_line)
     report = evaluation_report(catalog, split, encoder, resolved, limit, plan, embedded, score_plan(plan, embedded.embeddings))

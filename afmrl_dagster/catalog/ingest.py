@@ -9,6 +9,7 @@ import polars as pl
 from PIL import Image
 
 from ..settings import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from ..storage import UriRoots
 from .schema import CatalogBatch
 
 
@@ -40,18 +41,19 @@ def image_problem(data: bytes) -> str | None:
     return None
 
 
-def find_image_problems(frame: pl.DataFrame, read_bytes: Callable[[str], bytes]) -> list[dict]:
-    """One issue record (row, listing_id, field, problem) per listing whose image is missing or corrupt.
+def find_image_problems(frame: pl.DataFrame, read_bytes: Callable[[str], bytes], roots: UriRoots) -> list[dict]:
+    """One issue record (row, listing_id, field, problem) per listing whose image is outside
+    ``roots``, missing or corrupt.
 
-    Listings without an image reference are fine (text-only offers); a reference that cannot
-    be read or decoded is not.
+    Listings without an image reference are fine (text-only offers); a reference outside the
+    catalog's roots (never read), or one that cannot be read or decoded, is not.
     """
     issues = []
     for row, (listing_id, uri) in enumerate(frame.select("listing_id", "image_uri").iter_rows()):
         if not uri:
             continue
         try:
-            problem = image_problem(read_bytes(uri))
+            problem = roots.problem(uri) or image_problem(read_bytes(uri))
         except Exception as error:
             problem = f"image cannot be read from {uri}: {type(error).__name__}: {error}"
         if problem:

@@ -50,6 +50,13 @@ _BUILTIN_PARAMETERS = {
 }
 
 
+def catalog_roots(spec: str) -> list[str]:
+    """The location a source declares for its listings' images: a loader's root folder or a
+    ``parquet:`` folder / S3 prefix; none for ``builtin`` (its images are rendered into the store)."""
+    parsed = CatalogSourceSpec.parse(spec)
+    return [] if parsed.kind == "builtin" else [parsed.location]
+
+
 def builtin_config(spec: str, base: BuiltinCatalogConfig | None = None) -> BuiltinCatalogConfig:
     """``base`` with the inline parameters of a ``builtin:...`` spec applied."""
     base = base or BuiltinCatalogConfig()

@@ -42,7 +42,8 @@ from ..catalog.loaders import (
     parse_catalog_spec,
 )
 from ..catalog.schema import CatalogValidationError, validate_catalog
-from ..catalog.source import CatalogSourceSpec, builtin_config, list_product_lines, load_product_line
+from ..catalog.source import CatalogSourceSpec, builtin_config, catalog_roots, list_product_lines, load_product_line
+from ..storage import UriRoots
 from .splits import HeldOutSplit
 
 CLOSED_SET = "closed set"
@@ -231,9 +232,23 @@ def builtin_or_parquet(spec: str) -> tuple[pl.DataFrame, dict[str, bytes]]:
     return catalog, images
 
 
-def plan_evaluation(catalog_spec: str, split: str | None = None, limit: int | None = None) -> EvaluationPlan:
+def confine_images(plan: EvaluationPlan, roots: UriRoots) -> None:
+    """:class:`EvaluationError` naming the first listings whose ``image_uri`` lies outside ``roots``
+    (in-memory images of the built-in catalog are not read from a URI)."""
+    outside = []
+    for listing_id, uri in plan.listings.select("listing_id", "image_uri").iter_rows():
+        if uri and listing_id not in plan.images and (problem := roots.problem(uri)):
+            outside.append(f"listing {listing_id!r}, field image_uri: {problem}")
+    if outside:
+        more = f" (and {len(outside) - 3} more)" if len(outside) > 3 else ""
+        raise EvaluationError("; ".join(outside[:3]) + more)
+
+
+def plan_evaluation(catalog_spec: str, split: str | None = None, limit: int | None = None,
+                    image_roots: list[str] | None = None) -> EvaluationPlan:
     """The protocol of ``catalog_spec`` (see the module docstring), queries capped at ``limit``
-    (the first ``limit`` by listing id)."""
+    (the first ``limit`` by listing id). Every image URI it will read must lie under the
+    catalog's own location or one of ``image_roots`` (:class:`~afmrl_dagster.storage.UriRoots`)."""
     if limit is not None and limit < 1:
         raise EvaluationError(f"--limit must be >= 1, got {limit}")
     try:
@@ -272,6 +287,7 @@ def plan_evaluation(catalog_spec: str, split: str | None = None, limit: int | No
         raise
     except ValueError as error:  # a malformed spec
         raise EvaluationError(str(error)) from error
+    confine_images(plan, UriRoots([*catalog_roots(catalog_spec), *(image_roots or [])]))
     if not plan.query_ids:
         raise EvaluationError(f"no queries: catalog {catalog_spec!r}" + (f" with split {split!r}" if split else "")
                               + " gives an empty query set")

@@ -51,6 +51,44 @@ def test_http_teacher_annotates_in_order_with_images_and_concurrency(tmp_path):
     ]
 
 
+def test_http_teacher_reads_each_image_only_when_its_request_goes_out(tmp_path):
+    """Images stream per request: at any moment at most ``concurrency`` of the 12 photos have been
+    read and not yet answered, not the whole chunk."""
+    import threading
+    import time
+
+    photos = []
+    for i in range(12):
+        photos.append(tmp_path / f"photo-{i}.png")
+        Image.new("RGB", (16, 16), (20 * i, 30, 30)).save(photos[-1])
+    listings = pl.DataFrame({"listing_id": [f"p-{i}" for i in range(12)], "title": [f"Photo {i} 480GB SSD" for i in range(12)],
+                             "description": [None] * 12, "image_uri": [str(p) for p in photos]})
+    events, lock = [], threading.Lock()
+
+    def read_image(uri: str) -> bytes:
+        with lock:
+            events.append("read")
+        return Path(uri).read_bytes()
+
+    with teacher_server() as base_url:
+        teacher = OpenAICompatibleTeacher(EndpointConfig(base_url=base_url, model="title-facts", revision="1", concurrency=2),
+                                          read_image=read_image)
+        send = teacher.complete
+
+        def complete(listing_id, messages):  # a slow link: 0.1 s per request
+            time.sleep(0.1)
+            answer = send(listing_id, messages)
+            with lock:
+                events.append("answered")
+            return answer
+
+        teacher.complete = complete
+        outputs = teacher.annotate(listings)
+    assert len(outputs) == 12 and events.count("read") == 12
+    held = [events[: i + 1].count("read") - events[: i + 1].count("answered") for i in range(len(events))]
+    assert max(held) <= 2, events  # read but not yet answered: never more than the requests in flight
+
+
 @pytest.mark.parametrize("status", [429, 503])
 def test_http_teacher_retries_throttling_and_server_errors(tmp_path, status):
     with teacher_server("--fail-first", "3", "--fail-status", str(status)) as base_url:

@@ -151,11 +151,16 @@ class OpenAICompatibleTeacher:
                 self._sleep(self._delay(attempt, response))
         raise TeacherEndpointError(f"listing {listing_id!r}: {url} failed {self.config.max_retries + 1} times; last: {problem}")
 
+    def _answer(self, row: dict) -> str:
+        # The image is read and encoded here, in the worker: at most ``concurrency`` images are
+        # in memory at once, however many listings the chunk holds.
+        return self.complete(row["listing_id"], self._messages(row))
+
     def annotate(self, listings: pl.DataFrame) -> list[str]:
-        """One raw answer per row, in order, at most ``concurrency`` requests in flight."""
+        """One raw answer per row, in order, at most ``concurrency`` requests (and images) in flight."""
         rows = listings.to_dicts()
         with ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="teacher") as pool:
-            futures = [pool.submit(self.complete, row["listing_id"], self._messages(row)) for row in rows]
+            futures = [pool.submit(self._answer, row) for row in rows]
             try:
                 return [future.result() for future in futures]
             except BaseException:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import stat
@@ -30,6 +31,8 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoC
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from .settings import MAX_IMAGE_BYTES
+
+_log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "_COMPLETE"
 VERSIONS_FOLDER = "versions"  # an uploaded folder's files: key_prefix/versions/<version>/...
@@ -248,6 +251,13 @@ class ObjectStore(ABC):
                 continue
             stale.append(key)
         self._delete_keys(stale)
+        self._abort_stale_uploads(f"{key_prefix}/{VERSIONS_FOLDER}/", keep)
+
+    def _abort_stale_uploads(self, versions_prefix: str, keep: str | None) -> int:
+        """Abort unfinished multipart uploads of version folders older than ``keep`` (a writer
+        killed mid-upload leaves its parts stored and billed); a store without multipart
+        uploads has none."""
+        return 0
 
     def _version_prefix(self, key_prefix: str, manifest: dict) -> str:
         """Where the manifest's files are: their version folder, or the prefix itself (format 1)."""
@@ -594,6 +604,21 @@ class S3ObjectStore(ObjectStore):
             raise self._error(error, "listing", full_prefix + "*") from error
         self._bucket_confirmed = True
         return sorted(keys)
+
+    def _abort_stale_uploads(self, versions_prefix: str, keep: str | None) -> int:
+        if keep is None:  # as for the folders: with no published version to compare with, nothing is stale
+            return 0
+        root = self._full_key(versions_prefix.rstrip("/")) + "/"
+        aborted = 0
+        try:
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=root):
+                for upload in page.get("Uploads", []):
+                    if upload["Key"][len(root):].split("/")[0] < keep:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                        aborted += 1
+        except (ClientError, BotoCoreError) as error:  # the new version is published: tidying is best effort
+            _log.warning("%s; left for the bucket's AbortIncompleteMultipartUpload lifecycle rule", self._error(error, "aborting stale uploads under", root))
+        return aborted
 
     def _delete_keys(self, keys: list[str]) -> int:
         full_keys = [self._full_key(key) for key in keys]

@@ -472,3 +472,28 @@ def test_uri_roots_admit_only_what_lies_under_a_declared_root(tmp_path):
     assert "outside" in UriRoots([]).problem(str(root / "a.jpg"))  # no root declared: nothing is admitted
     with pytest.raises(ValueError, match="only local folders"):
         UriRoots(["https://example.com/images"])
+
+
+def test_a_killed_writers_multipart_upload_is_aborted_by_the_next_publish(s3_store: S3ObjectStore, tmp_path: Path):
+    """A writer killed mid-upload leaves parts stored (and billed) under its version folder. The
+    next publish aborts those of versions older than the one it keeps, as it deletes their files;
+    a newer upload (a concurrent writer still at work) is left alone."""
+    client, bucket = s3_store.client, s3_store.bucket
+    source = make_model_folder(tmp_path / "model")
+    s3_store.upload_directory(source, "models/big")
+    versions = s3_store._full_key("models/big/versions")
+    started = {}
+    for name, version in (("killed", "20000101T000000.000000000Z-dead0000"), ("running", "99991231T235959.999999999Z-busy0000")):
+        key = f"{versions}/{version}/weights.bin"
+        upload = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"\0" * (5 * 1024 * 1024))
+        started[name] = (key, upload)
+
+    def open_uploads() -> set[str]:
+        return {u["UploadId"] for u in client.list_multipart_uploads(Bucket=bucket, Prefix=versions + "/").get("Uploads", [])}
+
+    assert open_uploads() == {upload for _, upload in started.values()}
+    (source / "config.json").write_text('{"dim": 9}')
+    s3_store.upload_directory(source, "models/big")  # a second publish: it keeps the first version, aborts what is older
+    assert open_uploads() == {started["running"][1]}
+    client.abort_multipart_upload(Bucket=bucket, Key=started["running"][0], UploadId=started["running"][1])

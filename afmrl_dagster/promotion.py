@@ -3,13 +3,55 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
+
+PROMOTION_CONFIDENCE = 0.95  # one-sided: the candidate's gain must exceed the margin at this confidence
+BOOTSTRAP_RESAMPLES = 2000
 
 
 @dataclass(frozen=True)
 class PromotionDecision:
     promote: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Candidate minus champion on the same queries: the mean per-query difference and a one-sided
+    bootstrap lower bound at ``confidence`` (resampling queries, so each query's pair stays together)."""
+
+    mean: float
+    lower: float
+    confidence: float
+    queries: int
+    discordant: int  # queries on which the two differ
+
+    def text(self) -> str:
+        return (f"Δ {self.mean:+.4f}, {self.confidence:.0%} lower bound {self.lower:+.4f} over {self.queries} validation queries "
+                f"({self.discordant} differ)")
+
+
+def paired_difference(candidate: Mapping[str, float], champion: Mapping[str, float], confidence: float = PROMOTION_CONFIDENCE,
+                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> PairedDifference:
+    """The paired comparison of two encoders' per-query scores (query id -> value) on the same queries."""
+    if not 0.5 <= confidence < 1:
+        raise ValueError(f"the promotion confidence must be in [0.5, 1), got {confidence!r}")
+    if set(candidate) != set(champion):
+        only = sorted(set(candidate) ^ set(champion))
+        raise ValueError(f"candidate and champion were scored on different queries ({len(only)} differ, e.g. {only[:3]}): "
+                         "nothing is compared")
+    if not candidate:
+        raise ValueError("no query was scored: nothing can be compared")
+    ids = sorted(candidate)
+    diff = np.array([candidate[i] for i in ids], dtype=np.float64) - np.array([champion[i] for i in ids], dtype=np.float64)
+    if not np.isfinite(diff).all():
+        return PairedDifference(math.nan, math.nan, confidence, len(ids), int((diff != 0).sum()))
+    draws = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
+    means = diff[draws].mean(axis=1)
+    return PairedDifference(float(diff.mean()), float(np.quantile(means, 1 - confidence)), confidence, len(ids), int((diff != 0).sum()))
 
 
 def promotion_decision(
@@ -19,9 +61,12 @@ def promotion_decision(
     champion_metrics: dict[str, float] | None,
     metric: str,
     margin: float = 0.0,
+    paired: PairedDifference | None = None,
 ) -> PromotionDecision:
     """Promote when there is no champion, or when the candidate beats it by more than ``margin``
-    on ``metric``; both sets of metrics must come from the same evaluation set."""
+    on ``metric`` and the ``paired`` per-query comparison on the same validation queries says the
+    gain is real (its one-sided lower bound is above ``margin`` too): 95 against 92 hits out of 135
+    queries does not move the champion."""
     if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
         raise ValueError(f"the promotion margin must be a finite number >= 0, got {margin!r}: a negative margin promotes a worse model")
     if metric not in candidate_metrics:
@@ -42,9 +87,21 @@ def promotion_decision(
     if not math.isfinite(champion):
         return PromotionDecision(False, f"champion version {champion_version} re-scored {metric}={champion}: the comparison cannot be "
                                         "made, nothing moves; check the champion's artefact and serving inputs")
+    if paired is None:
+        raise ValueError(f"comparing version {candidate_version} with champion {champion_version} needs their per-query {metric} "
+                         "on the same validation queries (paired_difference)")
+    if not (math.isfinite(paired.mean) and math.isfinite(paired.lower)):
+        return PromotionDecision(False, f"the per-query comparison of version {candidate_version} with champion {champion_version} "
+                                        "is not a number: nothing moves")
+    if candidate > champion + margin and paired.lower > margin:
+        return PromotionDecision(
+            True, f"version {candidate_version} {metric}={candidate:.4f} beats champion {champion_version} ({champion:.4f}) by more than "
+                  f"{margin}: {paired.text()}"
+        )
     if candidate > champion + margin:
         return PromotionDecision(
-            True, f"version {candidate_version} {metric}={candidate:.4f} beats champion {champion_version} ({champion:.4f}) by more than {margin}"
+            False, f"version {candidate_version} {metric}={candidate:.4f} over champion {champion_version} ({champion:.4f}) is not a "
+                   f"resolved gain ({paired.text()}, not above {margin}); champion kept"
         )
     return PromotionDecision(
         False,

@@ -8,6 +8,7 @@ import polars as pl
 from pydantic import Field
 
 from afmrl_dagster.fingerprint import fingerprint
+from afmrl_dagster.promotion import PROMOTION_CONFIDENCE
 
 from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
@@ -225,6 +226,11 @@ def retrieval_evaluation(
 class PromotionConfig(dg.Config):
     promotion_metric: str = Field(default="recall@1", description="Metric the champion is chosen by (on validation products).")
     promotion_margin: float = Field(default=0.0, ge=0.0, description="The best candidate must beat the champion by more than this.")
+    promotion_confidence: float = Field(
+        default=PROMOTION_CONFIDENCE, ge=0.5, lt=1.0,
+        description="The gain over the champion must stay above the margin at this one-sided confidence (paired bootstrap over the "
+                    "validation queries), so a difference of a few queries never moves the champion.",
+    )
 
 
 @dg.asset(
@@ -259,8 +265,9 @@ def encoder_promotion(
     it serves with, by more than the margin. Runs only after the evaluation's blocking checks
     pass. The replaced champion stays under ``previous_champion`` (``afmrl rollback``).
     """
-    from afmrl_dagster.evaluation.scoring import evaluation_set_fingerprint, score_registered_version
-    from afmrl_dagster.promotion import Candidate, best_candidate, failed_blocking_checks, move_champion, promotion_decision
+    from afmrl_dagster.evaluation.scoring import evaluation_set_fingerprint, score_registered_version, score_served
+    from afmrl_dagster.promotion import (Candidate, best_candidate, failed_blocking_checks, move_champion, paired_difference,
+                                         promotion_decision)
     from afmrl_dagster.registry import ENCODER_MODEL_NAME, GENERATOR_MODEL_NAME
     from afmrl_dagster.serving import serving_tags
     from afmrl_dagster.training.generator_backends import catalog_attributes
@@ -288,17 +295,26 @@ def encoder_promotion(
     client = mlflow_tracking.client()
     champion = mlflow_tracking.champion_version(ENCODER_MODEL_NAME)
     champion_version = str(champion.version) if champion else None
-    champion_metrics = next((c.metrics for c in candidates if c.version == champion_version and c.evaluation_set == evaluation_set), None)
-    if champion_version is not None and champion_metrics is None:
-        # A champion from an earlier run: re-scored on these validation queries, served as it is served.
+    candidate_metrics, champion_metrics, paired = best.metrics, None, None
+    if champion_version is not None and champion_version != best.version:
+        # Both scored here, query by query, as each is served (weights and the generator it serves with),
+        # on the same validation queries: the paired comparison decides whether the gain is real.
         device = torch_compute.torch_device()
-        champion_metrics = score_registered_version(
-            champion, raw_catalog, listing_features, generated_attributes, retrieval_index["generator_uri"], validation_mask,
-            split.gallery_mask(raw_catalog, "validation"), artifact_store.open(), feature_towers.text_featurizer(device), device=device, log=context.log.info,
-            read_bytes=artifact_store.read_uri,
+        served = dict(
+            catalog=raw_catalog, features_table=listing_features, attributes_table=generated_attributes,
+            attributes_generator_uri=retrieval_index["generator_uri"], query_mask=validation_mask,
+            gallery_mask=split.gallery_mask(raw_catalog, "validation"), store=artifact_store.open(),
+            text_featurizer=feature_towers.text_featurizer(device), device=device, log=context.log.info, read_bytes=artifact_store.read_uri,
             write_attributes=lambda uri: catalog_attributes(artifact_store.open(), uri, raw_catalog, listing_features, artifact_store.read_uri, device),
         )
-    decision = promotion_decision(best.version, best.metrics, champion_version, champion_metrics, metric, config.promotion_margin)
+        champion_scores = score_registered_version(champion, **served)
+        best_scores = score_served(best.serving_tags, f"{best.name} version {best.version}", f"models:/{ENCODER_MODEL_NAME}/{best.version}", **served)
+        candidate_metrics, champion_metrics = best_scores.metrics, champion_scores.metrics
+        if metric not in best_scores.values:
+            raise dg.Failure(f"promotion metric {metric!r} has no per-query values (choose one of {sorted(best_scores.values)})")
+        paired = paired_difference(dict(zip(best_scores.listing_ids, best_scores.values[metric])),
+                                   dict(zip(champion_scores.listing_ids, champion_scores.values[metric])), config.promotion_confidence)
+    decision = promotion_decision(best.version, candidate_metrics, champion_version, champion_metrics, metric, config.promotion_margin, paired)
     reason = f"{best.name}: {decision.reason}"
     if decision.promote:
         for key, value in best.serving_tags.items():  # servable before it becomes champion
@@ -315,7 +331,8 @@ def encoder_promotion(
     value = {
         "candidate_version": best.version, "candidate_name": best.name, "champion_before": champion_version, "champion_after": champion_after,
         "promoted": decision.promote, "reason": reason, "notes": notes, "metric": metric,
-        "candidate": float(best.metrics[metric]),
+        "candidate": float(candidate_metrics[metric]),
+        "paired": None if paired is None else paired.__dict__,
         "champion": None if champion_metrics is None else float(champion_metrics[metric]),
         "candidates": {c.name: {"version": c.version, metric: float(c.metrics[metric]), "evaluation_set": c.evaluation_set} for c in candidates},
         "evaluation_set": evaluation_set,

@@ -133,8 +133,13 @@ def test_promotion_takes_the_best_candidate_of_the_current_validation_set():
     assert best is agcl and "another evaluation set" in notes[0]  # a score on other queries is never compared
     assert best_candidate([stale], "recall@1", "set-a")[0] is None
     assert best_candidate([agcl, Candidate("CIT encoder", "4", {"recall@1": 0.60}, "set-a", tags)], "recall@1", "set-a")[0] is agcl  # a tie keeps the first
-    assert not promotion_decision("4", cit.metrics, "1", {"recall@1": 0.70}, "recall@1", 0.0).promote
-    assert promotion_decision("4", cit.metrics, "1", {"recall@1": 0.60}, "recall@1", 0.0).promote
+    from afmrl_dagster.promotion import paired_difference
+
+    def per_query(correct: int) -> dict[str, float]:  # recall@1 of 100 validation queries
+        return {f"q{i}": float(i < correct) for i in range(100)}
+
+    assert not promotion_decision("4", cit.metrics, "1", {"recall@1": 0.70}, "recall@1", 0.0, paired_difference(per_query(65), per_query(70))).promote
+    assert promotion_decision("4", cit.metrics, "1", {"recall@1": 0.50}, "recall@1", 0.0, paired_difference(per_query(65), per_query(50))).promote
     with pytest.raises(ValueError, match="same evaluation set"):
         promotion_decision("4", cit.metrics, "1", None, "recall@1")
 

@@ -368,6 +368,9 @@ def test_new_encoder_is_compared_with_the_champion_on_the_same_set(pipeline_run,
     assert f"champion {champion}" in metadata["promotion"]
     decision = definitions.load_asset_value("encoder_promotion", instance=instance)
     assert decision["champion"] is not None and decision["candidate_version"] != champion  # re-scored, not taken from its tags
+    paired = decision["paired"]  # both served and scored query by query on the validation queries
+    assert paired["queries"] == latest_metadata(instance, "retrieval_evaluation")["validation_queries"]
+    assert decision["promoted"] == (paired["lower"] > 0), decision["reason"]
     assert client.get_model_version(ENCODER_MODEL_NAME, decision["candidate_version"]).tags["promotion_decision"] == decision["reason"]
 
 

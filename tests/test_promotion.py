@@ -2,7 +2,18 @@
 
 import pytest
 
-from afmrl_dagster.promotion import promotion_decision
+from afmrl_dagster.promotion import paired_difference, promotion_decision
+
+
+def hits(correct: int, queries: int = 135, offset: int = 0) -> dict[str, float]:
+    """Per-query recall@1 of ``queries`` validation queries: the ``correct`` from ``offset`` on are hits."""
+    return {f"q{i:03d}": float(offset <= i < offset + correct) for i in range(queries)}
+
+
+def compared(candidate: dict, champion: dict):
+    """The metrics and the paired comparison the gate is given for two per-query score sets."""
+    mean = lambda values: sum(values.values()) / len(values)  # noqa: E731
+    return {"recall@1": mean(candidate)}, {"recall@1": mean(champion)}, paired_difference(candidate, champion)
 
 
 def test_first_candidate_becomes_champion():
@@ -10,19 +21,40 @@ def test_first_candidate_becomes_champion():
     assert decision.promote and "no champion" in decision.reason
 
 
-def test_candidate_must_beat_champion_by_the_margin():
-    assert promotion_decision("2", {"recall@1": 0.52}, "1", {"recall@1": 0.50}, "recall@1", margin=0.01).promote
-    kept = promotion_decision("2", {"recall@1": 0.505}, "1", {"recall@1": 0.50}, "recall@1", margin=0.01)
-    assert not kept.promote and "champion kept" in kept.reason
-    assert not promotion_decision("2", {"recall@1": 0.40}, "1", {"recall@1": 0.50}, "recall@1").promote
+def test_candidate_must_beat_champion_by_the_margin_and_beyond_chance():
+    candidate, champion, paired = compared(hits(120), hits(92))  # 28 more of 135, none fewer
+    promoted = promotion_decision("2", candidate, "1", champion, "recall@1", margin=0.01, paired=paired)
+    assert promoted.promote and "lower bound" in promoted.reason and "135 validation queries" in promoted.reason
+    assert not promotion_decision("2", candidate, "1", champion, "recall@1", margin=0.25, paired=paired).promote  # 0.207 < margin
+    # 95 against 92 hits (3 more, 5 queries flip each way plus 3): above the champion, but not a resolved gain.
+    candidate, champion, paired = compared(hits(95, offset=5), hits(92))
+    assert candidate["recall@1"] > champion["recall@1"] and paired.discordant == 13 and paired.lower < 0
+    kept = promotion_decision("2", candidate, "1", champion, "recall@1", paired=paired)
+    assert not kept.promote and "not a resolved gain" in kept.reason and "champion kept" in kept.reason
+    candidate, champion, paired = compared(hits(54), hits(67))
+    assert not promotion_decision("2", candidate, "1", champion, "recall@1", paired=paired).promote
+    with pytest.raises(ValueError, match="needs their per-query recall@1"):
+        promotion_decision("2", {"recall@1": 0.9}, "1", {"recall@1": 0.5}, "recall@1")
+
+
+def test_the_paired_comparison_refuses_different_queries_and_is_reproducible():
+    with pytest.raises(ValueError, match="scored on different queries"):
+        paired_difference(hits(10, 20), hits(10, 21))
+    with pytest.raises(ValueError, match="no query was scored"):
+        paired_difference({}, {})
+    with pytest.raises(ValueError, match="confidence"):
+        paired_difference(hits(3, 5), hits(2, 5), confidence=1.0)
+    assert paired_difference(hits(95, offset=5), hits(92)) == paired_difference(hits(95, offset=5), hits(92))
+    nan = paired_difference({"a": float("nan")}, {"a": 1.0})
+    assert not promotion_decision("2", {"recall@1": 0.9}, "1", {"recall@1": 0.5}, "recall@1", paired=nan).promote
 
 
 def test_a_score_that_is_not_a_number_never_promotes_and_the_margin_cannot_be_negative():
     nan = float("nan")
     for champion, metrics in ((None, None), ("1", {"recall@1": 0.7})):
-        decision = promotion_decision("2", {"recall@1": nan}, champion, metrics, "recall@1")
+        decision = promotion_decision("2", {"recall@1": nan}, champion, metrics, "recall@1", paired=paired_difference(hits(1, 2), hits(1, 2)))
         assert not decision.promote and "never promotes" in decision.reason
-    broken_champion = promotion_decision("2", {"recall@1": 0.5}, "1", {"recall@1": nan}, "recall@1")
+    broken_champion = promotion_decision("2", {"recall@1": 0.5}, "1", {"recall@1": nan}, "recall@1", paired=paired_difference(hits(1, 2), hits(1, 2)))
     assert not broken_champion.promote and "cannot be made" in broken_champion.reason
     for margin in (-0.5, nan, float("inf")):
         with pytest.raises(ValueError, match="margin must be a finite number >= 0"):

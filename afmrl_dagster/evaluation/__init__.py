@@ -22,7 +22,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
                   "CLOSED_SET", "NOT_SPLIT", "PRODUCT_LABELS", "UNSEEN_PRODUCTS", "UNSEEN_SPLIT", "WDC_CLOSED_SET_MARK", "builtin_or_parquet",
                   "grocery_plan", "make_plan", "plan_evaluation", "resolve_splits", "unseen_products_split", "wdc_plan", "wdc_unseen_plan"],
     "report": ["REPORTED_METRICS", "RETRIEVAL_COLUMNS", "evaluation_report", "report_markdown", "results_markdown"],
-    "scoring": ["KNN_K", "evaluate_embeddings", "evaluate_parts", "evaluation_set_fingerprint", "score_plan", "score_registered_version"],
+    "scoring": ["KNN_K", "QueryScores", "evaluate_embeddings", "evaluate_parts", "evaluation_set_fingerprint", "query_scores", "score_plan",
+                "score_registered_version", "score_served"],
     "splits": ["HeldOutSplit", "PARTS"],
     "statistics": ["Estimate", "bootstrap_interval", "estimate", "first_match_ranks", "paired_difference", "ranks_from_scores"],
 })

@@ -3,10 +3,12 @@ evaluation plan, and a registered encoder version re-scored as it serves."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 
-from ..retrieval.metrics import retrieval_metrics
+from ..retrieval.metrics import per_query_retrieval, retrieval_metrics
 from ..retrieval.tasks import clustering_scores, combine_retrieval, cross_set_retrieval, knn_classification_accuracy
 from .protocols import EvaluationPlan
 from .splits import HeldOutSplit
@@ -29,6 +31,31 @@ def evaluate_embeddings(catalog: pl.DataFrame, embeddings: np.ndarray, query_mas
         query_listing_ids=[listing_ids[i] for i in query_index],
         gallery_listing_ids=[listing_ids[i] for i in gallery_index],
     )
+
+
+@dataclass(frozen=True)
+class QueryScores:
+    """Each scored query's metrics (``listing_ids[i]`` has ``values[metric][i]``) and their means."""
+
+    listing_ids: list[str]
+    values: dict[str, np.ndarray]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {name: float(value.mean()) if len(value) else 0.0 for name, value in self.values.items()}
+
+
+def query_scores(catalog: pl.DataFrame, embeddings: np.ndarray, query_mask: np.ndarray, gallery_mask: np.ndarray | None = None) -> QueryScores:
+    """:func:`evaluate_embeddings` query by query, for a paired comparison of two encoders."""
+    listing_ids = catalog["listing_id"].to_list()
+    product_ids = catalog["product_id"].to_list()
+    query_index = np.flatnonzero(query_mask)
+    gallery_index = np.arange(len(listing_ids)) if gallery_mask is None else np.flatnonzero(gallery_mask)
+    rows, values = per_query_retrieval(
+        embeddings[query_index], embeddings[gallery_index], [product_ids[i] for i in query_index], [product_ids[i] for i in gallery_index],
+        query_listing_ids=[listing_ids[i] for i in query_index], gallery_listing_ids=[listing_ids[i] for i in gallery_index],
+    )
+    return QueryScores([listing_ids[query_index[row]] for row in rows], values)
 
 
 def evaluation_set_fingerprint(catalog: pl.DataFrame, query_mask: np.ndarray) -> str:
@@ -83,8 +110,16 @@ def score_plan(plan: EvaluationPlan, embeddings: np.ndarray, query_embeddings: n
     return metrics
 
 
-def score_registered_version(
-    version,
+def score_registered_version(version, *args, **kwargs) -> QueryScores:
+    """:func:`score_served` of a registered encoder version (an MLflow ``ModelVersion``), served as
+    its serving tags say (or, without them, its logged head with the current attributes)."""
+    return score_served(version.tags or {}, f"version {version.version}", f"models:/{version.name}/{version.version}", *args, **kwargs)
+
+
+def score_served(
+    tags: dict[str, str],
+    label: str,
+    model_uri: str,
     catalog: pl.DataFrame,
     features_table: pl.DataFrame,
     attributes_table: pl.DataFrame,
@@ -97,9 +132,10 @@ def score_registered_version(
     log=print,
     read_bytes=None,
     write_attributes=None,
-) -> dict[str, float]:
-    """Metrics of a registered encoder version (an MLflow ``ModelVersion``) on ``query_mask`` against ``gallery_mask``,
-    served as it is served: its weights and the generator named by its serving tags. When that
+) -> QueryScores:
+    """Each query's metrics (``query_mask`` against ``gallery_mask``) for the encoder ``label`` served as
+    its serving ``tags`` say: its weights and the generator they name (no ``serving.encoder_uri``:
+    the head logged at ``model_uri``). When that
     generator is the one that wrote ``attributes_table`` (``attributes_generator_uri``), its stored
     text features are reused; otherwise ``write_attributes(generator_uri)`` (the generator of any
     kind loaded and run over the catalog: training's ``catalog_attributes``) writes them again.
@@ -108,7 +144,6 @@ def score_registered_version(
     from ..features import listing_features, served_listing_inputs
     from ..serving import SERVING_TAG_PREFIX
 
-    tags = version.tags or {}
     encoder_uri, generator_uri = tags.get(f"{SERVING_TAG_PREFIX}encoder_uri"), tags.get(f"{SERVING_TAG_PREFIX}generator_uri")
     ids = catalog["listing_id"].to_list()
     if encoder_uri:
@@ -119,20 +154,20 @@ def score_registered_version(
         from ..registry import download_model_artifact
 
         with tempfile.TemporaryDirectory() as scratch:
-            encoder = load_encoder(download_model_artifact(f"models:/{version.name}/{version.version}", "head", scratch), device=device)
+            encoder = load_encoder(download_model_artifact(model_uri, "head", scratch), device=device)
     if generator_uri is None or generator_uri == attributes_generator_uri:
         if generator_uri is None:
-            log(f"version {version.version} carries no serving tags: re-scored with the current generated attributes")
+            log(f"{label} carries no serving tags: re-scored with the current generated attributes")
         inputs = served_listing_inputs(catalog, features_table, attributes_table, read_bytes)
     else:
         from ..features import with_listing_text
 
         if write_attributes is None:
-            raise ValueError(f"version {version.version} serves with the generator at {generator_uri}, and no write_attributes was given to run it")
-        log(f"version {version.version} serves with the generator at {generator_uri}: writing the catalog's attributes with it")
+            raise ValueError(f"{label} serves with the generator at {generator_uri}, and no write_attributes was given to run it")
+        log(f"{label} serves with the generator at {generator_uri}: writing the catalog's attributes with it")
         attributes = write_attributes(generator_uri)
         base = listing_features(features_table, ids)
         titles = catalog["title"].to_list()
         inputs = ListingInputs(ids, titles, attributes, catalog["image_uri"].to_list(), read_bytes,
                                with_listing_text(base, text_featurizer, titles, attributes))
-    return evaluate_embeddings(catalog, encoder.embed(inputs), query_mask, gallery_mask)
+    return query_scores(catalog, encoder.embed(inputs), query_mask, gallery_mask)

@@ -50,7 +50,7 @@ def _codes(values: Sequence[str], vocabulary: dict[str, int]) -> np.ndarray:
     return np.array([vocabulary.setdefault(str(value), len(vocabulary)) for value in values], dtype=np.int64)
 
 
-def retrieval_metrics(
+def per_query_retrieval(
     query_embeddings: np.ndarray,
     gallery_embeddings: np.ndarray,
     query_product_ids: Sequence[str],
@@ -60,12 +60,11 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 5, 10),
     map_k: int = 10,
     chunk_size: int = 512,
-) -> dict[str, float]:
-    """``recall@k`` (hit rate: at least one positive in the top k, the paper's R@K), ``map@{map_k}``, ``mrr``.
-
-    Also ``num_queries`` (queries scored) and ``queries_without_match`` (skipped: no relevant
-    gallery item once their own listing is excluded).
-    """
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Each scored query's ``recall@k`` (0 or 1: a positive in the top k), ``map@{map_k}`` and
+    ``mrr``, and the rows of the queries scored (those with a relevant gallery item once their
+    own listing is excluded). The means are :func:`retrieval_metrics`; the values per query are
+    what a paired comparison of two encoders on the same queries reads."""
     queries = torch.as_tensor(np.asarray(query_embeddings, dtype=np.float32))
     gallery = torch.as_tensor(np.asarray(gallery_embeddings, dtype=np.float32))
     if len(queries) != len(query_product_ids) or len(gallery) != len(gallery_product_ids):
@@ -83,9 +82,8 @@ def retrieval_metrics(
         query_listings = torch.from_numpy(_codes(query_listing_ids, listings))
     depth = min(max(max(ks), map_k), len(gallery))
     positions = torch.arange(len(gallery))
-    hits = {k: 0.0 for k in ks}
-    average_precision = reciprocal_rank = 0.0
-    scored = 0
+    rows: list[np.ndarray] = []
+    values: dict[str, list[np.ndarray]] = {name: [] for name in [*(f"recall@{k}" for k in ks), f"map@{map_k}", "mrr"]}
     for start in range(0, len(queries), chunk_size):
         stop = start + chunk_size
         scores = queries[start:stop] @ gallery.T
@@ -99,23 +97,42 @@ def retrieval_metrics(
         scores, relevant, num_relevant = scores[keep], relevant[keep], num_relevant[keep]
         if len(scores) == 0:
             continue
-        scored += len(scores)
+        rows.append(start + np.flatnonzero(keep.numpy()))
         top_relevant = torch.gather(relevant, 1, top_indices(scores, depth)).float()
         for k in ks:
-            hits[k] += float(top_relevant[:, :k].amax(1).sum()) if depth else 0.0
+            values[f"recall@{k}"].append(top_relevant[:, :k].amax(1).numpy() if depth else np.zeros(len(scores), np.float32))
         cut = top_relevant[:, :map_k]
         precision = cut.cumsum(1) / torch.arange(1, cut.shape[1] + 1)
         denominator = num_relevant.clamp_max(map_k).float()
-        average_precision += float(((precision * cut).sum(1) / denominator).sum())
+        values[f"map@{map_k}"].append(((precision * cut).sum(1) / denominator).numpy())
         # Rank of the first relevant item in the full tie-broken ranking.
         best = scores.masked_fill(~relevant, float("-inf")).amax(1, keepdim=True)
         first_index = torch.where(relevant & (scores == best), positions, len(gallery)).amin(1, keepdim=True)
         ahead = (scores > best) | ((scores == best) & (positions < first_index))
-        reciprocal_rank += float((1.0 / (ahead.sum(1) + 1).float()).sum())
-    denominator = max(scored, 1)
-    result = {f"recall@{k}": hits[k] / denominator for k in ks}
-    result[f"map@{map_k}"] = average_precision / denominator
-    result["mrr"] = reciprocal_rank / denominator
-    result["num_queries"] = float(scored)
-    result["queries_without_match"] = float(len(queries) - scored)
+        values["mrr"].append((1.0 / (ahead.sum(1) + 1).float()).numpy())
+    joined = {name: np.concatenate(parts).astype(np.float64) if parts else np.zeros(0) for name, parts in values.items()}
+    return (np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)), joined
+
+
+def retrieval_metrics(
+    query_embeddings: np.ndarray,
+    gallery_embeddings: np.ndarray,
+    query_product_ids: Sequence[str],
+    gallery_product_ids: Sequence[str],
+    query_listing_ids: Sequence[str] | None = None,
+    gallery_listing_ids: Sequence[str] | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    map_k: int = 10,
+    chunk_size: int = 512,
+) -> dict[str, float]:
+    """``recall@k`` (hit rate: at least one positive in the top k, the paper's R@K), ``map@{map_k}``, ``mrr``.
+
+    Also ``num_queries`` (queries scored) and ``queries_without_match`` (skipped: no relevant
+    gallery item once their own listing is excluded).
+    """
+    scored, values = per_query_retrieval(query_embeddings, gallery_embeddings, query_product_ids, gallery_product_ids,
+                                         query_listing_ids, gallery_listing_ids, ks, map_k, chunk_size)
+    result = {name: float(value.sum()) / max(len(scored), 1) for name, value in values.items()}
+    result["num_queries"] = float(len(scored))
+    result["queries_without_match"] = float(len(query_embeddings) - len(scored))
     return result

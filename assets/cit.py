@@ -26,6 +26,9 @@ class CITConfig(dg.Config):
     batch_size: int = Field(default=CITSettings.batch_size, description="(anchor, positive) pairs per batch.")
     learning_rate: float = Field(default=CITSettings.learning_rate, description="Peak learning rate; lower than stage 1, the head starts trained.")
     seed: int = Field(default=CITSettings.seed, description="Seed of the product choice and of training.")
+    checkpoint_every_steps: int = Field(default=CITSettings.checkpoint_every_steps, ge=0,
+                                        description="Checkpoint every this many optimizer steps (0: after every epoch); a killed run "
+                                                    "resumes from the last one. Does not change the model, nor its cache key.")
 
 
 @dg.asset(
@@ -72,7 +75,7 @@ def cit_encoder(
     store = artifact_store.open()
     split = evaluation_split.split()
     slot = model_slot(store, "cit_encoder", raw_catalog, listing_features, agcl_encoder["fingerprint"], rar_generator["fingerprint"],
-                      config.model_dump(), split)
+                      config.model_dump(exclude={"checkpoint_every_steps"}), split)
     if slot.cached:
         return slot.cached
 
@@ -83,7 +86,7 @@ def cit_encoder(
                                                                    "rar_version": rar_generator["model_version"]}) as run:
         outcome = run_cit_stage(
             stage_one, writer, listing_features, raw_catalog, split, feature_towers.text_featurizer(device),
-            CITSettings(**config.model_dump(), device=device),
+            CITSettings(**config.model_dump(), device=device, checkpoint_dir=torch_compute.checkpoint_dir("cit_encoder", slot.key)),
             on_epoch=lambda row: mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
             read_image=artifact_store.read_uri,
         )
@@ -114,6 +117,7 @@ def cit_encoder(
                 },
             },
         )
+    torch_compute.discard_checkpoints("cit_encoder", slot.key)
     tag_model_version(mlflow_tracking, context, manifest, {f"{part}_{m}": scores[part][m] for part in scores for m in REPORTED_METRICS},
                       catalog=raw_catalog)
     mlflow_tracking.client().set_registered_model_alias(ENCODER_MODEL_NAME, "cit", manifest["model_version"])

@@ -59,6 +59,12 @@ class EncoderTrainingRunConfig(dg.Config):
     vlm2vec_lora_rank: int = Field(default=VLM2VecTrainingSettings.lora_rank, description="vlm2vec backend: rank of the LoRA adapters.")
     vlm2vec_image_size: int = Field(default=VLM2VecTrainingSettings.image_size,
                                     description="vlm2vec backend: photos are resized to this square side (bounds image tokens).")
+    checkpoint_every_steps: int = Field(default=EncoderTrainingConfig.checkpoint_every_steps, ge=0,
+                                        description="Checkpoint every this many optimizer steps (0: after every epoch); a killed run "
+                                                    "resumes from the last one. Does not change the model, nor its cache key.")
+
+
+NOT_IN_MODEL_KEY = {"checkpoint_every_steps"}  # run-config fields that change how a training runs, never what it learns
 
 
 @dg.asset(
@@ -100,13 +106,14 @@ def agcl_encoder(
     from afmrl_dagster.features import align, listing_features as features_of
     from afmrl_dagster.plots import curve_png
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
+    from afmrl_dagster.training.checkpoints import checkpoint_step
     from afmrl_dagster.training.encoder_training import train_backend_encoder
 
     store = artifact_store.open()
     split = evaluation_split.split()
     backend = listing_encoder.backend()
-    slot = model_slot(store, "agcl_encoder", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split, backend.spec,
-                      feature_towers.as_json())
+    slot = model_slot(store, "agcl_encoder", raw_catalog, teacher_attributes, listing_features, config.model_dump(exclude=NOT_IN_MODEL_KEY), split,
+                      backend.spec, feature_towers.as_json())
     if slot.cached:
         return slot.cached
 
@@ -134,6 +141,8 @@ def agcl_encoder(
         bm25_tokenizer=config.bm25_tokenizer,
         seed=config.seed,
         device=device,
+        checkpoint_dir=torch_compute.checkpoint_dir("agcl_encoder", slot.key),
+        checkpoint_every_steps=config.checkpoint_every_steps,
         agcl=AGCLConfig(use_weights=config.use_attribute_weights, use_false_negative_mask=config.use_false_negative_mask, delta=config.delta,
                         bm25_normalisation=config.bm25_normalisation),
         head=DualTowerConfig(
@@ -143,6 +152,9 @@ def agcl_encoder(
         ),
     )
     torch.manual_seed(config.seed)
+    resumed_from = checkpoint_step(training.checkpoint_dir)
+    if resumed_from is not None:
+        context.log.info(f"resuming from the checkpoint in {training.checkpoint_dir} (optimizer step {resumed_from})")
     params = {**config.model_dump(), "train_listings": train_rows.height, "encoder_backend": backend.spec}
     with mlflow_tracking.start_run(context, "agcl_encoder", params=params) as run:
         def on_epoch(row: dict) -> None:
@@ -178,11 +190,13 @@ def agcl_encoder(
                 },
             },
         )
+    torch_compute.discard_checkpoints("agcl_encoder", slot.key)
     tag_model_version(mlflow_tracking, context, manifest, {"final_loss": result.history[-1]["loss"]}, catalog=raw_catalog)
     return dg.MaterializeResult(
         value=manifest,
         metadata={
             **model_metadata(manifest, mlflow_tracking),
+            "resumed_from_step": resumed_from if resumed_from is not None else 0,
             "train_listings": train_rows.height,
             "encoder_backend": backend.spec,
             "first_loss": float(result.history[0]["loss"]),

@@ -5,7 +5,7 @@ import dagster as dg
 from pydantic import Field
 
 from afmrl_dagster.devices import resolve_device
-from afmrl_dagster.settings import DEFAULT_DEVICE, Settings, k8s_gpus_from_env
+from afmrl_dagster.settings import DEFAULT_CHECKPOINTS, DEFAULT_DEVICE, Settings, k8s_gpus_from_env
 
 GPU_POOL = "gpu"  # concurrency pool shared by every asset that runs torch models (limit in dagster.yaml)
 
@@ -31,6 +31,24 @@ class TorchCompute(dg.ConfigurableResource):
     device: str = Field(default=DEFAULT_DEVICE, description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     dtype: str = Field(default="auto", description="'auto' (bfloat16 on CUDA, float32 on CPU), 'float32' or 'bfloat16'.")
     num_threads: int = Field(default=0, description="CPU threads for torch; 0 keeps torch's default.")
+    checkpoints: str = Field(
+        default=DEFAULT_CHECKPOINTS,
+        description="Local folder (a persistent volume in a cluster) where long trainings keep checkpoints: a run killed mid-training "
+                    "resumes from its last one when rematerialised with the same inputs (AFMRL_CHECKPOINTS).",
+    )
+
+    def checkpoint_dir(self, asset: str, key: str) -> str:
+        """The checkpoint folder of one training: ``<checkpoints>/<asset>/<input fingerprint>``, so a rerun
+        on the same inputs and configuration finds it and any other never does."""
+        import os
+
+        return os.path.join(self.checkpoints, asset, key)
+
+    def discard_checkpoints(self, asset: str, key: str) -> None:
+        """Remove a training's checkpoints once its model is published (the artefact is what is kept)."""
+        import shutil
+
+        shutil.rmtree(self.checkpoint_dir(asset, key), ignore_errors=True)
 
     def torch_device(self) -> str:
         """The device ``device`` names on this machine (:func:`afmrl_dagster.devices.resolve_device`)."""

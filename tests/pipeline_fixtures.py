@@ -35,7 +35,7 @@ def tiny_resources(root: Path, catalog_spec: str = TINY_CATALOG, store: Artifact
         "io_manager": TableIOManager(store=store),
         "catalog_source": CatalogSource(spec=catalog_spec, store=store, image_roots=image_roots or []),
         "mlflow_tracking": MlflowTracking(tracking_uri=tracking_uri or f"sqlite:///{root / 'mlflow.db'}", experiment_name="afmrl-test"),
-        "torch_compute": TorchCompute(device="cpu"),
+        "torch_compute": TorchCompute(device="cpu", checkpoints=str(root / "checkpoints")),
         "feature_towers": FeatureTowers(),
         "evaluation_split": EvaluationSplit(holdout_fraction=0.25, validation_fraction=0.34),  # per line: 1 test, 1 validation, 2 training products
         "attribute_teacher": teacher or AttributeTeacherBackend(),

@@ -175,6 +175,8 @@ class CITSettings:
     learning_rate: float = 3e-4
     seed: int = 0
     device: str = "cpu"
+    checkpoint_dir: str | None = None  # checkpoints here, resumed after a kill (see EncoderTrainingConfig)
+    checkpoint_every_steps: int = 0
 
 
 def cit_rows(product_ids: Sequence[str], product_lines: Sequence[str], candidate_rows: Sequence[int], fraction: float, seed: int) -> np.ndarray:
@@ -215,6 +217,7 @@ def train_cit_round(
     config = EncoderTrainingConfig(
         epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate, seed=settings.seed,
         device=settings.device, agcl=AGCLConfig(), pca_init=False,
+        checkpoint_dir=settings.checkpoint_dir, checkpoint_every_steps=settings.checkpoint_every_steps,
     )
     result = train_listing_encoder(copy.deepcopy(stage_one), inputs, product_ids, product_lines, attribute_texts, config,
                                    on_epoch=on_epoch, fresh_start=False)

@@ -55,6 +55,15 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
     return _latest_folder(Path(directory)) is not None
 
 
+def checkpoint_step(directory: str | os.PathLike | None) -> int | None:
+    """The optimizer step of the latest complete checkpoint in ``directory`` (a training's
+    checkpoint), or None when there is none to resume from."""
+    if directory is None or (folder := _latest_folder(Path(directory))) is None:
+        return None
+    progress = json.loads((folder / META_FILE).read_text(encoding="utf-8")).get("progress", {})
+    return int(progress.get("global_step", 0))
+
+
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write ``state`` (named tensors) and ``meta`` (JSON-able) as the new latest checkpoint of ``directory``.
 

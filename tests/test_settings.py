@@ -30,7 +30,8 @@ def test_settings_read_every_variable():
     }
     assert Settings.from_env(environ) == Settings(
         store="s3://bucket/afmrl", s3_endpoint_url="http://minio:9000", aws_region="eu-west-1", tracking_uri="http://mlflow:5000",
-        catalog="parquet:s3://bucket/catalog", image_roots=("s3://bucket/images", "/mnt/photos"), device="cuda:1", checkpoints="/mnt/checkpoints", image_tower="openai/clip-vit-base-patch32", text_tower="my-text",
+        catalog="parquet:s3://bucket/catalog", image_roots=("s3://bucket/images", "/mnt/photos"), device="cuda:1", checkpoints="/mnt/checkpoints",
+        image_tower="openai/clip-vit-base-patch32", text_tower="my-text",
         teacher="openai-compatible", teacher_url="http://gpu:8000/v1", teacher_model="big", teacher_revision="r2",
         generator="hf-vlm:Qwen/Qwen2.5-VL-3B-Instruct", automation=False, sensor_interval_seconds=60, executor="k8s", k8s_gpus=2, data="/data",
         secrets_set=frozenset({"AWS_ACCESS_KEY_ID"}),

@@ -151,6 +151,8 @@ class AttributeGeneratorConfig(dg.Config):
     lora_alpha: int = Field(default=HFDistillationSettings.lora_alpha, description="hf-vlm: LoRA alpha.")
     hf_max_new_tokens: int = Field(default=HFDistillationSettings.hf_max_new_tokens, description="hf-vlm: longest attribute text in tokens.")
     hf_image_size: int = Field(default=HFDistillationSettings.hf_image_size, description="hf-vlm: photos are resized to a square of this side.")
+    checkpoint_every: int = Field(default=1, ge=1, description="Checkpoint every this many SFT epochs; a killed run resumes from the "
+                                                            "last one. Does not change the model, nor its cache key.")
 
 
 _COMPACT_FIELDS = ("d_model", "n_layers", "constrained_decoding", "epochs", "batch_size", "learning_rate", "seed")
@@ -191,12 +193,13 @@ def attribute_generator(
     """
     from afmrl_dagster.features import align
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
+    from afmrl_dagster.training.checkpoints import LoopCheckpoint
     from afmrl_dagster.training.generator_backends import CompactSFTSettings, distill_writer, listing_inputs
     from afmrl_dagster.training.generator_sft import attribute_accuracy
 
     store = artifact_store.open()
     split = evaluation_split.split()
-    slot = model_slot(store, "attribute_generator", raw_catalog, teacher_attributes, listing_features, config.model_dump(), split,
+    slot = model_slot(store, "attribute_generator", raw_catalog, teacher_attributes, listing_features, config.model_dump(exclude={"checkpoint_every"}), split,
                       generator_backend.spec)
     if slot.cached:
         return slot.cached
@@ -221,6 +224,7 @@ def attribute_generator(
             [targets[lid] for lid in train_ids], compact, hf, device,
             on_epoch=lambda row: (mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
                                   context.log.info(f"SFT epoch {row['epoch']}: {row}")),
+            checkpoint=LoopCheckpoint(torch_compute.checkpoint_dir("attribute_generator", slot.key), {"loop": "sft"}, config.checkpoint_every),
         )
         import mlflow
 
@@ -247,6 +251,7 @@ def attribute_generator(
                 },
             },
         )
+    torch_compute.discard_checkpoints("attribute_generator", slot.key)
     tag_model_version(mlflow_tracking, context, manifest, {"heldout_pair_f1": accuracy["pair_f1"], "heldout_validity_rate": accuracy["validity_rate"]},
                       catalog=raw_catalog)
     mlflow_tracking.client().set_registered_model_alias(GENERATOR_MODEL_NAME, "sft", manifest["model_version"])

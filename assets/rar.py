@@ -42,6 +42,8 @@ class RARConfig(dg.Config):
         "when every sample of a group finds the product in the top k.",
     )
     seed: int = Field(default=GRPOConfig.seed, description="Seed of query sampling and generation.")
+    checkpoint_every: int = Field(default=1, ge=1, description="Checkpoint every this many GRPO steps; a killed run resumes from the "
+                                                            "last one. Does not change the model, nor its cache key.")
     hf_learning_rate: float = Field(default=HFRARSettings.hf_learning_rate,
                                     description="hf-vlm generator: learning rate of its LoRA adapter (learning_rate is the compact one's).")
 
@@ -84,12 +86,13 @@ def rar_generator(
     from afmrl_dagster.features import align
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
     from afmrl_dagster.training.attribute_stages import RARGallery, compare_query_attributes, default_reward_k, refine_writer_with_rar, reward_trend
+    from afmrl_dagster.training.checkpoints import LoopCheckpoint
     from afmrl_dagster.training.generator_backends import listing_inputs, load_stored_writer
 
     store = artifact_store.open()
     split = evaluation_split.split()
     slot = model_slot(store, "rar_generator", attribute_generator["fingerprint"], agcl_encoder["fingerprint"], catalog_embeddings,
-                      config.model_dump(), split)
+                      config.model_dump(exclude={"checkpoint_every"}), split)
     if slot.cached:
         return slot.cached
 
@@ -128,6 +131,8 @@ def rar_generator(
             writer, encoder, queries, [product_ids[i] for i in train_rows], reward_gallery, grpo,
             reward_k=reward_k, invalid_reward=config.invalid_reward, hf=HFRARSettings(hf_learning_rate=config.hf_learning_rate),
             on_step=on_step, reward_kind=RARSettings(reward=config.reward).reward,
+            checkpoint=LoopCheckpoint(torch_compute.checkpoint_dir("rar_generator", slot.key), {"loop": "grpo", "steps": grpo.steps},
+                                      config.checkpoint_every),
         )
         policy, history = outcome.policy, outcome.history
         reward_first, reward_last = reward_trend(history)
@@ -163,6 +168,7 @@ def rar_generator(
                 },
             },
         )
+    torch_compute.discard_checkpoints("rar_generator", slot.key)
     rar_scores = {f"{part}_{k}": v for part in comparison for k, v in comparison[part]["rar"].items()}
     tag_model_version(mlflow_tracking, context, manifest, rar_scores, catalog=raw_catalog)
     mlflow_tracking.client().set_registered_model_alias(GENERATOR_MODEL_NAME, "rar", manifest["model_version"])

@@ -96,3 +96,77 @@ def test_group_advantages_and_k3():
     log_p = torch.log(torch.tensor([0.5, 0.2]))
     assert torch.allclose(k3_kl(log_p, log_p), torch.zeros(2))
     assert (k3_kl(log_p, torch.log(torch.tensor([0.1, 0.6]))) > 0).all()
+
+
+class Killed(Exception):
+    """The process dying after a unit of training (its checkpoint already written)."""
+
+
+def _without_seconds(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_grpo_killed_mid_run_resumes_from_its_checkpoint_as_if_never_stopped(weak_policy, tmp_path):
+    """Steps 1-3 run, the process dies; a new run over the same folder trains steps 4-6 only and
+    ends with the uninterrupted run's weights and history (the sampler's state and the query
+    order carry over)."""
+    from afmrl_dagster.training.checkpoints import LoopCheckpoint, checkpoint_step
+
+    model, vocab, image, mask, text = weak_policy
+    config = GRPOConfig(steps=6, queries_per_step=8, group_size=4, learning_rate=3e-3)
+    whole, whole_policy = copy.deepcopy(model), None
+    whole_history = train_grpo(whole, copy.deepcopy(model), vocab, image, mask, text, red_reward, config)
+    whole_policy = whole
+
+    def die_after_three(record):
+        if record["step"] == 2:
+            raise Killed
+
+    checkpoint = LoopCheckpoint(tmp_path / "grpo", {"loop": "grpo"}, every=1)
+    with pytest.raises(Killed):
+        train_grpo(copy.deepcopy(model), copy.deepcopy(model), vocab, image, mask, text, red_reward, config, on_step=die_after_three,
+                   checkpoint=checkpoint)
+    assert checkpoint_step(tmp_path / "grpo") == 3
+    steps_run = []
+    resumed = copy.deepcopy(model)  # a new process: the SFT weights again, then the checkpoint
+    history = train_grpo(resumed, copy.deepcopy(model), vocab, image, mask, text, red_reward, config,
+                         on_step=lambda record: steps_run.append(record["step"]), checkpoint=checkpoint)
+    assert steps_run == [3, 4, 5]
+    assert _without_seconds(history)[3:] == _without_seconds(whole_history)[3:]
+    assert [h["reward_mean"] for h in history] == [h["reward_mean"] for h in whole_history]
+    assert all(torch.equal(tensor, whole_policy.state_dict()[name]) for name, tensor in resumed.state_dict().items())
+    with pytest.raises(ValueError, match="differs from the checkpoint"):
+        train_grpo(copy.deepcopy(model), copy.deepcopy(model), vocab, image, mask, text, red_reward, config,
+                   checkpoint=LoopCheckpoint(tmp_path / "grpo", {"loop": "grpo", "queries": 7}))
+
+
+def test_sft_killed_mid_run_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path):
+    from afmrl_dagster.training.checkpoints import LoopCheckpoint
+
+    rng = np.random.default_rng(1)
+    image, text = rng.normal(size=(40, 6)).astype(np.float32), rng.normal(size=(40, 4)).astype(np.float32)
+    mask = np.ones(40, bool)
+    targets = [{"colour": COLOURS[i % 4]} for i in range(40)]
+    vocab = AttributeVocabulary.from_attribute_sets(targets)
+    config = SFTConfig(epochs=5, batch_size=16, learning_rate=5e-3, seed=2)
+
+    def fresh() -> AttributeGenerator:
+        torch.manual_seed(0)  # dropout on: the resumed run must restore the global generator too
+        return AttributeGenerator(len(vocab), 6, 4, GeneratorConfig(d_model=16, n_layers=1, n_heads=2, prefix_tokens=2, max_new_tokens=8))
+
+    whole = fresh()
+    whole_history = train_generator_sft(whole, vocab, image, mask, text, targets, config)
+
+    def die_after_two(record):
+        if record["epoch"] == 1:
+            raise Killed
+
+    checkpoint = LoopCheckpoint(tmp_path / "sft", {"loop": "sft"})
+    with pytest.raises(Killed):
+        train_generator_sft(fresh(), vocab, image, mask, text, targets, config, on_epoch=die_after_two, checkpoint=checkpoint)
+    epochs_run, resumed = [], fresh()
+    history = train_generator_sft(resumed, vocab, image, mask, text, targets, config,
+                                  on_epoch=lambda record: epochs_run.append(record["epoch"]), checkpoint=checkpoint)
+    assert epochs_run == [2, 3, 4]
+    assert _without_seconds(history) == _without_seconds(whole_history)
+    assert all(torch.equal(tensor, whole.state_dict()[name]) for name, tensor in resumed.state_dict().items())

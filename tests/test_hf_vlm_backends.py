@@ -127,6 +127,28 @@ def test_hf_student_sft_save_load_and_one_rar_step_changing_only_the_adapter(tin
     assert not any(path.suffix == ".safetensors" and "adapter" not in path.name for path in (tmp_path / "rar").rglob("*"))
 
 
+def test_hf_student_sft_killed_mid_run_resumes_from_its_checkpoint(tiny, tmp_path):
+    """The LoRA SFT dies after epoch 2 of 4; run again over the same checkpoint folder it trains
+    epochs 3 and 4 only and ends with the adapter of the run that was never stopped."""
+    from afmrl_dagster.training.checkpoints import LoopCheckpoint
+
+    whole, whole_history = distill_writer(f"hf-vlm:{tiny('qwen')}", _inputs(), TARGETS, _compact_settings(), HF)
+
+    def die_after_two(row):
+        if row["epoch"] == 1:
+            raise RuntimeError("killed")
+
+    checkpoint = LoopCheckpoint(tmp_path / "sft", {"loop": "sft"})
+    with pytest.raises(RuntimeError, match="killed"):
+        distill_writer(f"hf-vlm:{tiny('qwen')}", _inputs(), TARGETS, _compact_settings(), HF, on_epoch=die_after_two, checkpoint=checkpoint)
+    epochs = []
+    resumed, history = distill_writer(f"hf-vlm:{tiny('qwen')}", _inputs(), TARGETS, _compact_settings(), HF,
+                                      on_epoch=lambda row: epochs.append(row["epoch"]), checkpoint=checkpoint)
+    assert epochs == [2, 3] and [row["loss"] for row in history] == pytest.approx([row["loss"] for row in whole_history], rel=1e-5)
+    adapter = dict(whole.module.named_parameters())
+    assert all(torch.allclose(p, adapter[name], atol=1e-6) for name, p in resumed.module.named_parameters() if "lora_" in name)
+
+
 @pytest.mark.parametrize("family", ["llava", "idefics3"])
 def test_hf_student_of_other_families_trains_saves_and_loads(tiny, tmp_path, family):
     settings = HFDistillationSettings(hf_epochs=2, hf_batch_size=3, hf_learning_rate=5e-2, lora_rank=4, hf_max_new_tokens=12, hf_image_size=16)

@@ -22,6 +22,7 @@ from ..encoders.listing_encoder import FrozenTowerEncoder, ListingEncoder, Listi
 from ..encoders.towers import TextFeaturizer
 from ..retrieval.reward import INVALID_REWARD, REWARD_KINDS, RetrievalReward
 from .agcl import AGCLConfig
+from .checkpoints import LoopCheckpoint
 from .encoder_training import EncoderTrainingConfig, TrainingResult, train_listing_encoder
 from .generator_sft import SFTConfig, train_generator_sft
 from .grpo import GRPOConfig, train_grpo
@@ -47,6 +48,7 @@ def distill_generator(
     targets: Sequence[Attributes],
     settings: DistillationSettings | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: LoopCheckpoint | None = None,
 ) -> tuple[AttributeGenerator, AttributeVocabulary, list[dict]]:
     """A compact generator trained to write ``targets`` (the teacher's attributes, one per row of
     ``features``) from the frozen towers' features; its vocabulary is built from the targets."""
@@ -60,7 +62,8 @@ def distill_generator(
     )
     sft = SFTConfig(epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
                     seed=settings.seed, device=settings.device)
-    history = train_generator_sft(model, vocabulary, features.image, features.image_mask, features.text, list(targets), sft, on_epoch=on_epoch)
+    history = train_generator_sft(model, vocabulary, features.image, features.image_mask, features.text, list(targets), sft, on_epoch=on_epoch,
+                                  checkpoint=checkpoint)
     return model, vocabulary, history
 
 
@@ -148,13 +151,14 @@ def rar_reward(encoder: ListingEncoder, queries: ListingInputs, query_product_id
 def refine_writer_with_rar(writer, encoder: ListingEncoder, queries: ListingInputs, query_product_ids: Sequence[str],
                            gallery: RARGallery, config: GRPOConfig, reward_k: int | None = None,
                            invalid_reward: float = RARSettings.invalid_reward, hf=None, on_step: Callable[[dict], None] | None = None,
-                           reward_kind: str = RARSettings.reward):
+                           reward_kind: str = RARSettings.reward, checkpoint: LoopCheckpoint | None = None):
     """RAR of a distilled writer of any kind (:mod:`.generator_backends`): GRPO rewarded by
-    retrieval through the frozen ``encoder``; returns its :class:`~.generator_backends.RAROutcome`."""
+    retrieval through the frozen ``encoder``; returns its :class:`~.generator_backends.RAROutcome`.
+    With ``checkpoint``, a killed run goes on from its last saved step."""
     from .generator_backends import HFRARSettings
 
     reward = rar_reward(encoder, queries, query_product_ids, gallery, reward_k, invalid_reward, reward_kind)
-    return writer.refine(queries, reward, config, hf or HFRARSettings(), on_step=on_step)
+    return writer.refine(queries, reward, config, hf or HFRARSettings(), on_step=on_step, checkpoint=checkpoint)
 
 
 def reward_trend(history: list[dict]) -> tuple[float, float]:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -56,12 +58,12 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
 
 
 def checkpoint_step(directory: str | os.PathLike | None) -> int | None:
-    """The optimizer step of the latest complete checkpoint in ``directory`` (a training's
-    checkpoint), or None when there is none to resume from."""
+    """Where the latest complete checkpoint in ``directory`` stands: an encoder training's optimizer
+    step, a training loop's units done (:class:`LoopCheckpoint`); None when there is none to resume from."""
     if directory is None or (folder := _latest_folder(Path(directory))) is None:
         return None
-    progress = json.loads((folder / META_FILE).read_text(encoding="utf-8")).get("progress", {})
-    return int(progress.get("global_step", 0))
+    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    return int(meta["loop"]["done"]) if "loop" in meta else int(meta.get("progress", {}).get("global_step", 0))
 
 
 def save_checkpoint(directory: str | os.PathLike, state: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -161,3 +163,89 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any]) -> None:
     if differing:
         details = ", ".join(f"{name} (checkpoint {saved.get(name)!r}, now {current.get(name)!r})" for name in differing)
         raise ValueError(f"cannot resume: the run differs from the checkpoint in {details}")
+
+
+def rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every random generator training might draw from: torch (CPU, CUDA), numpy and python globals."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return tensors, {
+        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(tensors["rng.torch"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    name, keys, position, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+LOOP_FORMAT = 1
+
+
+@dataclasses.dataclass
+class LoopCheckpoint:
+    """Checkpoints of a training loop over numbered units (a generator's SFT epochs, its GRPO steps):
+    the module's trainable tensors, the optimizer, the schedule, the random generators and the
+    history, written every ``every`` units into ``directory``. A loop asks :meth:`resume` where to
+    start (0 with nothing saved) and calls :meth:`save` after each unit; a killed run started again
+    with the same ``fingerprint`` goes on from the last unit saved. Order of data that the loop
+    draws from its own seeded generators is replayed by the loop itself."""
+
+    directory: str | os.PathLike | None
+    fingerprint: dict
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"checkpoint every must be >= 1 unit, got {self.every}")
+
+    def resume(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule=None,
+               generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> tuple[int, list[dict]]:
+        """Load the latest checkpoint into ``module`` (its trainable tensors), ``optimizer``,
+        ``schedule`` and ``generator``; return (units done, their history). (0, []) when none."""
+        if self.directory is None or not has_checkpoint(self.directory):
+            return 0, []
+        state, meta = load_checkpoint(self.directory)
+        if meta.get("format") != LOOP_FORMAT or "loop" not in meta:
+            raise ValueError(f"{self.directory} holds no training-loop checkpoint this code reads (format {meta.get('format')!r})")
+        check_fingerprint(meta["fingerprint"], json.loads(json.dumps(self.fingerprint, default=str)))
+        weights = {name.removeprefix("module."): tensor for name, tensor in state.items() if name.startswith("module.")}
+        missing = [name for name, p in module.named_parameters() if p.requires_grad and name not in weights]
+        if missing:
+            raise ValueError(f"checkpoint in {self.directory} lacks trainable tensors {missing[:5]}")
+        module.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(unflatten_tensors(meta["optimizer"], state))
+        if schedule is not None:
+            schedule.load_state_dict(unflatten_tensors(meta["schedule"], state))
+        if generator is not None:
+            generator.set_state(state["rng.generator"])
+        set_rng_state(state, meta["rng"], torch.device(device))
+        return int(meta["loop"]["done"]), meta["loop"]["history"]
+
+    def save(self, done: int, total: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer, history: list[dict],
+             schedule=None, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> None:
+        """Checkpoint after ``done`` of ``total`` units, when ``every`` divides it or it is the last."""
+        if self.directory is None or (done % self.every and done != total):
+            return
+        optimizer_structure, optimizer_tensors = flatten_tensors(optimizer.state_dict(), "optimizer")
+        state = {f"module.{name}": p.detach() for name, p in module.named_parameters() if p.requires_grad}
+        state.update(optimizer_tensors)
+        meta: dict = {"format": LOOP_FORMAT, "fingerprint": json.loads(json.dumps(self.fingerprint, default=str)),
+                      "optimizer": optimizer_structure, "loop": {"done": done, "total": total, "history": json.loads(json.dumps(history, default=float))}}
+        if schedule is not None:
+            meta["schedule"], schedule_tensors = flatten_tensors(schedule.state_dict(), "schedule")
+            state.update(schedule_tensors)
+        if generator is not None:
+            state["rng.generator"] = generator.get_state()
+        rng_tensors, meta["rng"] = rng_state(torch.device(device))
+        save_checkpoint(self.directory, {**state, **rng_tensors}, meta)

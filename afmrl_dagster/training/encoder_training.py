@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -30,6 +29,8 @@ from ..encoders.listing_encoder import FrozenTowerEncoder, ListingEncoder, Listi
 from .agcl import AGCLConfig, AGCLLoss
 from .bm25 import TOKENIZERS, BM25Scorer
 from .checkpoints import (
+    rng_state,
+    set_rng_state,
     check_fingerprint,
     config_fingerprint,
     flatten_tensors,
@@ -352,36 +353,13 @@ def data_fingerprint(features: ListingFeatures, product_ids: Sequence[str], prod
     }
 
 
-def _rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every random generator training might draw from: torch (CPU, CUDA), numpy and python globals."""
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return tensors, {
-        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(gauss)],
-        "python": [version, list(internal), gauss_next],
-    }
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict, device: torch.device) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    if device.type == "cuda" and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
-    name, keys, position, has_gauss, gauss = meta["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
-    version, internal, gauss_next = meta["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
 def _save_training_checkpoint(
     directory: str, encoder: ListingEncoder, optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler,
     progress: TrainingProgress, fingerprint: dict, device: torch.device,
 ) -> None:
     optimizer_structure, optimizer_tensors = flatten_tensors(optimizer.state_dict(), "optimizer")
     schedule_structure, schedule_tensors = flatten_tensors(schedule.state_dict(), "schedule")
-    rng_tensors, rng_meta = _rng_state(device)
+    rng_tensors, rng_meta = rng_state(device)
     state = {**encoder.checkpoint_state(), **optimizer_tensors, **schedule_tensors, **rng_tensors}
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -406,7 +384,7 @@ def _load_training_checkpoint(
     encoder.load_checkpoint_state({name: t for name, t in state.items() if name in own})
     optimizer.load_state_dict(unflatten_tensors(meta["optimizer"], state))
     schedule.load_state_dict(unflatten_tensors(meta["schedule"], state))
-    _set_rng_state(state, meta["rng"], device)
+    set_rng_state(state, meta["rng"], device)
     return TrainingProgress(**meta["progress"])
 
 

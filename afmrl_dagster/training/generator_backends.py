@@ -34,6 +34,7 @@ from ..attributes.hf_teacher import HF_VLM_PREFIX
 from ..attributes.vocabulary import AttributeVocabulary
 from ..encoders.listing_encoder import ListingInputs
 from ..local_files import write_folder_atomically
+from .checkpoints import LoopCheckpoint
 from .grpo import GRPOConfig, _query_stream, train_grpo
 from .hf_generator_training import hf_grpo_step, hf_sft_step
 
@@ -162,20 +163,21 @@ class CompactWriter:
 
     @classmethod
     def distill(cls, model: str | None, inputs: ListingInputs, targets: Sequence[dict], compact: CompactSFTSettings,
-                hf: HFDistillationSettings, device: str, on_epoch: Callable[[dict], None] | None = None) -> tuple[CompactWriter, list[dict]]:
+                hf: HFDistillationSettings, device: str, on_epoch: Callable[[dict], None] | None = None,
+                checkpoint: LoopCheckpoint | None = None) -> tuple[CompactWriter, list[dict]]:
         from .attribute_stages import DistillationSettings, distill_generator
 
         settings = DistillationSettings(**dataclasses.asdict(compact), device=device)
-        generator, vocabulary, history = distill_generator(inputs.features, list(targets), settings, on_epoch=on_epoch)
+        generator, vocabulary, history = distill_generator(inputs.features, list(targets), settings, on_epoch=on_epoch, checkpoint=checkpoint)
         return cls(generator, vocabulary), history
 
     def refine(self, queries: ListingInputs, reward, config: GRPOConfig, hf: HFRARSettings,
-               on_step: Callable[[dict], None] | None = None) -> RAROutcome:
+               on_step: Callable[[dict], None] | None = None, checkpoint: LoopCheckpoint | None = None) -> RAROutcome:
         """GRPO on a copy of this generator (every weight trains); this one stays the reference."""
         policy = copy.deepcopy(self.model)
         features = queries.features
         history = train_grpo(policy, self.model, self.vocabulary, features.image, features.image_mask, features.text, reward, config,
-                             on_step=on_step)
+                             on_step=on_step, checkpoint=checkpoint)
         return RAROutcome(CompactWriter(policy, self.vocabulary), self, history, {"trained": "every weight of the compact decoder"})
 
 
@@ -273,10 +275,12 @@ class HFVLMWriter:
 
     @classmethod
     def distill(cls, model: str | None, inputs: ListingInputs, targets: Sequence[dict], compact: CompactSFTSettings,
-                hf: HFDistillationSettings, device: str, on_epoch: Callable[[dict], None] | None = None) -> tuple[HFVLMWriter, list[dict]]:
+                hf: HFDistillationSettings, device: str, on_epoch: Callable[[dict], None] | None = None,
+                checkpoint: LoopCheckpoint | None = None) -> tuple[HFVLMWriter, list[dict]]:
         """LoRA SFT of the base ``model`` on the teacher's attributes (canonical JSON texts),
         ``hf_epochs`` passes over the listings in seeded random order; one history row (mean
-        loss) per epoch."""
+        loss) per epoch. With ``checkpoint`` the adapter and optimizer are saved per epoch and a
+        killed run goes on from the epoch after the last one saved."""
         if not model:
             raise ValueError("the hf-vlm generator needs a base model: 'hf-vlm:<hub id or local folder>'")
         if len(targets) != len(inputs) or not targets:
@@ -287,8 +291,12 @@ class HFVLMWriter:
         optimizer = torch.optim.AdamW(generator.trainable_parameters(), lr=hf.hf_learning_rate, weight_decay=0.0)
         texts = [attributes_to_json(target) for target in targets]
         rng = np.random.default_rng(compact.seed)
-        history = []
-        for epoch in range(hf.hf_epochs):
+        history, done = [], 0
+        if checkpoint is not None:
+            done, history = checkpoint.resume(generator.model, optimizer, device=device)
+            for _ in range(done):  # the orders of the epochs already trained
+                rng.permutation(len(inputs))
+        for epoch in range(done, hf.hf_epochs):
             started, losses = time.perf_counter(), []
             order = rng.permutation(len(inputs))
             for start in range(0, len(order), hf.hf_batch_size):
@@ -298,15 +306,19 @@ class HFVLMWriter:
                                           [texts[i] for i in rows]))
             row = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
             history.append(row)
+            if checkpoint is not None:
+                checkpoint.save(epoch + 1, hf.hf_epochs, generator.model, optimizer, history, device=device)
             if on_epoch:
                 on_epoch(row)
         keys = sorted({key for target in targets for key in target})
         return cls(generator, keys, batch_size=hf.hf_batch_size), history
 
     def refine(self, queries: ListingInputs, reward, config: GRPOConfig, hf: HFRARSettings,
-               on_step: Callable[[dict], None] | None = None) -> RAROutcome:
+               on_step: Callable[[dict], None] | None = None, checkpoint: LoopCheckpoint | None = None) -> RAROutcome:
         """GRPO on the LoRA adapter, in place: the base weights are frozen and the KL anchor is a
-        frozen copy of the SFT adapter beside it. ``reward(query_indices, texts [Q][G]) -> [Q, G]``."""
+        frozen copy of the SFT adapter beside it. ``reward(query_indices, texts [Q][G]) -> [Q, G]``.
+        With ``checkpoint`` the adapter and optimizer are saved every ``checkpoint.every`` steps and a
+        killed run goes on from the step after the last one saved."""
         generator = self.generator
         model = generator.model
         generator.add_reference_adapter(REFERENCE_ADAPTER)
@@ -319,7 +331,12 @@ class HFVLMWriter:
         per_step = min(config.queries_per_step, len(queries))
         stream = _query_stream(len(queries), per_step, np.random.default_rng(config.seed))
         history: list[dict] = []
-        for step in range(config.steps):
+        done = 0
+        if checkpoint is not None:
+            done, history = checkpoint.resume(model, optimizer, device=config.device)
+            for _ in range(done):  # the queries of the steps already trained
+                next(stream)
+        for step in range(done, config.steps):
             indices = next(stream)
             part = queries.subset(indices)
             last: dict = {}
@@ -336,6 +353,8 @@ class HFVLMWriter:
             record.update(step=step, mean_num_attributes=float(np.mean(sizes)) if sizes else 0.0,
                           samples=[(int(indices[q]), groups[q][0], float(last["rewards"][q, 0])) for q in range(min(4, len(groups)))])
             history.append(record)
+            if checkpoint is not None:
+                checkpoint.save(step + 1, config.steps, model, optimizer, history, device=config.device)
             if on_step:
                 on_step(record)
         adapter_changed = sorted(name for name, p in trainable.items() if not torch.equal(p.detach(), adapter_before[name]))
@@ -406,8 +425,10 @@ def catalog_attributes(store, uri: str, catalog, features_table, read_image: Cal
 
 
 def distill_writer(spec: str, inputs: ListingInputs, targets: Sequence[dict], compact: CompactSFTSettings,
-                   hf: HFDistillationSettings | None = None, device: str = "cpu", on_epoch: Callable[[dict], None] | None = None):
+                   hf: HFDistillationSettings | None = None, device: str = "cpu", on_epoch: Callable[[dict], None] | None = None,
+                   checkpoint: LoopCheckpoint | None = None):
     """SFT of the student ``spec`` names (``compact`` or ``hf-vlm:<id or folder>``) on the
-    teacher's attributes ``targets`` (one per listing of ``inputs``): (writer, history)."""
+    teacher's attributes ``targets`` (one per listing of ``inputs``): (writer, history). With
+    ``checkpoint``, a killed SFT goes on from its last saved epoch."""
     kind, model = parse_generator_spec(spec)
-    return WRITERS[kind].distill(model, inputs, targets, compact, hf or HFDistillationSettings(), device, on_epoch)
+    return WRITERS[kind].distill(model, inputs, targets, compact, hf or HFDistillationSettings(), device, on_epoch, checkpoint)

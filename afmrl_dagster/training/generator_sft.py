@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..attributes.format import normalize_attributes, parse_attributes
 from ..attributes.generator import AttributeGenerator, feature_tensor
 from ..attributes.vocabulary import BOS_ID, EOS_ID, PAD_ID, AttributeVocabulary
+from .checkpoints import LoopCheckpoint
 from .schedules import warmup_cosine
 
 
@@ -66,8 +67,13 @@ def train_generator_sft(
     targets: list[dict],
     config: SFTConfig | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    checkpoint: LoopCheckpoint | None = None,
 ) -> list[dict]:
     """Train ``model`` in place to write ``targets`` (one attribute dict per row of the features).
+
+    With ``checkpoint``, the model, optimizer, schedule and random state are saved after every
+    ``checkpoint.every`` epochs, and a run that finds a checkpoint goes on from the epoch after it
+    (the epochs' shuffles are replayed from the seed, so it trains as the uninterrupted run would).
 
     Returns one record per epoch: ``epoch``, ``loss`` (mean token cross-entropy),
     ``token_accuracy`` (teacher-forced), ``learning_rate`` (at the epoch's end), ``seconds``,
@@ -100,7 +106,12 @@ def train_generator_sft(
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(config.seed)
         model.train()
-        for epoch in range(config.epochs):
+        done = 0
+        if checkpoint is not None:
+            done, history = checkpoint.resume(model, optimizer, scheduler, device=device)
+            for _ in range(done):  # the shuffles of the epochs already trained
+                shuffler.permutation(len(targets))
+        for epoch in range(done, config.epochs):
             started = time.perf_counter()
             loss_sum, correct, tokens = 0.0, 0, 0
             order = torch.as_tensor(shuffler.permutation(len(targets)), device=device)
@@ -130,6 +141,8 @@ def train_generator_sft(
                 "skipped_pairs": skipped,
             }
             history.append(record)
+            if checkpoint is not None:
+                checkpoint.save(epoch + 1, config.epochs, model, optimizer, history, scheduler, device=device)
             if on_epoch:
                 on_epoch(record)
     model.eval()

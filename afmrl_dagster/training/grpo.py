@@ -35,6 +35,7 @@ import torch
 from ..attributes.format import parse_attributes
 from ..attributes.generator import AttributeGenerator, feature_tensor
 from ..attributes.vocabulary import AttributeVocabulary
+from .checkpoints import LoopCheckpoint
 
 RewardFn = Callable[[np.ndarray, list[list[str]]], np.ndarray]
 LOGGED_SAMPLES = 4
@@ -105,6 +106,7 @@ def train_grpo(
     reward_fn: RewardFn,
     config: GRPOConfig | None = None,
     on_step: Callable[[dict], None] | None = None,
+    checkpoint: LoopCheckpoint | None = None,
 ) -> list[dict]:
     """Train ``policy`` in place with GRPO; ``reference`` (the SFT generator) is only read.
 
@@ -114,7 +116,9 @@ def train_grpo(
     the sampling policy against the reference), ``mean_num_attributes`` (over valid outputs),
     ``mean_length`` (tokens), ``loss``, ``clip_fraction``, ``grad_norm``, ``seconds`` and
     ``samples`` (a few ``(query_index, text, reward)``). ``queries_per_step`` is capped at the
-    number of queries.
+    number of queries. With ``checkpoint``, the policy, optimizer and sampler are saved every
+    ``checkpoint.every`` steps and a run that finds a checkpoint goes on from the step after it
+    (the query order is replayed from the seed).
     """
     config = config or GRPOConfig()
     if policy is reference:
@@ -137,7 +141,12 @@ def train_grpo(
     sampler = torch.Generator(device=device).manual_seed(config.seed)
     queries = _query_stream(len(image), queries_per_step, np.random.default_rng(config.seed))
     history: list[dict] = []
-    for step in range(config.steps):
+    done = 0
+    if checkpoint is not None:
+        done, history = checkpoint.resume(policy, optimizer, generator=sampler, device=device)
+        for _ in range(done):  # the queries of the steps already trained
+            next(queries)
+    for step in range(done, config.steps):
         started = time.perf_counter()
         query_indices = next(queries)
         index = torch.as_tensor(query_indices, device=device)
@@ -196,6 +205,8 @@ def train_grpo(
             ],
         }
         history.append(record)
+        if checkpoint is not None:
+            checkpoint.save(step + 1, config.steps, policy, optimizer, history, generator=sampler, device=device)
         if on_step:
             on_step(record)
     return history

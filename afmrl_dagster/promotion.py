@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,6 +158,21 @@ def best_candidate(candidates: list[Candidate], metric: str, evaluation_set: str
 
 CHAMPION_ALIAS = "champion"
 PREVIOUS_CHAMPION_ALIAS = "previous_champion"
+
+
+# MLflow's own defaults retry a registry that does not answer for minutes, in silence; every
+# process of the project that talks to the registry (the pipeline's MLflow resource, ``afmrl
+# rollback``) retries at most this much unless the MLFLOW_HTTP_* variables say otherwise.
+REGISTRY_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                           "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+def bound_registry_retries(environ: MutableMapping[str, str] = os.environ) -> str:
+    """Apply :data:`REGISTRY_RETRY_DEFAULTS` where the environment sets nothing; return a line saying the bound."""
+    for name, value in REGISTRY_RETRY_DEFAULTS.items():
+        environ.setdefault(name, value)
+    return (f"at most {environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES']} retries, {environ['MLFLOW_HTTP_REQUEST_TIMEOUT']} s each "
+            f"(MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT)")
 
 
 class RollbackError(RuntimeError):

@@ -381,6 +381,21 @@ class LocalObjectStore(ObjectStore):
                     keys.append(key)
         return sorted(keys)
 
+    def _abort_stale_uploads(self, versions_prefix: str, keep: str | None) -> int:
+        """A local writer killed mid-file leaves its hidden temp file (never listed as a key) in
+        its version folder: removed, with the folder, once that version is older than ``keep``."""
+        if keep is None:
+            return 0
+        versions = self.path(versions_prefix.rstrip("/"))
+        if not versions.is_dir():
+            return 0
+        removed = 0
+        for folder in versions.iterdir():
+            if folder.is_dir() and folder.name < keep:
+                removed += sum(1 for path in folder.rglob(f"*{TEMP_SUFFIX}") if path.is_file())
+                shutil.rmtree(folder, ignore_errors=True)
+        return removed
+
     def _delete_keys(self, keys: list[str]) -> int:
         deleted = 0
         for key in keys:

@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import dagster as dg
 from pydantic import Field
 
-from afmrl_dagster.promotion import CHAMPION_ALIAS
+from afmrl_dagster.promotion import CHAMPION_ALIAS, bound_registry_retries
 from afmrl_dagster.settings import DEFAULT_TRACKING_URI
 
 
@@ -49,6 +49,7 @@ class MlflowTracking(dg.ConfigurableResource):
         import mlflow
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        bound_registry_retries()
         mlflow.set_tracking_uri(self.tracking_uri)
         if self.registry_uri:
             mlflow.set_registry_uri(self.registry_uri)
@@ -118,8 +119,18 @@ class MlflowTracking(dg.ConfigurableResource):
         """The model version under the ``champion`` alias; None only when the registry says there
         is none. A registry that cannot be read raises (``promotion.RegistryError``): the
         promotion fails closed."""
-        from afmrl_dagster.promotion import alias_version
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
 
-        client = self.client()
+        from afmrl_dagster.promotion import RegistryError, alias_version
+
+        bound = bound_registry_retries()
+        client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri or self.tracking_uri)
         version = alias_version(client, model_name, CHAMPION_ALIAS)
-        return None if version is None else client.get_model_version(model_name, version)
+        if version is None:
+            return None
+        try:
+            return client.get_model_version(model_name, version)
+        except MlflowException as error:
+            raise RegistryError(f"cannot read {model_name} version {version} from {self.registry_uri or self.tracking_uri} "
+                                f"({bound}): {error}") from error

@@ -1,5 +1,7 @@
 """The registry gate on hand-made metrics."""
 
+import os
+
 import pytest
 
 from afmrl_dagster.promotion import paired_difference, promotion_decision
@@ -117,5 +119,37 @@ def test_a_registry_that_cannot_answer_never_reads_as_no_champion(tmp_path, monk
     done = subprocess.run([sys.executable, "-m", "afmrl_dagster.apps.cli", "rollback", "--tracking-uri", server.url],
                           capture_output=True, text=True, env=quiet, timeout=120)
     assert done.returncode == 2 and "cannot read the 'champion' alias" in done.stderr, done.stderr[-2000:]
-    assert f"reading the aliases of afmrl-encoder from {server.url} (at most 2 retries)" in done.stderr
+    assert f"reading the aliases of afmrl-encoder from {server.url} (at most 2 retries, 15 s each" in done.stderr
     assert "nothing to roll back to" not in done.stderr
+
+
+def test_the_gate_stops_when_the_registry_stops_mid_promotion_and_nothing_moves(tmp_path, monkeypatch):
+    """A real ``mlflow server`` holds champion version 2; it stops between the candidate's
+    registration and the gate. The gate's registry read (the pipeline's MLflow resource, its retries
+    bounded by the project) and the alias move both raise, naming the server; started again on
+    the same store, the registry still says version 2 with no previous champion."""
+    from mlflow.tracking import MlflowClient
+    from mlflow_server import running_mlflow_server
+
+    from afmrl_dagster.promotion import RegistryError, alias_version, move_champion
+    from afmrl_dagster.resources.tracking import MlflowTracking
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # the project's bound, not a test's
+    with running_mlflow_server(tmp_path / "mlflow") as server:
+        client = MlflowClient(tracking_uri=server.url)
+        client.create_registered_model("afmrl-encoder")
+        for _ in range(2):
+            client.create_model_version("afmrl-encoder", source="s3://afmrl-test/models/encoder")
+        client.set_registered_model_alias("afmrl-encoder", "champion", "2")
+        tracking = MlflowTracking(tracking_uri=server.url)
+        assert tracking.champion_version("afmrl-encoder").version == "2"
+    with pytest.raises(RegistryError, match=f"cannot read the 'champion' alias of afmrl-encoder from {server.url}"):
+        tracking.champion_version("afmrl-encoder")
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # bounded by the resource itself
+    with pytest.raises(RegistryError):
+        move_champion(client, "afmrl-encoder", "1", "must not happen")
+    with running_mlflow_server(tmp_path / "mlflow") as restarted:
+        client = MlflowClient(tracking_uri=restarted.url)
+        assert alias_version(client, "afmrl-encoder", "champion") == "2"
+        assert alias_version(client, "afmrl-encoder", "previous_champion") is None

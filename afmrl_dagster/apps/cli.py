@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..settings import DEFAULT_STORE, DEFAULT_TRACKING_URI, Settings
@@ -58,15 +57,11 @@ def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     print(result_json(result) if args.json else result_table(result))
 
 
-REGISTRY_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                           "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-
-
 def _rollback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from ..promotion import RegistryError, RollbackError, rollback_champion
+    from ..promotion import RegistryError, RollbackError, bound_registry_retries, rollback_champion
 
     from ..registry import ENCODER_MODEL_NAME
     from ..serving import ServingError, publish_champion_record
@@ -74,13 +69,11 @@ def _rollback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
     # Bounded, announced retries: a registry that does not answer is named within a minute,
     # not after MLflow's default backoff has waited minutes in silence.
-    for name, value in REGISTRY_RETRY_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+    bound = bound_registry_retries()
     try:
         settings = Settings.from_env()
         tracking_uri = args.tracking_uri or settings.tracking_uri
-        print(f"afmrl rollback: reading the aliases of {args.model} from {tracking_uri} "
-              f"(at most {os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES']} retries)", file=sys.stderr, flush=True)
+        print(f"afmrl rollback: reading the aliases of {args.model} from {tracking_uri} ({bound})", file=sys.stderr, flush=True)
         client = MlflowClient(tracking_uri=tracking_uri)
         rolled_from, rolled_to = rollback_champion(client, args.model)
     except (RollbackError, RegistryError, MlflowException, ValueError) as error:

@@ -39,7 +39,7 @@ with dg.DagsterInstance.from_config(str(root / "dagster_home")) as instance:
 def test_agcl_encoder_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
     """The encoder's training runs in its own process and is SIGKILLed once its checkpoints pass step 10; the
     same asset materialised again resumes from the last checkpoint (not from step 0), finishes, publishes the
-    encoder and removes the checkpoints."""
+    encoder and removes the checkpoints; its files are byte for byte those of the run never stopped."""
     from afmrl_dagster.definitions import build_definitions
 
     home = tmp_path / "dagster_home"
@@ -84,3 +84,18 @@ def test_agcl_encoder_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
         metadata = instance.get_latest_materialization_event(dg.AssetKey("agcl_encoder")).asset_materialization.metadata
     assert metadata["resumed_from_step"].value == left and metadata["status"].value == "trained"
     assert not folder.exists()  # published: the checkpoints are gone
+
+    # The same training never stopped (the published folder removed, so nothing is cached or
+    # resumed) publishes byte-identical files: the resumed run is the uninterrupted one.
+    store = resources["artifact_store"].open()
+    prefix = store.key_of(metadata["uri"].value)
+    resumed = {entry["path"]: entry["sha256"] for entry in store.read_manifest(prefix)["files"]}
+    store.delete_prefix(prefix + "/")
+    store.delete_prefix(prefix + ".manifest.json")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        result = definitions.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance, run_config=config, asset_selection=[dg.AssetKey("agcl_encoder")])
+        assert result.success
+        again = instance.get_latest_materialization_event(dg.AssetKey("agcl_encoder")).asset_materialization.metadata
+    assert again["resumed_from_step"].value == 0
+    assert {entry["path"]: entry["sha256"] for entry in store.read_manifest(prefix)["files"]} == resumed

@@ -128,3 +128,17 @@ def test_a_writer_killed_mid_upload_loses_nothing_and_leaves_nothing_after_the_n
     manifest = json.loads(store.get_bytes(f"{prefix}/{COMPLETE_MARKER}"))
     folders = {key.split("/")[3] for key in store.list_keys(f"{prefix}/{VERSIONS_FOLDER}/")}
     assert folders == {manifest["version"], manifest["previous_version"]}  # D, and C kept for its readers
+
+
+def test_the_reliability_benchmark_finds_no_crash_hang_or_lost_object(tmp_path):
+    """``benchmarks/reliability.py`` (one round of each writer fault): every hostile input gets a
+    clear error and every fault is survived; it exits 1 on the first crash, hang or lost object."""
+    results = tmp_path / "results.md"
+    results.write_text("<!-- reliability:start -->\n<!-- reliability:end -->\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "reliability.py"
+    done = subprocess.run([sys.executable, str(script), "--rounds", "1", "--write-results", str(results)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    total = next(line for line in results.read_text().splitlines() if line.startswith("| **all** |"))
+    tried, clear, crashes, hangs, lost = (int(cell) for cell in total.strip("|").split("|")[1:])
+    assert tried == clear >= 60 and crashes == hangs == lost == 0, total

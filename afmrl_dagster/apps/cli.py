@@ -38,16 +38,16 @@ def _search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
     from ..devices import resolve_device
     from .search import SearchEngine, SearchError, result_json, result_table
-    from ..storage import StorageError, open_store
+    from ..storage import StorageError, open_store, read_uri_bytes
 
     try:
         settings = Settings.from_env()
     except ValueError as error:
         parser.exit(2, f"afmrl search: error: {error}\n")
-    try:
-        image = Path(args.image).expanduser().read_bytes() if args.image else None
-    except OSError as error:
-        parser.exit(2, f"afmrl search: error: cannot read --image {args.image}: {error.strerror}\n")
+    try:  # a regular file under the image caps: never a device, a FIFO or a folder
+        image = read_uri_bytes(str(Path(args.image).expanduser())) if args.image else None
+    except (StorageError, ValueError) as error:
+        parser.exit(2, f"afmrl search: error: --image: {error}\n")
     try:
         store = open_store(settings.store, endpoint_url=settings.s3_endpoint_url, region_name=settings.aws_region)
         engine = SearchEngine.from_store(store, device=resolve_device())

@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
+from afmrl_dagster.training.checkpoints import LoopCheckpoint
 from afmrl_dagster.fingerprint import fingerprint
 from afmrl_dagster.training.attribute_stages import DistillationSettings
 from afmrl_dagster.training.generator_backends import HFDistillationSettings
@@ -151,7 +152,7 @@ class AttributeGeneratorConfig(dg.Config):
     lora_alpha: int = Field(default=HFDistillationSettings.lora_alpha, description="hf-vlm: LoRA alpha.")
     hf_max_new_tokens: int = Field(default=HFDistillationSettings.hf_max_new_tokens, description="hf-vlm: longest attribute text in tokens.")
     hf_image_size: int = Field(default=HFDistillationSettings.hf_image_size, description="hf-vlm: photos are resized to a square of this side.")
-    checkpoint_every: int = Field(default=1, ge=1, description="Checkpoint every this many SFT epochs; a killed run resumes from the "
+    checkpoint_every: int = Field(default=LoopCheckpoint.every, ge=1, description="Checkpoint every this many SFT epochs; a killed run resumes from the "
                                                             "last one. Does not change the model, nor its cache key.")
 
 
@@ -193,7 +194,6 @@ def attribute_generator(
     """
     from afmrl_dagster.features import align
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
-    from afmrl_dagster.training.checkpoints import LoopCheckpoint
     from afmrl_dagster.training.generator_backends import CompactSFTSettings, distill_writer, listing_inputs
     from afmrl_dagster.training.generator_sft import attribute_accuracy
 

@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
+from afmrl_dagster.training.checkpoints import LoopCheckpoint
 from afmrl_dagster.training.attribute_stages import RARSettings
 from afmrl_dagster.training.generator_backends import HFRARSettings
 from afmrl_dagster.training.grpo import GRPOConfig
@@ -42,7 +43,7 @@ class RARConfig(dg.Config):
         "when every sample of a group finds the product in the top k.",
     )
     seed: int = Field(default=GRPOConfig.seed, description="Seed of query sampling and generation.")
-    checkpoint_every: int = Field(default=1, ge=1, description="Checkpoint every this many GRPO steps; a killed run resumes from the "
+    checkpoint_every: int = Field(default=LoopCheckpoint.every, ge=1, description="Checkpoint every this many GRPO steps; a killed run resumes from the "
                                                             "last one. Does not change the model, nor its cache key.")
     hf_learning_rate: float = Field(default=HFRARSettings.hf_learning_rate,
                                     description="hf-vlm generator: learning rate of its LoRA adapter (learning_rate is the compact one's).")
@@ -86,7 +87,6 @@ def rar_generator(
     from afmrl_dagster.features import align
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
     from afmrl_dagster.training.attribute_stages import RARGallery, compare_query_attributes, default_reward_k, refine_writer_with_rar, reward_trend
-    from afmrl_dagster.training.checkpoints import LoopCheckpoint
     from afmrl_dagster.training.generator_backends import listing_inputs, load_stored_writer
 
     store = artifact_store.open()

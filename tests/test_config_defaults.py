@@ -20,6 +20,7 @@ from afmrl_dagster.training.agcl import AGCLConfig
 from afmrl_dagster.encoders.finetune import FinetuneConfig
 from afmrl_dagster.encoders.vlm2vec import VLM2VecTrainingSettings
 from afmrl_dagster.training.attribute_stages import CITSettings, DistillationSettings, RARSettings
+from afmrl_dagster.training.checkpoints import LoopCheckpoint
 from afmrl_dagster.training.encoder_training import EncoderTrainingConfig
 from afmrl_dagster.training.generator_backends import HFDistillationSettings, HFRARSettings
 from afmrl_dagster.training.generator_sft import SFTConfig
@@ -35,14 +36,15 @@ class Mirror:
 
 
 MIRRORS = [
-    Mirror(AttributeGeneratorConfig, (DistillationSettings, HFDistillationSettings), pipeline_only=frozenset({"min_heldout_validity"})),
+    Mirror(AttributeGeneratorConfig, (DistillationSettings, HFDistillationSettings), pipeline_only=frozenset({"min_heldout_validity"}),
+           renamed={"checkpoint_every": (LoopCheckpoint, "every")}),
     Mirror(
         EncoderTrainingRunConfig, (EncoderTrainingConfig, AGCLConfig),
         renamed={"embed_dim": (DualTowerConfig, "embed_dim"), "use_attribute_weights": (AGCLConfig, "use_weights"),
                  **{f"finetune_{name}": (FinetuneConfig, name) for name in ("image_blocks", "text_layers", "tower_learning_rate_scale")},
                  **{f"vlm2vec_{name}": (VLM2VecTrainingSettings, name) for name in ("learning_rate", "lora_rank", "image_size")}},
     ),
-    Mirror(RARConfig, (GRPOConfig, RARSettings, HFRARSettings)),
+    Mirror(RARConfig, (GRPOConfig, RARSettings, HFRARSettings), renamed={"checkpoint_every": (LoopCheckpoint, "every")}),
     Mirror(CITConfig, (CITSettings,), pipeline_only=frozenset({"promotion_margin"})),
 ]
 

@@ -201,8 +201,8 @@ class LoopCheckpoint:
     with the same ``fingerprint`` goes on from the last unit saved. Order of data that the loop
     draws from its own seeded generators is replayed by the loop itself."""
 
-    directory: str | os.PathLike | None
-    fingerprint: dict
+    directory: str | os.PathLike | None = None  # None: no checkpoints
+    fingerprint: dict = dataclasses.field(default_factory=dict)
     every: int = 1
 
     def __post_init__(self) -> None:

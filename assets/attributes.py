@@ -10,9 +10,9 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from afmrl_dagster.training.checkpoints import LoopCheckpoint
 from afmrl_dagster.fingerprint import fingerprint
 from afmrl_dagster.training.attribute_stages import DistillationSettings
+from afmrl_dagster.training.checkpoints import LoopCheckpoint
 from afmrl_dagster.training.generator_backends import HFDistillationSettings
 
 from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute

@@ -8,8 +8,8 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from afmrl_dagster.training.checkpoints import LoopCheckpoint
 from afmrl_dagster.training.attribute_stages import RARSettings
+from afmrl_dagster.training.checkpoints import LoopCheckpoint
 from afmrl_dagster.training.generator_backends import HFRARSettings
 from afmrl_dagster.training.grpo import GRPOConfig
 

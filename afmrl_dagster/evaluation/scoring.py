@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from ..retrieval.metrics import per_query_retrieval, retrieval_metrics
+from ..retrieval.metrics import per_query_retrieval
 from ..retrieval.tasks import clustering_scores, combine_retrieval, cross_set_retrieval, knn_classification_accuracy
 from .protocols import EvaluationPlan
 from .splits import HeldOutSplit
@@ -18,19 +18,11 @@ KNN_K = 5
 
 def evaluate_embeddings(catalog: pl.DataFrame, embeddings: np.ndarray, query_mask: np.ndarray, gallery_mask: np.ndarray | None = None) -> dict[str, float]:
     """Metrics of the queries ``query_mask`` against the listings of ``gallery_mask`` (default:
-    every listing of ``catalog``); a query's own listing never counts."""
-    listing_ids = catalog["listing_id"].to_list()
-    product_ids = catalog["product_id"].to_list()
-    query_index = np.flatnonzero(query_mask)
-    gallery_index = np.arange(len(listing_ids)) if gallery_mask is None else np.flatnonzero(gallery_mask)
-    return retrieval_metrics(
-        embeddings[query_index],
-        embeddings[gallery_index],
-        [product_ids[i] for i in query_index],
-        [product_ids[i] for i in gallery_index],
-        query_listing_ids=[listing_ids[i] for i in query_index],
-        gallery_listing_ids=[listing_ids[i] for i in gallery_index],
-    )
+    every listing of ``catalog``); a query's own listing never counts. Also ``num_queries``
+    (scored) and ``queries_without_match`` (no other listing of their product in the gallery)."""
+    scores = query_scores(catalog, embeddings, query_mask, gallery_mask)
+    return {**scores.metrics, "num_queries": float(len(scores.listing_ids)),
+            "queries_without_match": float(int(np.asarray(query_mask).sum()) - len(scores.listing_ids))}
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ def command_inputs(work: Path) -> list[tuple[str, list[str], dict]]:
     (work / "empty-store").mkdir()
     fifo = work / "photo.fifo"
     os.mkfifo(fifo)
-    (port,) = [_closed_port()]
+    port = _closed_port()
     evaluate = [
         ("evaluate: folder that does not exist", ["--catalog", f"parquet:{work / 'nowhere'}"]),
         ("evaluate: empty folder", ["--catalog", f"parquet:{work / 'empty'}"]),

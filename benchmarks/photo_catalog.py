@@ -27,37 +27,25 @@ starts from), so a seed costs the last block's training only.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from afmrl_dagster.encoders.dual_tower import ListingFeatures, embed_features
-from afmrl_dagster.encoders.finetune import new_finetuned_encoder
-from afmrl_dagster.encoders.listing_encoder import ListingInputs
-from afmrl_dagster.experiments.reader_fusion import ReaderScores, entry_texts, reader_texts
-from afmrl_dagster.experiments.quality_ladder import (
-    INFO_NCE,
-    PARTS,
-    dataset_features,
-    load_ladder_dataset,
-    plan_ranks,
-    rank_metrics,
-    summarise,
-)
+from afmrl_dagster.experiments.finetuned_tower import GEM_TOWER, FinetunedImageBlock, scored
+from afmrl_dagster.experiments.quality_ladder import INFO_NCE, PARTS, dataset_features, load_ladder_dataset, rows_of, summarise
+from afmrl_dagster.experiments.reader_fusion import READER, ReaderScores, entry_texts, reader_texts
 from afmrl_dagster.local_files import write_text_atomically
 from afmrl_dagster.readme import publish_result
 from afmrl_dagster.settings import Settings
-from afmrl_dagster.training.encoder_training import EncoderTrainingConfig, train_encoder, train_listing_encoder
+from afmrl_dagster.training.encoder_training import EncoderTrainingConfig, train_encoder
 
 BLOCK = "photo-catalog"
 REFERENCE = "frozen head (average pooling)"
-GEM_TOWER = "efficientnet-lite0-gem"
 ARMS = {  # name -> (image tower, fine-tuned towers' learning-rate scale or None for the frozen head)
     REFERENCE: ("efficientnet-lite0", None),
     "frozen head (GeM)": (GEM_TOWER, None),
@@ -65,19 +53,10 @@ ARMS = {  # name -> (image tower, fine-tuned towers' learning-rate scale or None
     "fine-tuned block (GeM; towers at 1x)": (GEM_TOWER, 1.0),
 }
 TASKS = ("photo_to_catalog", "packages_to_catalog", "identical_product")
-READER = "visual reader"
 
 
 def log(message: str) -> None:
     print(f"photo_catalog: {message}", file=sys.stderr, flush=True)
-
-
-def scored(dataset, embeddings: dict[str, np.ndarray]) -> dict:
-    out = {}
-    for part in PARTS:
-        ranks = plan_ranks(dataset.plan(part), embeddings[part])
-        out[part] = {"ranks": ranks, "metrics": {task: rank_metrics(values) for task, values in ranks.items()}}
-    return out
 
 
 def table(records: list[dict], arms: list[str]) -> str:
@@ -107,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated, from: " + ", ".join(ARMS))
     parser.add_argument("--epochs", type=int, default=None, help="override the ladder's grocery epochs (a quick look)")
-    parser.add_argument("--cache", default=".afmrl/cache/ladder", help="frozen tower-feature cache (shared with quality.py)")
+    parser.add_argument("--cache", default=".afmrl/cache/ladder", help="frozen tower-feature and frozen-block cache (shared with quality.py)")
     parser.add_argument("--ocr-cache", default=".afmrl/cache/visual_reader", help="the visual reader's OCR cache (shared with quality.py)")
     parser.add_argument("--no-reader", action="store_true", help="leave out the rows fused with the visual reader")
     parser.add_argument("--out", default=".afmrl/benchmarks/photo_catalog.json")
@@ -126,37 +105,20 @@ def main(argv: list[str] | None = None) -> int:
     started_all = time.perf_counter()
     dataset = load_ladder_dataset(f"grocery:{root}")
     training = {**dataset.training, **({"epochs": args.epochs} if args.epochs else {})}
-    listings = dataset.listings()
-    inputs = ListingInputs(listings["listing_id"].to_list(), listings["title"].to_list(), image_uris=listings["image_uri"].to_list(),
-                           read_bytes=lambda uri: Path(uri).read_bytes())
-    index = {listing: i for i, listing in enumerate(inputs.listing_ids)}
-    train_rows = np.array([index[i] for i in dataset.train["listing_id"].to_list()])
-    part_rows = {part: np.array([index[i] for i in dataset.plan(part).listings["listing_id"].to_list()]) for part in PARTS}
-    products, lines = dataset.train["product_id"].to_list(), dataset.train["product_line"].to_list()
     log(f"{dataset.train.height} training listings, {len(dataset.validation.query_ids)} validation and "
         f"{len(dataset.test.query_ids)} test photos")
 
-    base = None
+    block = None
     features: dict[str, ListingFeatures] = {}
 
-    def gem_encoder():
+    def frozen_blocks() -> FinetunedImageBlock:
         """The fine-tuned arms' starting encoder, its frozen-block cache filled once for every listing;
         its untrained pooled outputs are the GeM tower's frozen features."""
-        nonlocal base
-        if base is None:
-            torch.manual_seed(0)
-            base = new_finetuned_encoder(GEM_TOWER, unfrozen_blocks=1, unfrozen_text_layers=0, frozen_cache_items=1_000_000)
-            base.eval()
-            chunks = []
-            with torch.inference_mode():
-                for start in range(0, len(inputs), 64):
-                    rows = np.arange(start, min(start + 64, len(inputs)))
-                    chunks.append([t.float().cpu().numpy() for t in base.tower_features(inputs, rows)])
-                    if (start // 64) % 10 == 0:
-                        log(f"frozen blocks {rows[-1] + 1}/{len(inputs)}")
-            image, mask, text = (np.concatenate(parts) for parts in zip(*chunks))
-            features[GEM_TOWER] = ListingFeatures(inputs.listing_ids, image, mask, text)
-        return base
+        nonlocal block
+        if block is None:
+            block = FinetunedImageBlock(dataset, args.cache, progress=log, tower=GEM_TOWER)
+            features[GEM_TOWER] = block.features
+        return block
 
     reader = None
     if not args.no_reader:
@@ -168,24 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         tower, scale = ARMS[arm]
         started = time.perf_counter()
         if tower == GEM_TOWER:
-            gem_encoder()
+            frozen_blocks()
         elif tower not in features:
             features[tower] = dataset_features(dataset, args.cache, image_tower=tower, progress=log)
         feature_seconds += time.perf_counter() - started
         source = features[tower]
         for seed in range(args.seeds):
-            config = EncoderTrainingConfig(**training, seed=seed, agcl=dict(INFO_NCE))
             started = time.perf_counter()
             if scale is None:
-                head = train_encoder(source.subset(train_rows), products, lines, dataset.attribute_texts, config).head
-                embeddings = {part: embed_features(head, source.subset(part_rows[part])) for part in PARTS}
+                config = EncoderTrainingConfig(**training, seed=seed, agcl=dict(INFO_NCE))
+                head = train_encoder(source.subset(rows_of(source, dataset.train)), dataset.train["product_id"].to_list(),
+                                     dataset.train["product_line"].to_list(), dataset.attribute_texts, config).head
+                embeddings = {part: embed_features(head, source.subset(rows_of(source, dataset.plan(part).listings))) for part in PARTS}
             else:
-                encoder = copy.deepcopy(base)
-                encoder.config.tower_learning_rate_scale = scale
-                train_inputs = inputs.subset(train_rows)
-                train_inputs.features = source.subset(train_rows)  # the PCA start, as the frozen arm's
-                encoder = train_listing_encoder(encoder, train_inputs, products, lines, dataset.attribute_texts, config).encoder
-                embeddings = {part: encoder.embed(inputs.subset(part_rows[part])) for part in PARTS}
+                embeddings = block.embed(block.train(seed, training, tower_learning_rate_scale=scale))
             seconds = time.perf_counter() - started
             outcome = scored(dataset, embeddings)
             records.append({"row": arm, "seed": seed, "seconds": seconds, **outcome})

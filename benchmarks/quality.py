@@ -4,7 +4,8 @@ Rows (:mod:`afmrl_dagster.experiments.quality_ladder`, :mod:`afmrl_dagster.exper
 zero-shot towers; plain InfoNCE; AGCL in the paper's form and with the BM25 scale put right
 (claim 1); InfoNCE and the false-negative mask on a training set with unlinked duplicate
 products (claim 1, the mask); attributes in the encoder's text at training and serving time
-(claim 2); and on the datasets of ``--attribute-rows`` the generator side with a graded
+(claim 2); on grocery, the visual reader's attributes fused at search, and the image tower's
+last block fine-tuned (``dual-tower-finetune``, GeM) with and without the reader; and on the datasets of ``--attribute-rows`` the generator side with a graded
 reward on products the encoder did not train on, and CIT against the same round without RAR
 (claim 3). Every trained row runs over ``--seeds`` seeds.
 
@@ -16,7 +17,7 @@ over seeds), differences are paired on the same queries. Tower features are cach
 
     python benchmarks/quality.py [--datasets builtin,grocery,wdc_products,amazon_google]
         [--data ../shared/data] [--seeds 3] [--epochs N] [--attribute-rows grocery,amazon_google]
-        [--write-results docs/results.md]
+        [--no-reader] [--no-finetune] [--write-results docs/results.md]
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from afmrl_dagster.experiments.attribute_ladder import (
     attribute_chain_markdown,
     run_attribute_chain,
 )
-from afmrl_dagster.experiments.reader_fusion import READER_ROW, entry_texts, reader_texts, run_reader_fusion
+from afmrl_dagster.experiments.finetuned_tower import FINETUNED_READER_ROW, FINETUNED_ROW, FinetunedImageBlock, run_finetuned_tower
+from afmrl_dagster.experiments.reader_fusion import READER_ROW, ReaderScores, entry_texts, reader_texts, run_reader_fusion
 from afmrl_dagster.experiments.quality_ladder import (
     BASELINE_ROW,
     ROWS,
@@ -71,9 +73,13 @@ AGCL_FORMS = tuple(name for name, row in ROWS.items() if row.claim == "1: AGCL")
 BARE_TITLE_ROWS = (BASELINE_ROW, *AGCL_FORMS)
 MASK_ROW = next(name for name, row in ROWS.items() if row.claim == "1: mask" and row.agcl.get("use_false_negative_mask"))
 ATTRIBUTES_ROW = next(name for name, row in ROWS.items() if row.attributes_in_text)
-READER_DATASETS = ("grocery",)  # photos whose attributes only a reader finds: the visual reader's row
-BASELINES = {**{row: spec.baseline for row, spec in ROWS.items()}, **CHAIN_BASELINES, READER_ROW: BASELINE_ROW}
-CLAIM_OF = {READER_ROW: "2: attributes (reader)", **CHAIN_CLAIMS}
+READER_DATASETS = ("grocery",)  # photos whose attributes only a reader finds: the visual reader's rows
+FINETUNED_DATASETS = ("grocery",)  # store photos against catalog images: the image tower's last block trained
+BASELINES = {**{row: spec.baseline for row, spec in ROWS.items()}, **CHAIN_BASELINES, READER_ROW: BASELINE_ROW,
+             FINETUNED_ROW: BASELINE_ROW, FINETUNED_READER_ROW: FINETUNED_ROW}
+CLAIM_OF = {READER_ROW: "2: attributes (reader)", FINETUNED_ROW: "encoder: fine-tuned tower",
+            FINETUNED_READER_ROW: "2: attributes (reader)", **CHAIN_CLAIMS}
+DEFAULT_CANDIDATES = (*BARE_TITLE_ROWS, ATTRIBUTES_ROW, READER_ROW, FINETUNED_ROW, FINETUNED_READER_ROW)
 
 
 def log(message: str) -> None:
@@ -90,11 +96,20 @@ def verdict(delta: Estimate | None) -> str:
     return f"not resolved: {delta.text(signed=True)}"
 
 
+def reader_delta(summary: dict) -> Estimate | None:
+    """The reader fused at search against the same encoder unfused: the fine-tuned tower's pair
+    where it ran (the stronger encoder), else the frozen head's."""
+    for row in (FINETUNED_READER_ROW, READER_ROW):
+        if row in summary:
+            return summary[row].get("test_delta")
+    return None
+
+
 def claims(name: str, records: list[dict], task: str) -> dict:
     """The dataset's verdict per claim, each from rows chosen on validation."""
     summary = summarise(records, task, BASELINES)
     agcl = chosen_on_validation(records, task, AGCL_FORMS)
-    default = chosen_on_validation(records, task, (*BARE_TITLE_ROWS, ATTRIBUTES_ROW, READER_ROW))
+    default = chosen_on_validation(records, task, DEFAULT_CANDIDATES)
     against_zero_shot = summarise(records, task, {default: ZERO_SHOT_ROW})[default].get("test_delta")
 
     def delta(row: str) -> Estimate | None:
@@ -109,7 +124,7 @@ def claims(name: str, records: list[dict], task: str) -> dict:
         "default_test_r1": summary[default]["test_r1"], "zero_shot_test_r1": summary[ZERO_SHOT_ROW]["test_r1"],
         "default_vs_zero_shot": against_zero_shot,
         "1: AGCL vs InfoNCE": delta(agcl), "1: mask on unlinked duplicates": delta(MASK_ROW),
-        "2: attributes in the text": delta(ATTRIBUTES_ROW), "2: reader's attributes fused at search": delta(READER_ROW),
+        "2: attributes in the text": delta(ATTRIBUTES_ROW), "2: reader's attributes fused at search": reader_delta(summary),
         "3: RAR vs distilled": delta(rar), "rar_reward_row": rar, "3: CIT over the same round without RAR": delta(CIT_ROW),
     }
 
@@ -170,14 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--builtin", default="builtin:families=12", help="catalog spec of the built-in dataset (a larger variant than the demo's)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None, help="override every dataset's epochs (a quick look)")
-    parser.add_argument("--cache", default=".afmrl/cache/ladder", help="tower-feature cache folder")
+    parser.add_argument("--cache", default=".afmrl/cache/ladder", help="tower-feature (and fine-tuned arm's frozen-block) cache folder")
     parser.add_argument("--no-cache", action="store_true", help="recompute tower features (and refresh the cache)")
     parser.add_argument("--out", default=".afmrl/benchmarks/quality.json")
     parser.add_argument("--attribute-rows", default="grocery,amazon_google",
                         help="datasets that also run the generator rows (distilled generator, RAR, CIT); '' for none")
     parser.add_argument("--rar-steps", type=int, default=None, help="GRPO steps of the RAR rows (default: the pipeline's)")
     parser.add_argument("--ocr-cache", default=".afmrl/cache/visual_reader", help="the visual reader's OCR cache (shared with visual_reader.py)")
-    parser.add_argument("--no-reader", action="store_true", help="leave out the visual reader's row on grocery (it reads the query photos once)")
+    parser.add_argument("--no-reader", action="store_true", help="leave out the visual reader's rows on grocery (it reads the query photos once)")
+    parser.add_argument("--no-finetune", action="store_true", help="leave out the fine-tuned image tower's rows on grocery (about 12 min)")
     parser.add_argument("--reward", default=AttributeChainSettings.reward, help="RAR reward: recall, reciprocal_rank or margin")
     parser.add_argument("--write-results", metavar="FILE", help=f"replace the {BLOCK} block of this file with the tables")
     args = parser.parse_args(argv)
@@ -217,15 +233,20 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name}: {dataset.train.height} training listings, {len(dataset.validation.query_ids)} validation and "
             f"{len(dataset.test.query_ids)} test queries")
         if args.no_cache:
-            for stale in Path(args.cache).glob(f"{dataset.name}-*.npz"):
+            for stale in [*Path(args.cache).glob(f"{dataset.name}-*.npz"), *Path(args.cache).glob(f"{dataset.name}-frozen-blocks-*.pt")]:
                 stale.unlink()
         features = dataset_features(dataset, args.cache, progress=log)
         feature_seconds = time.perf_counter() - started
         records = run_ladder(dataset, features, settings, text_featurizer, progress=log)
-        reading = None
+        reading, reader = None, None
         if name in READER_DATASETS and not args.no_reader:
             texts, reading = reader_texts(dataset, args.ocr_cache, progress=log)
-            records += run_reader_fusion(dataset, features, texts, entry_texts(dataset), settings, progress=log)
+            reader = ReaderScores(dataset, texts, entry_texts(dataset))
+            records += run_reader_fusion(dataset, features, reader, settings, progress=log)
+        if name in FINETUNED_DATASETS and not args.no_finetune:
+            block = FinetunedImageBlock(dataset, args.cache, progress=log)
+            feature_seconds += block.seconds
+            records += run_finetuned_tower(block, reader, settings, progress=log)
         chain_table = ""
         if name in chain_datasets:
             records += run_attribute_chain(dataset, features, text_featurizer, settings, chain, progress=log)
@@ -240,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         tables = "\n\n".join(f"Task `{task}`:\n\n" + table_markdown(records, task) for task in (dataset.headline, *EXTRA_TASKS.get(name, ())))
         sections.append(
             f"**{name}** ({dataset.train.height} training listings; {len(dataset.validation.query_ids)} validation and "
-            f"{len(dataset.test.query_ids)} test queries; {seconds / 60:.1f} min, of which tower features {feature_seconds / 60:.1f} min): "
+            f"{len(dataset.test.query_ids)} test queries; {seconds / 60:.1f} min, of which tower features and frozen blocks {feature_seconds / 60:.1f} min): "
             f"{dataset.description}. Products: **{dataset.products}**.\n\n" + tables + chain_table
         )
     total = time.perf_counter() - started_all

@@ -11,6 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from afmrl_dagster.experiments.finetuned_tower import FINETUNED_ROW, FinetunedImageBlock, run_finetuned_tower
 from afmrl_dagster.experiments.attribute_ladder import ATTRIBUTE_ROWS, AttributeChainSettings, attribute_chain_markdown, run_attribute_chain
 from afmrl_dagster.evaluation.statistics import first_match_ranks, paired_difference
 from afmrl_dagster.attributes.teacher import SellerAttributeTeacher, title_facts
@@ -217,3 +218,19 @@ def test_attribute_chain_rewards_unseen_products_and_credits_cit_apart(small_bui
     assert table.count("\n") == 3 and "| + RAR | 2 | reciprocal_rank | 5 | 1.000 ± 0.000 |" in table
     assert "| + RAR, Recall@k reward | 2 | recall | 5 |" in table
     assert by[("+ RAR, Recall@k reward", 0)]["reward"] == "recall"
+
+
+def test_fine_tuned_image_block_reads_its_frozen_blocks_back_and_trains_the_same(small_builtin, tmp_path):
+    dataset, _, _ = small_builtin
+    computed = FinetunedImageBlock(dataset, tmp_path)
+    assert len(list(tmp_path.glob("builtin-frozen-blocks-*.pt"))) == 1
+    read_back = FinetunedImageBlock(dataset, tmp_path)
+    assert computed.base.cache_stats()["image_misses"] == len(computed.inputs) and read_back.base.cache_stats()["image_misses"] == 0
+    assert read_back.base.frozen_image_outputs().keys() == computed.base.frozen_image_outputs().keys()
+    np.testing.assert_array_equal(read_back.features.image, computed.features.image)
+    settings = LadderSettings(seeds=(0,), training={"epochs": 2, "batch_size": 8})
+    records = run_finetuned_tower(read_back, None, settings)
+    assert [(r["row"], r["seed"]) for r in records] == [(FINETUNED_ROW, 0)]
+    again = run_finetuned_tower(computed, None, settings)
+    assert records[0]["validation"]["ranks"] == again[0]["validation"]["ranks"]
+    assert records[0]["test"]["metrics"] == again[0]["test"]["metrics"]

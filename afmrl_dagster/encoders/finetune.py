@@ -316,6 +316,15 @@ class FinetunedTowerEncoder(ListingEncoder):
         image, mask, text = self.tower_features(inputs, rows)
         return self.head(image, mask, text)
 
+    def frozen_image_outputs(self) -> dict[str, torch.Tensor]:
+        """The cached frozen-block outputs by image URI (to keep them on disk between runs)."""
+        return dict(self._image_cache.items)
+
+    def load_frozen_image_outputs(self, outputs: dict[str, torch.Tensor]) -> None:
+        """Fill the cache with outputs an earlier :meth:`frozen_image_outputs` gave (same tower and image size)."""
+        for key, value in outputs.items():
+            self._image_cache.put(key, value)
+
     def cache_stats(self) -> dict[str, int]:
         return {"image_hits": self._image_cache.hits, "image_misses": self._image_cache.misses,
                 "text_hits": self._text_cache.hits, "text_misses": self._text_cache.misses}

@@ -283,7 +283,7 @@ def load_ladder_dataset(spec: str, holdout_fraction: float | None = None) -> Lad
 # ---- features -----------------------------------------------------------------------------------
 
 
-def _features_key(listings: pl.DataFrame, image_tower: str, text_tower: str) -> str:
+def features_key(listings: pl.DataFrame, image_tower: str, text_tower: str) -> str:
     digest = hashlib.blake2b(digest_size=12)
     digest.update(json.dumps([image_tower, text_tower]).encode())
     for column in ("listing_id", "title", "image_uri"):
@@ -301,7 +301,7 @@ def dataset_features(
     listings = dataset.listings()
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"{dataset.name}-{_features_key(listings, image_tower, text_tower)}.npz"
+        path = Path(cache_dir) / f"{dataset.name}-{features_key(listings, image_tower, text_tower)}.npz"
         if path.is_file():
             with np.load(path) as stored:
                 return ListingFeatures(listings["listing_id"].to_list(), stored["image"], stored["image_mask"], stored["text"])

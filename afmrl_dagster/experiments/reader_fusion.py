@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from ..attributes.visual_reader import WordCache, attributes_from_words, lexicon_from_catalog
-from ..catalog.schema import seller_attributes_dict
 from ..encoders.dual_tower import ListingFeatures, embed_features
 from ..evaluation.statistics import ranks_from_scores
-from ..retrieval.text_fusion import TrigramBM25
+from ..retrieval.text_fusion import TrigramBM25, catalog_entry_texts, reader_text
 from ..training.encoder_training import EncoderTrainingConfig, train_encoder
 from .quality_ladder import BASELINE_ROW, PARTS, ROWS, LadderDataset, LadderSettings, rank_metrics, rows_of
 
-READER_ROW = "plain InfoNCE + visual reader (fused at search)"
+READER = "visual reader"
+READER_ROW = f"plain InfoNCE + {READER} (fused at search)"
 ALPHAS = tuple(round(0.05 * i, 2) for i in range(31))
 FUSED_TASKS = ("photo_to_catalog", "packages_to_catalog")
 
@@ -47,7 +47,7 @@ def reader_texts(dataset: LadderDataset, cache: str | Path, read_bytes: Callable
         queries = plan.listings.filter(plan.listings["listing_id"].is_in(plan.query_ids))
         for n, (listing, uri) in enumerate(zip(queries["listing_id"].to_list(), queries["image_uri"].to_list())):
             words, colour = words_cache.words(read_bytes(uri))
-            texts[listing] = " ".join(attributes_from_words(words, lexicon, colour).values())
+            texts[listing] = reader_text(attributes_from_words(words, lexicon, colour))
             if (n + 1) % 50 == 0:
                 progress(f"{dataset.name}: read {n + 1}/{queries.height} {part} photos ({words_cache.read} by OCR)")
     return texts, {"photos_read": words_cache.read, "seconds_per_photo": words_cache.seconds / max(words_cache.read, 1)}
@@ -61,9 +61,7 @@ def entry_texts(dataset: LadderDataset) -> dict[str, str]:
     """Title, description and seller attributes of every catalog entry a fused task searches."""
     ids = _catalog_ids(dataset)
     entries = dataset.train.filter(dataset.train["listing_id"].is_in(list(ids)))
-    return {row["listing_id"]: " ".join([row["title"] or "", row.get("description") or "",
-                                         *seller_attributes_dict(row.get("seller_attributes")).values()])
-            for row in entries.iter_rows(named=True)}
+    return dict(zip(entries["listing_id"].to_list(), catalog_entry_texts(entries)))
 
 
 class ReaderScores:
@@ -115,18 +113,16 @@ class ReaderScores:
 def run_reader_fusion(
     dataset: LadderDataset,
     features: ListingFeatures,
-    queries_read: dict[str, str],
-    entries: dict[str, str],
+    reader: ReaderScores,
     settings: LadderSettings | None = None,
     row: str = BASELINE_ROW,
     progress: Callable[[str], None] = lambda message: None,
 ) -> list[dict]:
     """One record per seed: the head of ``row`` trained as :func:`~.quality_ladder.run_ladder`
-    trains it, its cosine fused with the reader's BM25 on :data:`FUSED_TASKS`, ``alpha`` chosen
+    trains it, its cosine fused with ``reader``'s BM25 on :data:`FUSED_TASKS`, ``alpha`` chosen
     on validation; ranks and metrics of both parts, in the ladder's record shape."""
     settings = settings or LadderSettings()
     spec = ROWS[row]
-    reader = ReaderScores(dataset, queries_read, entries)
     train_rows = rows_of(features, dataset.train)
     part_features = {part: features.subset(rows_of(features, dataset.plan(part).listings)) for part in PARTS}
     records = []

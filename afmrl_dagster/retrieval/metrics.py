@@ -7,6 +7,7 @@ metrics are deterministic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Sequence
 
 import numpy as np
@@ -60,11 +61,13 @@ def per_query_retrieval(
     ks: Sequence[int] = (1, 5, 10),
     map_k: int = 10,
     chunk_size: int = 512,
+    rescore: Callable[[np.ndarray, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Each scored query's ``recall@k`` (0 or 1: a positive in the top k), ``map@{map_k}`` and
     ``mrr``, and the rows of the queries scored (those with a relevant gallery item once their
     own listing is excluded). The means are :func:`retrieval_metrics`; the values per query are
-    what a paired comparison of two encoders on the same queries reads."""
+    what a paired comparison of two encoders on the same queries reads. ``rescore(query rows,
+    scores)`` may change a chunk's cosine scores before ranking (a reader's text fused at search)."""
     queries = torch.as_tensor(np.asarray(query_embeddings, dtype=np.float32))
     gallery = torch.as_tensor(np.asarray(gallery_embeddings, dtype=np.float32))
     if len(queries) != len(query_product_ids) or len(gallery) != len(gallery_product_ids):
@@ -92,6 +95,8 @@ def per_query_retrieval(
             own = query_listings[start:stop, None] == gallery_listings[None, :]
             scores = scores.masked_fill(own, float("-inf"))
             relevant &= ~own
+        if rescore is not None:
+            scores = rescore(np.arange(start, start + len(scores)), scores)
         num_relevant = relevant.sum(1)
         keep = num_relevant > 0
         scores, relevant, num_relevant = scores[keep], relevant[keep], num_relevant[keep]

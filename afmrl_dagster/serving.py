@@ -12,7 +12,7 @@ reader sees the previous record or the new one, never a mix.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from .storage import ObjectStore
 
@@ -35,6 +35,9 @@ class ServingRecord:
     catalog_snapshot: str  # fingerprint of the listings the index covers
     evaluation_set: str  # fingerprint of the validation queries the promotion compared on
     decision: str  # why this encoder serves
+    # Weight of the visual reader's text fused into the search of a query photo (chosen on validation
+    # by retrieval_evaluation; 0: not fused). Records written before it existed read as 0.
+    reader_fusion_weight: float = 0.0
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2, sort_keys=True).encode("utf-8")
@@ -46,10 +49,11 @@ class ServingRecord:
         except ValueError as error:
             raise ServingError(f"{where} is not JSON: {error}") from error
         names = {field.name for field in fields(cls)}
-        missing = sorted(names - set(raw)) if isinstance(raw, dict) else sorted(names)
+        required = {field.name for field in fields(cls) if field.default is MISSING}
+        missing = sorted(required - set(raw)) if isinstance(raw, dict) else sorted(required)
         if missing:
             raise ServingError(f"{where} lacks {', '.join(missing)}: rematerialise serving_record")
-        return cls(**{name: raw[name] for name in names})
+        return cls(**{name: raw[name] for name in names if name in raw})
 
 
 def write_serving_record(store: ObjectStore, record: ServingRecord) -> str:
@@ -69,6 +73,12 @@ def read_serving_record(store: ObjectStore) -> ServingRecord:
 # Tags the promotion writes on a version before it becomes champion; the record is built from them.
 SERVING_TAG_PREFIX = "serving."
 _TAGGED_FIELDS = ("encoder_uri", "index_uri", "index_rows", "generator_uri", "generator_version", "catalog_snapshot", "evaluation_set")
+READER_FUSION_TAG = f"{SERVING_TAG_PREFIX}reader_fusion_weight"  # set by the evaluation that chose it; absent: 0
+
+
+def reader_fusion_tags(weight: float) -> dict[str, str]:
+    """The tag that makes a version serve with the visual reader fused at ``weight`` (0: not fused)."""
+    return {READER_FUSION_TAG: repr(float(weight))}
 
 
 def serving_tags(encoder_uri: str, index: dict, generator_uri: str, generator_version: str | None, evaluation_set: str) -> dict[str, str]:
@@ -92,7 +102,18 @@ def record_from_version(model_name: str, version) -> ServingRecord:
         encoder_model=model_name, encoder_version=str(version.version), encoder_uri=value["encoder_uri"], index_uri=value["index_uri"],
         index_rows=int(value["index_rows"]), generator_uri=value["generator_uri"], generator_version=value["generator_version"] or None,
         catalog_snapshot=value["catalog_snapshot"], evaluation_set=value["evaluation_set"], decision=tags.get("promotion", ""),
+        reader_fusion_weight=_weight(tags.get(READER_FUSION_TAG, "0"), model_name, version.version),
     )
+
+
+def _weight(text: str, model_name: str, version) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = -1.0
+    if not weight >= 0.0:
+        raise ServingError(f"{model_name} version {version}: tag {READER_FUSION_TAG} is {text!r}, not a weight >= 0")
+    return weight
 
 
 def publish_champion_record(client, store: ObjectStore, model_name: str) -> tuple[ServingRecord, str]:

@@ -85,7 +85,9 @@ def retrieval_index(
     embeddings = catalog_embeddings["embedding"].to_numpy().astype(np.float32)
     index = build_index(embeddings, IndexConfig(kind=config.kind))
     recall = recall_against_exact(index, embeddings, sample_size=min(200, len(embeddings)), k=min(10, len(embeddings)))
-    listings = align(raw_catalog.select("listing_id", "product_id", "title", "image_uri"), catalog_embeddings["listing_id"].to_list())
+    # What a served query needs of a listing: its ids, title and photo, and the text the visual reader's fusion matches.
+    listings = align(raw_catalog.select("listing_id", "product_id", "title", "image_uri", "description", "seller_attributes"),
+                     catalog_embeddings["listing_id"].to_list())
     key = fingerprint("retrieval_index", catalog_embeddings, config.kind)
     manifest = publish_index(store, f"indexes/{key}", index, listings, {
         "fingerprint": key, "kind": config.kind, "recall_at_10_vs_exact": recall,
@@ -113,9 +115,16 @@ class EvaluationConfig(dg.Config):
         description="Blocking gate: the AGCL encoder's validation gate_metric must exceed the zero-shot towers' by more than this "
         "(a negative value tolerates a trained encoder that far below the towers, e.g. on a catalog too small to tell them apart).",
     )
+    reader_fusion: bool = Field(
+        default=True,
+        description="Read every held-out query photo with the visual reader (OCR; cached per listing in the store) and fuse its text "
+        "into the AGCL encoder's search with the weight that does best on validation (0: the reader does not help, nothing is "
+        "fused); the weight is tagged on the model version and served by afmrl search.",
+    )
 
 
 EVALUATED_ENCODERS = ("zero-shot towers (title)", "zero-shot towers (title + attributes)", "AGCL encoder (title + attributes)")
+FUSED_ENCODER = "AGCL encoder + visual reader (fused at search)"
 
 
 @dg.asset(
@@ -145,7 +154,9 @@ def retrieval_evaluation(
     """Identical-product retrieval on products unseen in training: R@1/5/10 and mAP@10 of the
     zero-shot towers and the AGCL encoder, on *validation* products (the gates and the promotion
     read these) and on *test* products (reported, never used to decide). Logged to MLflow and
-    tagged on the encoder's model version, with a picture of test queries and their top results."""
+    tagged on the encoder's model version, with a picture of test queries and their top results.
+    With ``reader_fusion``, the visual reader's text of each held-out query photo is fused into
+    the AGCL encoder's search with the weight chosen on validation, tagged for serving."""
     from afmrl_dagster.encoders.dual_tower import zero_shot_embeddings
     from afmrl_dagster.encoders.towers import decode_image
     from afmrl_dagster.evaluation.report import REPORTED_METRICS, results_markdown
@@ -154,6 +165,7 @@ def retrieval_evaluation(
     from afmrl_dagster.plots import held_out_examples_png
     from afmrl_dagster.quality import metric_expectations, validate_frame
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
+    from afmrl_dagster.serving import reader_fusion_tags
 
     if config.gate_metric not in REPORTED_METRICS:
         raise ValueError(f"gate_metric {config.gate_metric!r} is not a reported metric; choose from {list(REPORTED_METRICS)}")
@@ -166,7 +178,15 @@ def retrieval_evaluation(
         EVALUATED_ENCODERS[2]: trained,
     }
     scores = {name: evaluate_parts(raw_catalog, matrix, split) for name, matrix in embeddings.items()}
-    results = pl.DataFrame([{"encoder": name, "products": f"unseen ({part})", **scores[name][part]} for part in ("validation", "test") for name in embeddings])
+    fusion = None
+    if config.reader_fusion:
+        from afmrl_dagster.attributes.annotation_cache import AnnotationCache
+        from afmrl_dagster.evaluation.fusion import evaluate_reader_fusion
+
+        fusion = evaluate_reader_fusion(raw_catalog, trained, split, artifact_store.read_uri, AnnotationCache(artifact_store.open()),
+                                        config.gate_metric, progress=lambda done, total: context.log.info(f"visual reader: {done}/{total} query photos"))
+        scores[FUSED_ENCODER] = fusion.scores
+    results = pl.DataFrame([{"encoder": name, "products": f"unseen ({part})", **scores[name][part]} for part in ("validation", "test") for name in scores])
     validation = {name: scores[name]["validation"] for name in embeddings}
     candidate, zero_shot = validation[EVALUATED_ENCODERS[2]], validation[EVALUATED_ENCODERS[0]]
     validation_mask, test_mask = split.mask(raw_catalog, "validation"), split.mask(raw_catalog, "test")
@@ -176,10 +196,13 @@ def retrieval_evaluation(
         "encoder_version": agcl_encoder["model_version"], "validation_queries": int(validation_mask.sum()),
         "test_queries": int(test_mask.sum()), "evaluation_set": evaluation_set,
     }) as run:
-        for name in embeddings:
-            prefix = name.split(" (")[0].replace(" ", "_").replace("-", "_") + ("_attrs" if "attributes" in name else "_title")
+        for name in scores:
+            prefix = ("agcl_reader_fused" if name == FUSED_ENCODER else
+                      name.split(" (")[0].replace(" ", "_").replace("-", "_") + ("_attrs" if "attributes" in name else "_title"))
             for part in ("validation", "test"):
                 mlflow_tracking.log_metrics({f"{part}_{prefix}_{m}": scores[name][part][m] for m in REPORTED_METRICS})
+        if fusion is not None:
+            mlflow_tracking.log_metrics({"reader_fusion_weight": fusion.weight})
         picture = held_out_examples_png(raw_catalog, trained, test_mask, lambda uri: decode_image(artifact_store.read_uri(uri)), config.example_queries)
         mlflow_tracking.log_png(picture, "retrieval_examples.png")
     store = artifact_store.open()
@@ -191,6 +214,8 @@ def retrieval_evaluation(
                                                               **{f"test_{m}": scores[EVALUATED_ENCODERS[2]]["test"][m] for m in REPORTED_METRICS}},
                       catalog=raw_catalog)
     mlflow_tracking.client().set_model_version_tag(ENCODER_MODEL_NAME, version, "evaluation_set", evaluation_set)
+    for name, value in reader_fusion_tags(fusion.weight if fusion is not None else 0.0).items():
+        mlflow_tracking.client().set_model_version_tag(ENCODER_MODEL_NAME, version, name, value)
 
     gain = float(candidate[config.gate_metric] - zero_shot[config.gate_metric])
     test_row = scores[EVALUATED_ENCODERS[2]]["test"]
@@ -204,6 +229,12 @@ def retrieval_evaluation(
             "recall@1": float(test_row["recall@1"]),
             "map@10": float(test_row["map@10"]),
             "validation_recall@1": float(candidate["recall@1"]),
+            **({} if fusion is None else {
+                "reader_fusion_weight": fusion.weight,
+                "reader_fusion_validation": dg.MetadataValue.json({f"{weight:.2f}": value for weight, value in fusion.validation_by_weight.items()}),
+                "reader_fusion_test_recall@1": float(fusion.scores["test"]["recall@1"]),
+                "query_photos_read": fusion.photos_read, "queries_with_reader_text": fusion.queries_with_text,
+            }),
             "encoder_version": version,
             "evaluation_set": evaluation_set,
             "retrieval_examples": png_metadata(picture, "Test queries (grey) and their top results: green = same product, red = another."),

@@ -4,6 +4,7 @@ one writer of the ``champion`` aliases, and no decision that reads a test listin
 from __future__ import annotations
 
 import ast
+import json
 import re
 import tomllib
 from types import SimpleNamespace
@@ -145,7 +146,8 @@ def test_promotion_takes_the_best_candidate_of_the_current_validation_set():
 
 
 def test_serving_record_round_trips_and_names_what_is_missing(tmp_path):
-    from afmrl_dagster.serving import ServingError, ServingRecord, read_serving_record, record_from_version, serving_tags, write_serving_record
+    from afmrl_dagster.serving import (READER_FUSION_TAG, ServingError, ServingRecord, reader_fusion_tags, read_serving_record,
+                                       record_from_version, serving_tags, write_serving_record)
     from afmrl_dagster.storage import LocalObjectStore
 
     store = LocalObjectStore(tmp_path)
@@ -167,6 +169,17 @@ def test_serving_record_round_trips_and_names_what_is_missing(tmp_path):
     (tmp_path / "serving" / "record.json").write_text('{"encoder_model": "x"}')
     with pytest.raises(ServingError, match="lacks"):
         read_serving_record(store)
+    # The reader fusion weight: optional in a record (written before it existed: 0), read from its tag, never negative.
+    older = json.loads(record.to_json())
+    del older["reader_fusion_weight"]
+    (tmp_path / "serving" / "record.json").write_text(json.dumps(older))
+    assert read_serving_record(store).reader_fusion_weight == 0.0
+    version.tags = {**tags, **reader_fusion_tags(0.35)}
+    assert record_from_version("afmrl-encoder", version).reader_fusion_weight == 0.35
+    for bad in ("-0.1", "nan", "heavy"):
+        version.tags = {**tags, READER_FUSION_TAG: bad}
+        with pytest.raises(ServingError, match="reader_fusion_weight"):
+            record_from_version("afmrl-encoder", version)
 
 
 def test_store_key_of_refuses_uris_outside_the_store(tmp_path):

@@ -38,9 +38,10 @@ def pipeline_run(tmp_path_factory, mlflow_server):
 def test_whole_chain_produces_results_for_every_encoder(pipeline_run):
     _, _, outcome, _ = pipeline_run
     results = outcome["results"]
-    encoders = ["zero-shot towers (title)", "zero-shot towers (title + attributes)", "AGCL encoder (title + attributes)"]
+    encoders = ["zero-shot towers (title)", "zero-shot towers (title + attributes)", "AGCL encoder (title + attributes)",
+                "AGCL encoder + visual reader (fused at search)"]
     assert results["encoder"].to_list() == encoders * 2
-    assert results["products"].to_list() == ["unseen (validation)"] * 3 + ["unseen (test)"] * 3
+    assert results["products"].to_list() == ["unseen (validation)"] * 4 + ["unseen (test)"] * 4
     for metric in ("recall@1", "recall@5", "recall@10", "map@10"):
         assert all(0.0 <= value <= 1.0 for value in results[metric])
     assert all(r10 >= r1 for r1, r10 in zip(results["recall@1"], results["recall@10"]))
@@ -269,7 +270,7 @@ def test_search_finds_the_product_of_a_catalog_photo_and_title(pipeline_run, mon
         result = engine.search(image=read_uri_bytes(listing["image_uri"]), text=listing["title"], k=3)
         assert len(result.hits) == 3 and result.hits[0].score >= result.hits[-1].score
         assert isinstance(result.attributes, dict) and result.attributes_text.startswith("{")
-        assert set(result.seconds) == {"features", "generate", "embed", "search"}
+        assert set(result.seconds) == {"features", "generate", "embed", "search"} | ({"read"} if engine.fusion else set())
         hits_at_1 += result.hits[0].product_id == listing["product_id"]
     assert hits_at_1 >= 5  # its own listing is in the index
     with pytest.raises(SearchError, match="photo, a text, or both"):
@@ -284,6 +285,41 @@ def test_search_finds_the_product_of_a_catalog_photo_and_title(pipeline_run, mon
                              capture_output=True, text=True, env=env, timeout=300)
     assert latency.returncode == 0, latency.stderr[-2000:]
     assert "| generate |" in latency.stdout and "Attribute generation adds" in latency.stdout
+
+
+def test_reader_fusion_is_chosen_on_validation_and_served_by_search(pipeline_run, mlflow_server):
+    """The evaluation reads every held-out query photo, chooses the fusion weight on validation
+    and tags it on the AGCL version; the serving record carries it; the search reads the query
+    photo and re-ranks its candidates by what the reader found."""
+    from afmrl_dagster.apps.search import SearchEngine
+    from afmrl_dagster.serving import READER_FUSION_TAG
+    from afmrl_dagster.storage import LocalObjectStore, read_uri_bytes
+
+    _, instance, outcome, root = pipeline_run
+    evaluation = latest_metadata(instance, "retrieval_evaluation")
+    weight = evaluation["reader_fusion_weight"]
+    by_weight = evaluation["reader_fusion_validation"]
+    assert len(by_weight) == 31 and by_weight[f"{weight:.2f}"] == max(by_weight.values())
+    assert evaluation["queries_with_reader_text"] > 0  # the built-in photos print their brand
+    agcl_version = latest_metadata(instance, "agcl_encoder")["model_version"]
+    tags = MlflowClient(tracking_uri=mlflow_server.url).get_model_version(ENCODER_MODEL_NAME, agcl_version).tags
+    assert float(tags[READER_FUSION_TAG]) == weight
+    store = LocalObjectStore(root / "store")
+    engine = SearchEngine.from_store(store)
+    served = engine.record.reader_fusion_weight
+    assert served == (weight if engine.record.encoder_version == agcl_version else 0.0)
+    assert (engine.fusion is not None) == (served > 0)
+
+    engine.use_reader_fusion(10.0)  # a weight the reader's text dominates: the top hit is the best text match
+    listing = engine.listings.row(0, named=True)
+    result = engine.search(image=read_uri_bytes(listing["image_uri"]), k=3)
+    assert result.reader_text and "read" in result.seconds and len(result.hits) == 3
+    assert [hit.score for hit in result.hits] == sorted((hit.score for hit in result.hits), reverse=True)
+    bonus = engine.fusion.bonus(result.reader_text, list(range(engine.index.ntotal)))
+    top = engine.listings["listing_id"].to_list().index(result.hits[0].listing_id)
+    assert bonus[top] == bonus.max() == 1.0
+    engine.fusion = None
+    assert engine.search(image=read_uri_bytes(listing["image_uri"]), k=3).reader_text is None
 
 
 def test_search_and_evaluate_open_artefacts_only_through_the_serving_record(pipeline_run, tmp_path):

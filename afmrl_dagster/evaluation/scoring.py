@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 
 from ..retrieval.metrics import per_query_retrieval
+from ..retrieval.text_fusion import FUSION_WEIGHTS, ReaderFusion
 from ..retrieval.tasks import clustering_scores, combine_retrieval, cross_set_retrieval, knn_classification_accuracy
 from .protocols import EvaluationPlan
 from .splits import HeldOutSplit
@@ -37,17 +38,45 @@ class QueryScores:
         return {name: float(value.mean()) if len(value) else 0.0 for name, value in self.values.items()}
 
 
-def query_scores(catalog: pl.DataFrame, embeddings: np.ndarray, query_mask: np.ndarray, gallery_mask: np.ndarray | None = None) -> QueryScores:
-    """:func:`evaluate_embeddings` query by query, for a paired comparison of two encoders."""
+def query_scores(catalog: pl.DataFrame, embeddings: np.ndarray, query_mask: np.ndarray, gallery_mask: np.ndarray | None = None,
+                 fusion: tuple[ReaderFusion, dict[str, str], float] | None = None) -> QueryScores:
+    """:func:`evaluate_embeddings` query by query, for a paired comparison of two encoders.
+    ``fusion``: (a :class:`ReaderFusion` over every listing of ``catalog``, the reader's text by
+    query listing id, the weight): the reader's text re-ranks each query's top candidates, as served."""
     listing_ids = catalog["listing_id"].to_list()
-    product_ids = catalog["product_id"].to_list()
     query_index = np.flatnonzero(query_mask)
     gallery_index = np.arange(len(listing_ids)) if gallery_mask is None else np.flatnonzero(gallery_mask)
+    rescore = None
+    if fusion is not None:
+        reader, texts, weight = fusion
+        rescore = reader.rescorer([texts.get(listing_ids[i]) for i in query_index], gallery_index)(weight)
+    return _query_scores(catalog, embeddings, query_index, gallery_index, rescore)
+
+
+def _query_scores(catalog: pl.DataFrame, embeddings: np.ndarray, query_index: np.ndarray, gallery_index: np.ndarray, rescore=None) -> QueryScores:
+    listing_ids = catalog["listing_id"].to_list()
+    product_ids = catalog["product_id"].to_list()
     rows, values = per_query_retrieval(
         embeddings[query_index], embeddings[gallery_index], [product_ids[i] for i in query_index], [product_ids[i] for i in gallery_index],
-        query_listing_ids=[listing_ids[i] for i in query_index], gallery_listing_ids=[listing_ids[i] for i in gallery_index],
+        query_listing_ids=[listing_ids[i] for i in query_index], gallery_listing_ids=[listing_ids[i] for i in gallery_index], rescore=rescore,
     )
     return QueryScores([listing_ids[query_index[row]] for row in rows], values)
+
+
+def fusion_weight_on_validation(
+    catalog: pl.DataFrame, embeddings: np.ndarray, query_mask: np.ndarray, gallery_mask: np.ndarray,
+    reader: ReaderFusion, texts: dict[str, str], metric: str = "recall@1",
+) -> tuple[float, dict[float, float]]:
+    """The weight of :data:`FUSION_WEIGHTS` whose fused search gives the best mean ``metric`` over
+    the (validation) queries ``query_mask`` (ties: the smaller, so 0, no fusion, wins unless the
+    reader helps), and the metric at every weight. ``reader`` covers every listing of ``catalog``;
+    ``texts``: the reader's text by query listing id."""
+    listing_ids = catalog["listing_id"].to_list()
+    query_index, gallery_index = np.flatnonzero(query_mask), np.flatnonzero(gallery_mask)
+    rescorer = reader.rescorer([texts.get(listing_ids[i]) for i in query_index], gallery_index)
+    results = {weight: _query_scores(catalog, embeddings, query_index, gallery_index, rescorer(weight)).metrics[metric]
+               for weight in FUSION_WEIGHTS}
+    return max(FUSION_WEIGHTS, key=lambda weight: (results[weight], -weight)), results
 
 
 def evaluation_set_fingerprint(catalog: pl.DataFrame, query_mask: np.ndarray) -> str:

@@ -24,13 +24,15 @@ import numpy as np
 from ..attributes.visual_reader import WordCache, attributes_from_words, lexicon_from_catalog
 from ..encoders.dual_tower import ListingFeatures, embed_features
 from ..evaluation.statistics import ranks_from_scores
-from ..retrieval.text_fusion import TrigramBM25, catalog_entry_texts, reader_text
+from ..retrieval.text_fusion import FUSION_WEIGHTS, TrigramBM25, catalog_entry_texts, reader_text
 from ..training.encoder_training import EncoderTrainingConfig, train_encoder
 from .quality_ladder import BASELINE_ROW, PARTS, ROWS, LadderDataset, LadderSettings, rank_metrics, rows_of
 
 READER = "visual reader"
 READER_ROW = f"plain InfoNCE + {READER} (fused at search)"
-ALPHAS = tuple(round(0.05 * i, 2) for i in range(31))
+# The served fusion's grid. A catalog task's gallery (81 and 31 entries) lies within the served
+# top-100 candidates, so scaling the text score over the whole gallery here is what serves.
+ALPHAS = FUSION_WEIGHTS
 FUSED_TASKS = ("photo_to_catalog", "packages_to_catalog")
 
 

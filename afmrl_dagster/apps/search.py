@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from ..attributes.format import parse_attributes
-from ..attributes.visual_reader import VisualReaderTeacher, attributes_from_words, lexicon_from_catalog
+from ..attributes.visual_reader import VisualReaderTeacher, lexicon_from_catalog
 from ..encoders.dual_tower import ListingFeatures
 from ..encoders.listing_encoder import FrozenTowerEncoder, ListingEncoder, ListingInputs, load_stored_encoder
 from ..encoders.towers import ImageFeaturizer, TextFeaturizer, decode_image
 from ..retrieval.index import open_published_index, search
-from ..retrieval.text_fusion import FUSION_CANDIDATES, ReaderFusion, catalog_entry_texts, reader_text
+from ..retrieval.text_fusion import FUSION_CANDIDATES, ReaderFusion, catalog_entry_texts, reader_output_text
 from ..serving import ServingError, ServingRecord, read_serving_record
 from ..storage import ObjectStore
 from ..settings import DEFAULT_IMAGE_TOWER, DEFAULT_TEXT_TOWER
@@ -139,8 +139,7 @@ class SearchEngine:
         read = None
         if self.fusion is not None and image is not None:
             started = time.perf_counter()
-            words, colour = self.reader.read(image)
-            read = reader_text(attributes_from_words(words, self.reader.lexicon, colour))
+            read = reader_output_text(self.reader.write(image))  # as the evaluation read its query photos
             seconds["read"] = time.perf_counter() - started
         started = time.perf_counter()
         depth = min(max(k, self.fusion.candidates) if read is not None else k, self.index.ntotal)

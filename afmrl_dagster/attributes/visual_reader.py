@@ -307,9 +307,14 @@ class VisualReaderTeacher:
                 outputs.append(attributes_to_json({}))
                 continue
             try:
-                words, colour = self.read(self.read_image(uri))
+                outputs.append(self.write(self.read_image(uri)))
             except (OSError, ValueError) as error:
                 raise ValueError(f"visual-reader: listing {listing_id!r}, field 'image_uri' ({uri}): {error}") from error
-            outputs.append(attributes_to_json(attributes_from_words(words, self.lexicon, colour)))
         return outputs
+
+    def write(self, data: bytes) -> str:
+        """The canonical attribute JSON of one photo's bytes: what :meth:`annotate` writes for a
+        listing, and what ``afmrl search`` reads off a query photo."""
+        words, colour = self.read(data)
+        return attributes_to_json(attributes_from_words(words, self.lexicon, colour))
 

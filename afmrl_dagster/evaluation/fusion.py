@@ -19,9 +19,8 @@ import numpy as np
 import polars as pl
 
 from ..attributes.annotation_cache import AnnotationCache, annotate_with_cache
-from ..attributes.format import parse_attributes
 from ..attributes.visual_reader import VisualReaderTeacher, lexicon_from_catalog
-from ..retrieval.text_fusion import ReaderFusion, catalog_entry_texts, reader_text
+from ..retrieval.text_fusion import ReaderFusion, catalog_entry_texts, reader_output_text
 from .scoring import fusion_weight_on_validation, query_scores
 from .splits import HeldOutSplit
 
@@ -44,7 +43,7 @@ def read_query_texts(catalog: pl.DataFrame, queries: pl.DataFrame, read_image: C
     without photo), looking for the values ``catalog`` knows; and how many photos OCR read."""
     teacher = VisualReaderTeacher(read_image, lexicon_from_catalog(catalog))
     raw, stats = annotate_with_cache(teacher, queries, cache, read_image=read_image, progress=progress)
-    texts = {listing: reader_text(parse_attributes(text).attributes or {}) for listing, text in zip(queries["listing_id"].to_list(), raw)}
+    texts = {listing: reader_output_text(text) for listing, text in zip(queries["listing_id"].to_list(), raw)}
     return texts, stats.generated
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from ..attributes.format import parse_attributes
 from ..attributes.visual_reader import fold
 from ..catalog.schema import seller_attributes_dict
 from .metrics import top_indices
@@ -47,6 +48,12 @@ def catalog_entry_texts(listings: pl.DataFrame) -> list[str]:
 def reader_text(attributes: Mapping[str, str]) -> str:
     """The text a reader's attributes give the fusion: their values, joined."""
     return " ".join(str(value) for value in attributes.values())
+
+
+def reader_output_text(output: str) -> str:
+    """:func:`reader_text` of a reader's attribute JSON (the evaluation's cached outputs and a
+    served query photo go through this one parse)."""
+    return reader_text(parse_attributes(output).attributes or {})
 
 
 def trigram_bag(text: str) -> Counter:

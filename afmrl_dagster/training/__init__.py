@@ -19,5 +19,6 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "generator_sft": ["SFTConfig", "attribute_accuracy", "train_generator_sft"],
     "grpo": ["GRPOConfig", "group_advantages", "k3_kl", "train_grpo"],
     "hf_generator_training": ["hf_grpo_step", "hf_sft_step", "repeat_batch"],
+    "optimizers": ["adamw", "can_fuse"],
     "schedules": ["warmup_cosine"],
 })

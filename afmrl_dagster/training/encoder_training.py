@@ -39,6 +39,7 @@ from .checkpoints import (
     save_checkpoint,
     unflatten_tensors,
 )
+from .optimizers import adamw
 from .schedules import warmup_cosine
 
 if TYPE_CHECKING:
@@ -311,7 +312,7 @@ def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: f
         for name, p in trainable:
             key = (float(scale(name)), p.dim() >= 2)
             groups.setdefault(key, []).append(p)
-        return torch.optim.AdamW(
+        return adamw(
             [{"params": ps, "lr": learning_rate * factor, "weight_decay": weight_decay if matrix else 0.0}
              for (factor, matrix), ps in sorted(groups.items())],
             lr=learning_rate,
@@ -320,7 +321,7 @@ def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: f
         {"params": [p for _, p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for _, p in trainable if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+    return adamw([g for g in groups if g["params"]], lr=learning_rate)
 
 
 SUMMED = ("loss", "mean_negative_weight", "masked_fraction")

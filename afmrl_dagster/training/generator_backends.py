@@ -35,6 +35,7 @@ from ..attributes.vocabulary import AttributeVocabulary
 from ..encoders.listing_encoder import ListingInputs
 from ..local_files import write_folder_atomically
 from .checkpoints import LoopCheckpoint
+from .optimizers import adamw
 from .grpo import GRPOConfig, _query_stream, train_grpo
 from .hf_generator_training import hf_grpo_step, hf_sft_step
 
@@ -288,7 +289,7 @@ class HFVLMWriter:
         config = HFGeneratorConfig(model=model, lora_rank=hf.lora_rank, lora_alpha=hf.lora_alpha, max_new_tokens=hf.hf_max_new_tokens,
                                    image_size=hf.hf_image_size, seed=compact.seed)
         generator = HFAttributeGenerator.from_pretrained(config, device=device)
-        optimizer = torch.optim.AdamW(generator.trainable_parameters(), lr=hf.hf_learning_rate, weight_decay=0.0)
+        optimizer = adamw(generator.trainable_parameters(), lr=hf.hf_learning_rate, weight_decay=0.0)
         texts = [attributes_to_json(target) for target in targets]
         rng = np.random.default_rng(compact.seed)
         history, done = [], 0
@@ -327,7 +328,7 @@ class HFVLMWriter:
             raise ValueError("RAR of an hf-vlm generator trains its LoRA adapter only; load it with trainable=True")
         adapter_before = {name: p.detach().clone() for name, p in trainable.items()}
         base_before = {name: _weight_fingerprint(p) for name, p in model.named_parameters() if "lora_" not in name}
-        optimizer = torch.optim.AdamW(list(trainable.values()), lr=hf.hf_learning_rate, weight_decay=0.0)
+        optimizer = adamw(list(trainable.values()), lr=hf.hf_learning_rate, weight_decay=0.0)
         per_step = min(config.queries_per_step, len(queries))
         stream = _query_stream(len(queries), per_step, np.random.default_rng(config.seed))
         history: list[dict] = []

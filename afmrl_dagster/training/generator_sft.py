@@ -20,6 +20,7 @@ from ..attributes.format import normalize_attributes, parse_attributes
 from ..attributes.generator import AttributeGenerator, feature_tensor
 from ..attributes.vocabulary import BOS_ID, EOS_ID, PAD_ID, AttributeVocabulary
 from .checkpoints import LoopCheckpoint
+from .optimizers import adamw
 from .schedules import warmup_cosine
 
 
@@ -96,7 +97,7 @@ def train_generator_sft(
     sequences = sequences.to(device)
     inputs = torch.cat([torch.full((len(targets), 1), BOS_ID, dtype=torch.long, device=device), sequences[:, :-1]], dim=1)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = adamw(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(targets) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.epochs * steps_per_epoch, config.warmup_fraction))
     shuffler = np.random.default_rng(config.seed)

@@ -36,6 +36,7 @@ from ..attributes.format import parse_attributes
 from ..attributes.generator import AttributeGenerator, feature_tensor
 from ..attributes.vocabulary import AttributeVocabulary
 from .checkpoints import LoopCheckpoint
+from .optimizers import adamw
 
 RewardFn = Callable[[np.ndarray, list[list[str]]], np.ndarray]
 LOGGED_SAMPLES = 4
@@ -137,7 +138,7 @@ def train_grpo(
     text_t = feature_tensor(text, torch.float32, device)
     queries_per_step = min(config.queries_per_step, len(image))
     group = config.group_size
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    optimizer = adamw(policy.parameters(), lr=config.learning_rate, weight_decay=0.0)
     sampler = torch.Generator(device=device).manual_seed(config.seed)
     queries = _query_stream(len(image), queries_per_step, np.random.default_rng(config.seed))
     history: list[dict] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -145,6 +146,20 @@ def test_ladder_runs_every_row_over_every_seed_on_both_parts(small_builtin):
     assert zero["test"]["metrics"]["identical_product"] == rank_metrics(zero["test"]["ranks"]["identical_product"])
 
 
+def test_a_row_whose_training_equals_an_earlier_one_reuses_it(small_builtin):
+    dataset, features, _ = small_builtin
+    # At most three listings a product: no product can be split into unlinked duplicates.
+    keep = dataset.train.with_row_index("row").filter(pl.int_range(pl.len()).over("product_id") < 3)["row"].to_list()
+    few = dataclasses.replace(dataset, train=dataset.train[keep], attributes=[dataset.attributes[i] for i in keep])
+    rows = ("plain InfoNCE", "plain InfoNCE, unlinked duplicates")
+    settings = LadderSettings(seeds=(0,), rows=rows, training={"epochs": 2, "batch_size": 8})
+    plain, unlinked = run_ladder(few, features, settings)
+    assert unlinked["row"] == rows[1] and unlinked["same_training_as"] == rows[0] and unlinked["unlinked_products"] == 0
+    assert unlinked["validation"] == plain["validation"] and unlinked["test"] == plain["test"]
+    split = run_ladder(dataset, features, settings)  # four listings a product: the duplicates row trains on its own
+    assert split[1]["unlinked_products"] > 0 and "same_training_as" not in split[1]
+
+
 def test_unknown_rows_are_refused(small_builtin):
     dataset, features, _ = small_builtin
     with pytest.raises(ValueError, match="unknown ladder row"):
@@ -234,3 +249,7 @@ def test_fine_tuned_image_block_reads_its_frozen_blocks_back_and_trains_the_same
     again = run_finetuned_tower(computed, None, settings)
     assert records[0]["validation"]["ranks"] == again[0]["validation"]["ranks"]
     assert records[0]["test"]["metrics"] == again[0]["test"]["metrics"]
+    encoder = read_back.train(0, {"epochs": 1, "batch_size": 8})
+    together = read_back.embed(encoder)  # the parts' shared gallery embedded once
+    for part in PARTS:
+        np.testing.assert_allclose(together[part], encoder.embed(read_back.inputs.subset(read_back.part_rows[part])), atol=1e-5)

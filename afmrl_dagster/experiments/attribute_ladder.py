@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import polars as pl
 
 from ..attributes.format import attributes_to_text
 from ..encoders.dual_tower import ListingFeatures, embed_features
@@ -104,11 +105,22 @@ def run_attribute_chain(
     if len(taught) == 0:
         raise ValueError(f"{dataset.name}: the teacher gave no attributes for any training listing; there is nothing to distil")
     with_teacher = with_listing_text(train_features, text_featurizer, train_titles, dataset.attributes)
+    teacher_texts = dataset.attribute_texts  # a property that formats every listing: read it once, not per row
     overrides = {**settings.training, **dataset.training}
     records = []
 
-    def written(policy, vocabulary) -> dict[str, list[dict]]:
-        return {part: [p.attributes or {} for p in written_attributes(policy, vocabulary, part_features[part])[1]] for part in PARTS}
+    # Every listing the chain writes attributes for, once: the parts' galleries hold the training listings.
+    listing_ids = list(dict.fromkeys([*train["listing_id"].to_list(), *(i for part in PARTS for i in dataset.plan(part).listings["listing_id"].to_list())]))
+    every_listing = features.subset(rows_of(features, pl.DataFrame({"listing_id": listing_ids})))
+    position = {listing_id: i for i, listing_id in enumerate(listing_ids)}
+    part_positions = {part: [position[i] for i in dataset.plan(part).listings["listing_id"].to_list()] for part in PARTS}
+
+    def written(policy, vocabulary) -> tuple[list, dict[str, list[dict]], float]:
+        """The parses of what ``policy`` writes (greedy) for every listing (training listings
+        first, in ``train`` order), each part's attributes, and the validity on validation."""
+        parsed = written_attributes(policy, vocabulary, every_listing)[1]
+        by_part = {part: [parsed[i].attributes or {} for i in part_positions[part]] for part in PARTS}
+        return parsed, by_part, _validity([parsed[i] for i in part_positions["validation"]])
 
     def embedded(head, attributes: dict[str, list[dict]]) -> dict[str, np.ndarray]:
         return {part: embed_features(head, with_listing_text(part_features[part], text_featurizer, part_titles[part], attributes[part]))
@@ -134,16 +146,14 @@ def run_attribute_chain(
             train_features.subset(taught), [dataset.attributes[i] for i in taught], distillation)
         config = EncoderTrainingConfig(**overrides, seed=seed, agcl=dict(chain.agcl))
         head = train_encoder(with_teacher.subset(stage_one), [products[i] for i in stage_one], [lines[i] for i in stage_one],
-                             [dataset.attribute_texts[i] for i in stage_one], config).head
-        distilled = written(generator, vocabulary)
+                             [teacher_texts[i] for i in stage_one], config).head
+        train_distilled, distilled, validity = written(generator, vocabulary)
         gallery = embedded(head, distilled)
-        record(DISTILLED_ROW, seed, started, gallery, sft_final_loss=sft_history[-1]["loss"],
-               validity=_validity(written_attributes(generator, vocabulary, part_features["validation"])[1]),
+        record(DISTILLED_ROW, seed, started, gallery, sft_final_loss=sft_history[-1]["loss"], validity=validity,
                stage_one_listings=len(stage_one), reward_listings=len(reward_rows))
 
-        _, train_distilled = written_attributes(generator, vocabulary, train_features)
         train_gallery = embed_features(head, with_listing_text(train_features, text_featurizer, train_titles,
-                                                               [p.attributes or {} for p in train_distilled]))
+                                                               [p.attributes or {} for p in train_distilled[:len(train_titles)]]))
         reward_k = chain.reward_k or default_reward_k(len(products))
         policies = {}
         for row, reward in ((RAR_ROW, chain.reward), (RAR_RECALL_ROW, "recall")):
@@ -156,17 +166,16 @@ def run_attribute_chain(
                 [products[i] for i in reward_rows], RARGallery(train_gallery, products, train["listing_id"].to_list()), grpo,
                 reward_k=reward_k, invalid_reward=chain.invalid_reward, reward_kind=reward,
             )
-            policies[row] = policy, written(policy, vocabulary)
+            policies[row] = written(policy, vocabulary)
             first, last = reward_trend(history)
             record(row, seed, started, gallery, embedded(head, policies[row][1]), reward=reward, reward_k=reward_k,
                    reward_first_steps=first, reward_last_steps=last, reward_std_mean=float(np.mean([h["reward_std"] for h in history])),
-                   final_kl=history[-1]["kl"], validity=_validity(written_attributes(policy, vocabulary, part_features["validation"])[1]))
-        policy, refined = policies[RAR_ROW]
+                   final_kl=history[-1]["kl"], validity=policies[row][2])
+        train_refined, refined, _ = policies[RAR_ROW]
 
-        _, train_refined = written_attributes(policy, vocabulary, train_features.subset(reward_rows))
         for row, attributes_of_rows, evaluation in (
             (CIT_DISTILLED_ROW, [train_distilled[i].attributes or {} for i in reward_rows], distilled),
-            (CIT_ROW, [p.attributes or {} for p in train_refined], refined),
+            (CIT_ROW, [train_refined[i].attributes or {} for i in reward_rows], refined),
         ):
             started = time.perf_counter()
             inputs = with_listing_text(train_features.subset(reward_rows), text_featurizer, [train_titles[i] for i in reward_rows],

@@ -101,8 +101,12 @@ class FinetunedImageBlock:
                                      self.dataset.train["product_line"].to_list(), self.dataset.attribute_texts, config).encoder
 
     def embed(self, encoder: FinetunedTowerEncoder) -> dict[str, np.ndarray]:
-        """Per part, one embedding per listing of its plan, in plan order."""
-        return {part: encoder.embed(self.inputs.subset(self.part_rows[part])) for part in PARTS}
+        """Per part, one embedding per listing of its plan, in plan order (a listing both parts
+        hold, their shared gallery, is embedded once)."""
+        rows, inverse = np.unique(np.concatenate([self.part_rows[part] for part in PARTS]), return_inverse=True)
+        embeddings = encoder.embed(self.inputs.subset(rows))[inverse]
+        bounds = np.cumsum([0, *(len(self.part_rows[part]) for part in PARTS)])
+        return {part: embeddings[bounds[i]:bounds[i + 1]] for i, part in enumerate(PARTS)}
 
 
 def scored(dataset: LadderDataset, embeddings: dict[str, np.ndarray]) -> dict:

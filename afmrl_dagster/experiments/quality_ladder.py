@@ -419,6 +419,7 @@ def run_ladder(
     train_rows = rows_of(features, dataset.train)
     products, lines = dataset.train["product_id"].to_list(), dataset.train["product_line"].to_list()
     twins, split_products = unlink_duplicates(products, lines, settings.duplicate_fraction)
+    attribute_texts = dataset.attribute_texts
 
     def scored(embed: Callable[[ListingFeatures], np.ndarray], source: ListingFeatures) -> dict:
         out = {}
@@ -428,6 +429,7 @@ def run_ladder(
         return out
 
     records = []
+    trained: dict[tuple, dict] = {}  # a training identical to one already run (unlinked duplicates where none was split) is reused
     if ZERO_SHOT_ROW in rows:
         result = scored(zero_shot_embeddings, features)
         records.append({"dataset": dataset.name, "row": ZERO_SHOT_ROW, "seed": None, "seconds": 0.0, **result})
@@ -441,8 +443,13 @@ def run_ladder(
         for seed in settings.seeds:
             config = EncoderTrainingConfig(**{**settings.training, **dataset.training, **row.training}, seed=seed,
                                            agcl={**settings.agcl, **row.agcl})
+            key = (row.attributes_in_text, tuple(row_products), repr(config))
+            if key in trained:
+                records.append({**trained[key], "row": name, "same_training_as": trained[key]["row"]})
+                progress(f"{dataset.name}: {name} seed {seed}: the same training as {trained[key]['row']} (no product split), reused")
+                continue
             started = time.perf_counter()
-            result = train_encoder(source.subset(train_rows), row_products, lines, dataset.attribute_texts, config)
+            result = train_encoder(source.subset(train_rows), row_products, lines, attribute_texts, config)
             seconds = time.perf_counter() - started
             outcome = scored(partial(embed_features, result.head), source)
             records.append({"dataset": dataset.name, "row": name, "seed": seed, "seconds": seconds, "epochs": config.epochs,
@@ -451,6 +458,7 @@ def run_ladder(
                             "mean_negative_weight": result.history[-1]["mean_negative_weight"],
                             "masked_fraction": result.history[-1]["masked_fraction"],
                             "unlinked_products": split_products if row.unlinked_duplicates else 0, **outcome})
+            trained[key] = records[-1]
             progress(f"{dataset.name}: {name} seed {seed} validation R@1 "
                      f"{outcome['validation']['metrics'][dataset.headline]['recall@1']:.3f} ({seconds:.0f} s)")
     return records

@@ -82,8 +82,11 @@ CLAIM_OF = {READER_ROW: "2: attributes (reader)", FINETUNED_ROW: "encoder: fine-
 DEFAULT_CANDIDATES = (*BARE_TITLE_ROWS, ATTRIBUTES_ROW, READER_ROW, FINETUNED_ROW, FINETUNED_READER_ROW)
 
 
+STARTED = time.perf_counter()
+
+
 def log(message: str) -> None:
-    print(f"quality: {message}", file=sys.stderr, flush=True)
+    print(f"quality [{(time.perf_counter() - STARTED) / 60:5.1f} min]: {message}", file=sys.stderr, flush=True)
 
 
 def verdict(delta: Estimate | None) -> str:

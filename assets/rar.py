@@ -75,8 +75,9 @@ def rar_generator(
     """The attribute generator refined with GRPO against the frozen AGCL encoder and the catalog.
 
     Each training query samples a group of attribute outputs; each is appended to the query,
-    embedded and searched; its reward is Recall@k of the query's product (``invalid_reward``
-    when it does not parse). Group-normalised advantages, a clipped ratio and a KL penalty to
+    embedded and searched; its reward is graded by where the query's product comes (``reward``:
+    the reciprocal rank of the first true match by default, or Recall@k, or a margin;
+    ``invalid_reward`` when it does not parse). Group-normalised advantages, a clipped ratio and a KL penalty to
     the SFT generator. Reward queries and gallery are training listings only. Queries of
     validation products then compare SFT and RAR attributes (test products are reported); the
     new version is registered with alias ``rar``. It serves only through ``encoder_promotion``,

@@ -67,12 +67,12 @@ CHAIN_CLAIMS = {DISTILLED_ROW: "3: RAR (reference)", RAR_ROW: "3: RAR", RAR_RECA
 @dataclass
 class AttributeChainSettings:
     """Defaults are the library's (the pipeline's ``AttributeGeneratorConfig``, ``RARConfig`` and
-    ``CITConfig`` read them), except the reward, graded here."""
+    ``CITConfig`` read them); the ladder runs Recall@k beside the reward as its own row."""
 
     distillation: DistillationSettings = field(default_factory=DistillationSettings)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     reward_k: int | None = None  # None: the pipeline's automatic choice from the gallery size
-    reward: str = "reciprocal_rank"
+    reward: str = RARSettings.reward
     invalid_reward: float = RARSettings.invalid_reward
     cit: CITSettings = field(default_factory=CITSettings)
     agcl: dict = field(default_factory=dict)  # the stage-1 AGCL form (AGCLConfig fields); {} = the library's default

@@ -1,8 +1,10 @@
 """Gallery nearest-neighbour index (faiss, inner product on L2-normalised embeddings).
 
 Row order is listing order: result index ``i`` is the i-th gallery embedding, so no id map
-is stored. ``flat`` is exact; ``hnsw`` and ``ivf`` are approximate and their quality is
-checked against exact search with :func:`recall_against_exact`.
+is stored. ``flat`` is exact; ``hnsw``, ``ivf`` and ``ivfpq`` are approximate and their quality
+is checked against exact search with :func:`recall_against_exact`. ``auto`` chooses by gallery
+size (:func:`resolve_kind`): exact up to :data:`EXACT_UP_TO` vectors, HNSW up to
+:data:`HNSW_UP_TO`, IVF-PQ above (``benchmarks/ann.py`` measures all three on 1 M vectors).
 """
 
 from __future__ import annotations
@@ -15,27 +17,50 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-INDEX_KINDS = ("flat", "hnsw", "ivf")
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+REFINE_KINDS = ("none", "sq8", "flat")  # what re-ranks IVF-PQ's candidates: nothing, 8-bit scalar codes, the vectors
+EXACT_UP_TO = 100_000  # ``auto``: exact search up to this many vectors (it stays fast enough per query)
+HNSW_UP_TO = 10_000_000  # ``auto``: HNSW (full vectors and a graph in memory) up to this many, IVF-PQ (compressed) above
+TRAINING_SAMPLE = 100_000  # IVF and IVF-PQ learn their lists and codebooks on at most this many vectors
 
 
 @dataclass
 class IndexConfig:
-    """Index type and its knobs; ``use_gpu`` applies only where faiss sees a GPU."""
+    """Index type and its knobs; ``use_gpu`` applies only where faiss sees a GPU.
 
-    kind: str = "flat"
+    IVF-PQ: ``nlist`` coarse lists (0 = about 4·sqrt(N), at most N / 39 so every list has
+    training points), ``pq_m`` sub-quantizers of ``pq_nbits`` bits per vector, ``nprobe``
+    lists searched, and the candidates (``refine_factor`` x k) re-ranked by ``refine``."""
+
+    kind: str = "auto"
     hnsw_m: int = 32
     nlist: int = 64
     nprobe: int = 8
     use_gpu: bool = False
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 128
+    pq_m: int = 32
+    pq_nbits: int = 8
+    refine: str = "sq8"
+    refine_factor: int = 10
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"kind must be one of {INDEX_KINDS}, got {self.kind!r}")
-        for name in ("hnsw_m", "nlist", "nprobe", "hnsw_ef_construction", "hnsw_ef_search"):
+        if self.refine not in REFINE_KINDS:
+            raise ValueError(f"refine must be one of {REFINE_KINDS}, got {self.refine!r}")
+        for name in ("hnsw_m", "nprobe", "hnsw_ef_construction", "hnsw_ef_search", "pq_m", "pq_nbits", "refine_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.nlist < 0 or (self.nlist == 0 and self.kind == "ivf"):
+            raise ValueError(f"nlist must be >= 1 (or 0 = chosen from the size, IVF-PQ only), got {self.nlist}")
+
+
+def resolve_kind(config: IndexConfig, size: int) -> str:
+    """The index kind ``config`` asks for, ``auto`` resolved by the gallery's ``size``."""
+    if config.kind != "auto":
+        return config.kind
+    return "flat" if size <= EXACT_UP_TO else "hnsw" if size <= HNSW_UP_TO else "ivfpq"
 
 
 def gpu_available() -> bool:
@@ -50,28 +75,69 @@ def _as_matrix(embeddings: np.ndarray) -> np.ndarray:
     return matrix
 
 
+def ivfpq_lists(config: IndexConfig, size: int, sample: int) -> int:
+    """IVF-PQ's coarse lists for a gallery of ``size`` vectors trained on ``sample`` of them:
+    ``nlist``, or about 4·sqrt(size), and never fewer than 39 training points a list."""
+    wanted = config.nlist or int(4 * np.sqrt(max(size, 1)))
+    return max(1, min(wanted, sample // 39 or 1))
+
+
+def empty_index(dim: int, kind: str, config: IndexConfig, training: np.ndarray | None = None, size: int | None = None) -> faiss.Index:
+    """An index of ``kind`` ready to take vectors: trained on ``training`` where the kind needs it
+    (IVF's coarse lists, IVF-PQ's lists, codebooks and refinement codes) for a gallery of
+    ``size`` vectors (default: as many as ``training``)."""
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = config.hnsw_ef_construction
+        index.hnsw.efSearch = config.hnsw_ef_search
+        return index
+    if training is None or len(training) == 0:
+        raise ValueError(f"a {kind!r} index needs training vectors")
+    if kind == "ivf":
+        # faiss needs at least one training point per list; small galleries get fewer lists.
+        nlist = max(1, min(config.nlist, len(training)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(training)
+        index.nprobe = min(config.nprobe, nlist)
+        return index
+    if dim % config.pq_m:
+        raise ValueError(f"pq_m={config.pq_m} must divide the embedding dimension {dim}")
+    nlist = ivfpq_lists(config, size or len(training), len(training))
+    base = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, config.pq_m, config.pq_nbits, faiss.METRIC_INNER_PRODUCT)
+    base.nprobe = min(config.nprobe, nlist)
+    if config.refine == "none":
+        index = base
+    else:
+        refine = faiss.IndexFlatIP(dim) if config.refine == "flat" else faiss.IndexScalarQuantizer(
+            dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexRefine(base, refine)
+        index.k_factor = config.refine_factor
+    index.train(training)
+    return index
+
+
 def build_index(embeddings: np.ndarray, config: IndexConfig | None = None) -> faiss.Index:
     """An inner-product index over ``embeddings`` [N, D] (rows in order)."""
     config = config or IndexConfig()
     matrix = _as_matrix(embeddings)
-    dim = matrix.shape[1]
-    if config.kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif config.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = config.hnsw_ef_construction
-        index.hnsw.efSearch = config.hnsw_ef_search
-    else:
-        # faiss needs at least one training point per list; small galleries get fewer lists.
-        nlist = max(1, min(config.nlist, len(matrix)))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(matrix)
-        index.nprobe = min(config.nprobe, nlist)
+    kind = resolve_kind(config, len(matrix))
+    training = None
+    if kind in ("ivf", "ivfpq"):
+        training = matrix if len(matrix) <= TRAINING_SAMPLE else matrix[np.sort(
+            np.random.default_rng(0).choice(len(matrix), TRAINING_SAMPLE, replace=False))]
+    index = empty_index(matrix.shape[1], kind, config, training, len(matrix))
     # HNSW has no GPU implementation; flat and IVF do.
-    if config.use_gpu and gpu_available() and config.kind != "hnsw":
+    if config.use_gpu and gpu_available() and kind in ("flat", "ivf"):
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(matrix)
     return index
+
+
+def index_bytes(index: faiss.Index) -> int:
+    """The size of ``index`` serialised (vectors or codes, graph, lists and codebooks)."""
+    return int(faiss.serialize_index(faiss.index_gpu_to_cpu(index) if _is_gpu_index(index) else index).nbytes)
 
 
 def _is_gpu_index(index: faiss.Index) -> bool:

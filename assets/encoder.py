@@ -2,6 +2,7 @@
 
 
 import json
+import shutil
 
 import dagster as dg
 import polars as pl
@@ -107,7 +108,8 @@ def agcl_encoder(
     from afmrl_dagster.plots import curve_png
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
     from afmrl_dagster.training.checkpoints import checkpoint_step
-    from afmrl_dagster.training.encoder_training import train_backend_encoder
+    from afmrl_dagster.training.encoder_training import TrainingResult, train_backend_encoder
+    from afmrl_dagster.training.training_job import EncoderJob, write_encoder_job
 
     store = artifact_store.open()
     split = evaluation_split.split()
@@ -161,16 +163,27 @@ def agcl_encoder(
             mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
             context.log.info(f"encoder epoch {row['epoch']}: loss {row['loss']:.4f}")
 
-        result = train_backend_encoder(
-            backend,
-            inputs,
-            train_rows["product_id"].to_list(),
-            train_rows["product_line"].to_list(),
-            [attributes_to_text(a or {}) for a in attributes],
-            training,
-            on_epoch=on_epoch,
-            **options,
-        )
+        attribute_texts = [attributes_to_text(a or {}) for a in attributes]
+        if torch_compute.world_size > 1:
+            # torchrun through Dagster Pipes: every rank reads the job, rank 0 reports each epoch back.
+            job = write_encoder_job(training.checkpoint_dir + "-job", EncoderJob(
+                backend.spec, options, training, inputs, train_rows["product_id"].to_list(), train_rows["product_line"].to_list(),
+                attribute_texts))
+            encoder, history, reported = torch_compute.train_on_ranks(context, str(job))
+            for row in reported:
+                mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            result = TrainingResult(head=getattr(encoder, "head", None), history=history, global_step=0, encoder=encoder)
+        else:
+            result = train_backend_encoder(
+                backend,
+                inputs,
+                train_rows["product_id"].to_list(),
+                train_rows["product_line"].to_list(),
+                attribute_texts,
+                training,
+                on_epoch=on_epoch,
+                **options,
+            )
 
         curve = curve_png(result.history, ["loss", "temperature", "mean_negative_weight", "masked_fraction"], "epoch", "AGCL training")
         mlflow_tracking.log_png(curve, "training_curve.png")
@@ -191,6 +204,7 @@ def agcl_encoder(
             },
         )
     torch_compute.discard_checkpoints("agcl_encoder", slot.key)
+    shutil.rmtree(training.checkpoint_dir + "-job", ignore_errors=True)
     tag_model_version(mlflow_tracking, context, manifest, {"final_loss": result.history[-1]["loss"]}, catalog=raw_catalog)
     return dg.MaterializeResult(
         value=manifest,

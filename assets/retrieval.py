@@ -19,6 +19,11 @@ from .partitions import product_lines
 from .publishing import png_metadata, tag_model_version
 
 
+class CatalogEmbeddingsConfig(dg.Config):
+    chunk_size: int = Field(default=4096, ge=1, description="Listings embedded and stored at a time: a run stopped midway "
+                            "resumes from the chunks it stored (rematerialise with the same inputs).")
+
+
 @dg.asset(
     automation_condition=FOLLOWS_INPUTS,
     partitions_def=product_lines,
@@ -30,6 +35,7 @@ from .publishing import png_metadata, tag_model_version
 )
 def catalog_embeddings(
     context: dg.AssetExecutionContext,
+    config: CatalogEmbeddingsConfig,
     raw_catalog: pl.DataFrame,
     generated_attributes: pl.DataFrame,
     listing_features: pl.DataFrame,
@@ -37,26 +43,40 @@ def catalog_embeddings(
     torch_compute: TorchCompute,
     artifact_store: ArtifactStore,
 ):
-    """Every listing of the line embedded by the AGCL encoder (title + generated attributes + image)."""
+    """Every listing of the line embedded by the AGCL encoder (title + generated attributes + image),
+    chunk by chunk: each chunk is kept in the store as it is done, so a run stopped midway
+    resumes where it stopped; the chunks are removed once the table is complete."""
+    from afmrl_dagster.encoders.embedding_job import embed_resumably
     from afmrl_dagster.encoders.listing_encoder import load_stored_encoder
     from afmrl_dagster.features import embedding_health, embeddings_table, served_listing_inputs
     from afmrl_dagster.quality import embedding_expectations, validate_frame
 
     device = torch_compute.torch_device()
-    encoder = load_stored_encoder(artifact_store.open(), agcl_encoder["uri"], device=device)
+    store = artifact_store.open()
+    encoder = load_stored_encoder(store, agcl_encoder["uri"], device=device)
     inputs = served_listing_inputs(raw_catalog, listing_features, generated_attributes, artifact_store.read_uri)
-    embeddings = encoder.embed(inputs, progress=lambda done, total: context.log.debug(f"embedded {done}/{total} listings"))
+    key = fingerprint("catalog_embeddings", agcl_encoder["uri"], raw_catalog, generated_attributes, listing_features, config.chunk_size)
+    job = f"work/catalog_embeddings/{key}"
+
+    def progress(done: int, total: int, report) -> None:
+        context.log.info(f"embedded {done}/{total} listings ({report.chunks_reused} chunks read back, "
+                         f"{report.listings_per_second:.1f} listings/s)")
+
+    embeddings, report = embed_resumably(encoder, inputs, store, job, config.chunk_size, progress)
     table = embeddings_table(inputs.listing_ids, raw_catalog["product_id"].to_list(), embeddings)
     quality = validate_frame(embedding_health(table), "catalog_embeddings", embedding_expectations(raw_catalog.height))
+    store.delete_prefix(job + "/")
     return dg.MaterializeResult(
         value=table,
-        metadata={"dagster/row_count": table.height, "dimension": int(table["embedding"].dtype.size), "encoder_version": agcl_encoder["model_version"]},
+        metadata={"dagster/row_count": table.height, "dimension": int(table["embedding"].dtype.size), "encoder_version": agcl_encoder["model_version"],
+                  **{f"job_{name}": value for name, value in report.as_metadata().items()}},
         check_results=[dg.AssetCheckResult(check_name="embeddings_healthy", passed=quality.passed, metadata=quality.as_metadata())],
     )
 
 
 class RetrievalIndexConfig(dg.Config):
-    kind: str = Field(default="flat", description="'flat' (exact), 'hnsw' or 'ivf'.")
+    kind: str = Field(default="auto", description="'auto' (by catalog size: exact up to 100k listings, HNSW up to 10M, IVF-PQ above), "
+                      "'flat' (exact), 'hnsw', 'ivf' or 'ivfpq' (IVF-PQ re-ranked by 8-bit codes).")
     min_recall_at_10: float = Field(default=0.95, description="Blocking gate: index recall@10 against exact search on a sample.")
 
 
@@ -79,25 +99,27 @@ def retrieval_index(
     """A FAISS inner-product index over every listing, published with its listing order and
     titles, the encoder version that embedded them and the generator that wrote their attributes."""
     from afmrl_dagster.features import align
-    from afmrl_dagster.retrieval.index import IndexConfig, build_index, publish_index, recall_against_exact
+    from afmrl_dagster.retrieval.index import IndexConfig, build_index, publish_index, recall_against_exact, resolve_kind
 
     store = artifact_store.open()
     embeddings = catalog_embeddings["embedding"].to_numpy().astype(np.float32)
-    index = build_index(embeddings, IndexConfig(kind=config.kind))
+    index_config = IndexConfig(kind=config.kind)
+    kind = resolve_kind(index_config, len(embeddings))  # what 'auto' chose for this catalog's size
+    index = build_index(embeddings, index_config)
     recall = recall_against_exact(index, embeddings, sample_size=min(200, len(embeddings)), k=min(10, len(embeddings)))
     # What a served query needs of a listing: its ids, title and photo, and the text the visual reader's fusion matches.
     listings = align(raw_catalog.select("listing_id", "product_id", "title", "image_uri", "description", "seller_attributes"),
                      catalog_embeddings["listing_id"].to_list())
     key = fingerprint("retrieval_index", catalog_embeddings, config.kind)
     manifest = publish_index(store, f"indexes/{key}", index, listings, {
-        "fingerprint": key, "kind": config.kind, "recall_at_10_vs_exact": recall,
+        "fingerprint": key, "kind": kind, "recall_at_10_vs_exact": recall,
         "encoder_version": agcl_encoder["model_version"], "encoder_uri": agcl_encoder["uri"],
         "generator_uri": attribute_generator["uri"], "generator_version": attribute_generator["model_version"],
         "catalog_snapshot": fingerprint("catalog", raw_catalog),
     })
     return dg.MaterializeResult(
         value=manifest,
-        metadata={"uri": manifest["uri"], "rows": manifest["rows"], "kind": config.kind, "encoder_version": manifest["encoder_version"]},
+        metadata={"uri": manifest["uri"], "rows": manifest["rows"], "kind": kind, "encoder_version": manifest["encoder_version"]},
         check_results=[dg.AssetCheckResult(check_name="index_recall", passed=recall >= config.min_recall_at_10,
                                            metadata={"recall_at_10_vs_exact": recall, "threshold": config.min_recall_at_10})],
     )

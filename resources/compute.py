@@ -37,6 +37,37 @@ class TorchCompute(dg.ConfigurableResource):
                     "resumes from its last one when rematerialised with the same inputs (AFMRL_CHECKPOINTS).",
     )
 
+    world_size: int = Field(
+        default=1, ge=1,
+        description="Processes an encoder training runs on (one a GPU; gloo CPU processes without one). Above 1 the training asset "
+                    "launches torchrun through Dagster Pipes and trains with PyTorch DDP.",
+    )
+
+    def train_on_ranks(self, context, job_folder: str):
+        """Run the encoder training job in ``job_folder`` on ``world_size`` processes: ``torchrun``
+        through Dagster Pipes (rank 0's log lines and epochs come back live). Returns the trained
+        encoder, its history and the epochs reported; dg.Failure naming the ranks that stopped otherwise."""
+        import sys
+
+        from afmrl_dagster.encoders.listing_encoder import load_encoder
+        from afmrl_dagster.training.training_job import RESULT_DIR, failure_summary, read_history
+
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={self.world_size}",
+                   "-m", "afmrl_dagster.apps.train_worker", job_folder]
+        context.log.info(f"launching {self.world_size} training processes: {' '.join(command[1:])}")
+        try:
+            invocation = dg.PipesSubprocessClient().run(command=command, context=context)
+        except Exception as error:  # Pipes' error when torchrun exits non-zero (a rank failed or was killed)
+            raise dg.Failure(
+                description=f"distributed training failed ({self.world_size} processes): {failure_summary(job_folder, self.world_size)}. "
+                            f"Rematerialise to resume from its last checkpoint.",
+                metadata={"job_folder": job_folder, "launcher_error": str(error)[:2000]},
+            ) from error
+        import os
+
+        epochs = [message["epoch"] for message in invocation.get_custom_messages() if isinstance(message, dict) and "epoch" in message]
+        return load_encoder(os.path.join(job_folder, RESULT_DIR)), read_history(job_folder), epochs
+
     def checkpoint_dir(self, asset: str, key: str) -> str:
         """The checkpoint folder of one training: ``<checkpoints>/<asset>/<input fingerprint>``, so a rerun
         on the same inputs and configuration finds it and any other never does."""

@@ -39,6 +39,7 @@ from .checkpoints import (
     save_checkpoint,
     unflatten_tensors,
 )
+from .distributed import barrier, distributed_embeddings, distributed_world, wrap_for_ranks
 from .optimizers import adamw
 from .schedules import warmup_cosine
 
@@ -535,10 +536,15 @@ def train_listing_encoder(
         )
         if resuming:
             progress = _load_training_checkpoint(config.checkpoint_dir, encoder, optimizer, schedule, fingerprint, device)
+        # Under torchrun (a process group of several ranks): DDP, each rank embedding its products of the global batch.
+        rank, world_size = distributed_world()
+        ranks = wrap_for_ranks(encoder, device) if world_size > 1 else None
 
         def checkpoint() -> None:
             if config.checkpoint_dir is not None:
-                _save_training_checkpoint(config.checkpoint_dir, encoder, optimizer, schedule, progress, fingerprint, device)
+                if rank == 0:  # one writer; every rank reads it back on resume
+                    _save_training_checkpoint(config.checkpoint_dir, encoder, optimizer, schedule, progress, fingerprint, device)
+                barrier()
 
         def stop_now() -> bool:
             return config.max_steps is not None and progress.global_step >= config.max_steps
@@ -551,7 +557,13 @@ def train_listing_encoder(
             for number, (anchors, positives) in enumerate(batches, start=1):
                 if number <= progress.position:
                     continue  # trained on before the checkpoint this run resumed from
-                out = encoder_batch_loss(encoder, loss_fn, inputs, anchors, positives, product_codes, scorer, autocast_dtype)
+                if ranks is None:
+                    out = encoder_batch_loss(encoder, loss_fn, inputs, anchors, positives, product_codes, scorer, autocast_dtype)
+                else:
+                    precision = (torch.autocast(device_type="cuda", dtype=autocast_dtype) if autocast_dtype is not None
+                                 else contextlib.nullcontext())
+                    embeddings, temperature, order = distributed_embeddings(ranks, inputs, anchors, positives, product_codes, precision)
+                    out = pair_loss(loss_fn, embeddings, temperature.float(), anchors[order], positives[order], product_codes, scorer)
                 (out["loss"] / config.grad_accumulation).backward()
                 stepped = number % config.grad_accumulation == 0 or number == len(batches)
                 if stepped:

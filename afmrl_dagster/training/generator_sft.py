@@ -20,6 +20,7 @@ from ..attributes.format import normalize_attributes, parse_attributes
 from ..attributes.generator import AttributeGenerator, feature_tensor
 from ..attributes.vocabulary import BOS_ID, EOS_ID, PAD_ID, AttributeVocabulary
 from .checkpoints import LoopCheckpoint
+from .distributed import distributed_world, wrap_for_ranks
 from .optimizers import adamw
 from .schedules import warmup_cosine
 
@@ -104,6 +105,12 @@ def train_generator_sft(
     history: list[dict] = []
     # Dropout draws from the global generator: seed it without disturbing the caller's state.
     cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    # Under torchrun: DDP, each rank taking its share of every global batch.
+    rank, world_size = distributed_world()
+    ranks = wrap_for_ranks(model, device, inputs_are_listings=False) if world_size > 1 else None
+    if ranks is not None and min(config.batch_size, len(targets) % config.batch_size or config.batch_size) < world_size:
+        raise ValueError(f"a batch of {min(config.batch_size, len(targets) % config.batch_size)} rows cannot feed {world_size} ranks: "
+                         f"choose batch_size so that every batch of the {len(targets)} targets has at least {world_size} rows")
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(config.seed)
         model.train()
@@ -120,18 +127,26 @@ def train_generator_sft(
                 batch = order[start : start + config.batch_size]
                 # Trim the padding columns this batch does not need.
                 length = int((sequences[batch] != PAD_ID).sum(dim=1).max())
+                count = int((sequences[batch, :length] != PAD_ID).sum())  # the global batch's tokens
+                if ranks is not None:  # this rank's rows of the global batch
+                    batch = batch[torch.from_numpy(np.array_split(np.arange(len(batch)), world_size)[rank]).to(device)]
                 target = sequences[batch, :length]
-                logits = model(image_t[batch], mask_t[batch], text_t[batch], inputs[batch, :length])
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=PAD_ID)
+                logits = (ranks or model)(image_t[batch], mask_t[batch], text_t[batch], inputs[batch, :length])
+                # Token cross-entropy summed here, over the global batch's tokens: with DDP's mean over
+                # ranks (times the world size) the gradient is the one-process gradient of the batch.
+                summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=PAD_ID, reduction="sum")
+                loss = summed / count
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * world_size).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
                 real = target != PAD_ID
-                count = int(real.sum())
-                loss_sum += float(loss.detach()) * count
-                correct += int(((logits.argmax(-1) == target) & real).sum())
+                batch_correct = torch.tensor([float(summed.detach()), float(((logits.argmax(-1) == target) & real).sum())])
+                if ranks is not None:
+                    torch.distributed.all_reduce(batch_correct)
+                loss_sum += float(batch_correct[0])
+                correct += int(batch_correct[1])
                 tokens += count
             record = {
                 "epoch": epoch,

@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--line-size", type=int, default=100_000, help="listings of the new product line (a multiple of 10)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--hnsw-ef", default="32,64,128", help="HNSW efSearch values measured")
-    parser.add_argument("--nprobe", default="16,32,64", help="IVF-PQ nprobe values measured")
+    parser.add_argument("--hnsw-ef", default="64,128,256", help="HNSW efSearch values measured")
+    parser.add_argument("--nprobe", default="8,16,32", help="IVF-PQ nprobe values measured")
     parser.add_argument("--refine-factor", type=int, default=IndexConfig.refine_factor, help="IVF-PQ candidates re-ranked, times k")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write-results", metavar="FILE", help=f"replace the {BLOCK} block of this file with the tables")
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"hnsw: line added in {add_seconds:.0f} s; rebuilding over {len(grown)}")
     rebuilt, rebuild_seconds = timed(lambda: build_index(grown, IndexConfig(kind="hnsw")))
     del rebuilt
-    hnsw.hnsw.efSearch = 128
+    hnsw.hnsw.efSearch = int(args.hnsw_ef.split(",")[-1])
     updates.append(("HNSW (M 32)", add_seconds, rebuild_seconds, recall_at(search(hnsw, line_queries, args.k)[1], line_truth), "-"))
     drift = template.drift(line)
     _, add_seconds = timed(lambda: ivfpq.add(line))
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"A new product line of {len(line):,} listings (a new direction, {len(line) // LISTINGS_PER_PRODUCT:,} products) joins the "
         f"{len(gallery):,}: added to the index as it stands, against a full rebuild over {len(grown):,} (IVF-PQ's rebuild retrains its "
-        f"template). Recall@{args.k} of {len(line_queries)} new listings of the line's products after the add (HNSW at efSearch 128, "
-        f"IVF-PQ at the last nprobe). Drift: the line's mean squared distance to its nearest coarse list over the training sample's "
+        f"template). Recall@{args.k} of {len(line_queries)} new listings of the line's products after the add (HNSW and IVF-PQ at "
+        f"their last search setting above). Drift: the line's mean squared distance to its nearest coarse list over the training sample's "
         f"(retrain above 1.25).",
         "",
         f"| index | add the line s | full rebuild s | rebuild / add | recall@{args.k} of the line after the add | drift |",

@@ -126,5 +126,5 @@ def test_ann_benchmark_writes_both_tables(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     text = results.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
-    assert "| exact (flat) | - |" in text and "| HNSW (M 32) | efSearch 128 |" in text and "nprobe 64" in text
+    assert "| exact (flat) | - |" in text and "| HNSW (M 32) | efSearch 128 |" in text and "nprobe 32" in text
     assert "| exact (flat) | " in text.split("A new product line")[1] and "rebuild / add" in text

@@ -28,13 +28,13 @@ TRAINING_SAMPLE = 100_000  # IVF and IVF-PQ learn their lists and codebooks on a
 class IndexConfig:
     """Index type and its knobs; ``use_gpu`` applies only where faiss sees a GPU.
 
-    IVF-PQ: ``nlist`` coarse lists (0 = about 4·sqrt(N), at most N / 39 so every list has
-    training points), ``pq_m`` sub-quantizers of ``pq_nbits`` bits per vector, ``nprobe``
+    IVF and IVF-PQ: ``nlist`` coarse lists (0 = about 4·sqrt(N), at most N / 39 so every list
+    has training points); IVF-PQ: ``pq_m`` sub-quantizers of ``pq_nbits`` bits per vector, ``nprobe``
     lists searched, and the candidates (``refine_factor`` x k) re-ranked by ``refine``."""
 
     kind: str = "auto"
     hnsw_m: int = 32
-    nlist: int = 64
+    nlist: int = 0  # 0: about 4·sqrt(N), at least 39 training vectors a list
     nprobe: int = 8
     use_gpu: bool = False
     hnsw_ef_construction: int = 80
@@ -52,8 +52,8 @@ class IndexConfig:
         for name in ("hnsw_m", "nprobe", "hnsw_ef_construction", "hnsw_ef_search", "pq_m", "pq_nbits", "refine_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.nlist < 0 or (self.nlist == 0 and self.kind == "ivf"):
-            raise ValueError(f"nlist must be >= 1 (or 0 = chosen from the size, IVF-PQ only), got {self.nlist}")
+        if self.nlist < 0:
+            raise ValueError(f"nlist must be >= 1, or 0 = chosen from the gallery size; got {self.nlist}")
 
 
 def resolve_kind(config: IndexConfig, size: int) -> str:
@@ -76,7 +76,7 @@ def _as_matrix(embeddings: np.ndarray) -> np.ndarray:
 
 
 def ivfpq_lists(config: IndexConfig, size: int, sample: int) -> int:
-    """IVF-PQ's coarse lists for a gallery of ``size`` vectors trained on ``sample`` of them:
+    """IVF-PQ's coarse lists (IVF's when ``nlist`` is 0) for a gallery of ``size`` vectors trained on ``sample`` of them:
     ``nlist``, or about 4·sqrt(size), and never fewer than 39 training points a list."""
     wanted = config.nlist or int(4 * np.sqrt(max(size, 1)))
     return max(1, min(wanted, sample // 39 or 1))
@@ -97,7 +97,7 @@ def empty_index(dim: int, kind: str, config: IndexConfig, training: np.ndarray |
         raise ValueError(f"a {kind!r} index needs training vectors")
     if kind == "ivf":
         # faiss needs at least one training point per list; small galleries get fewer lists.
-        nlist = max(1, min(config.nlist, len(training)))
+        nlist = max(1, min(config.nlist or ivfpq_lists(config, size or len(training), len(training)), len(training)))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(training)
         index.nprobe = min(config.nprobe, nlist)

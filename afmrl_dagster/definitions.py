@@ -45,7 +45,7 @@ def build_resources(settings: Settings | None = None) -> dict:
         "io_manager": TableIOManager(store=store),
         "catalog_source": CatalogSource(spec=settings.catalog, store=store, image_roots=list(settings.image_roots)),
         "mlflow_tracking": MlflowTracking(tracking_uri=settings.tracking_uri),
-        "torch_compute": TorchCompute(device=settings.device, checkpoints=settings.checkpoints),
+        "torch_compute": TorchCompute(device=settings.device, checkpoints=settings.checkpoints, world_size=settings.world_size),
         "feature_towers": FeatureTowers(image_model=settings.image_tower, text_model=settings.text_tower),
         "evaluation_split": EvaluationSplit(),
         "listing_encoder": ListingEncoderBackend(spec=settings.encoder),

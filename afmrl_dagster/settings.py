@@ -42,6 +42,7 @@ AUTOMATION_ENV = "AFMRL_AUTOMATION"
 SENSOR_INTERVAL_ENV = "AFMRL_SENSOR_INTERVAL_SECONDS"
 EXECUTOR_ENV = "AFMRL_EXECUTOR"
 K8S_GPUS_ENV = "AFMRL_K8S_GPUS"
+WORLD_SIZE_ENV = "AFMRL_WORLD_SIZE"  # processes an encoder training runs on (torchrun through Dagster Pipes above 1)
 DATA_ENV = "AFMRL_DATA"  # the benchmarks' dataset folder
 SECRET_ENVS = (AWS_ACCESS_KEY_ID_ENV, AWS_SECRET_ACCESS_KEY_ENV)
 
@@ -94,6 +95,7 @@ class Settings:
     sensor_interval_seconds: int = DEFAULT_SENSOR_INTERVAL_SECONDS
     executor: str = DEFAULT_EXECUTOR
     k8s_gpus: int = DEFAULT_K8S_GPUS  # GPUs per torch step's pod under the k8s executor; 0 = none
+    world_size: int = 1  # processes the encoder's training runs on; above 1, torchrun through Dagster Pipes
     data: str = DEFAULT_DATA
     secrets_set: frozenset[str] = field(default_factory=frozenset)  # which of SECRET_ENVS are set
 
@@ -137,9 +139,18 @@ class Settings:
             sensor_interval_seconds=int(interval),
             executor=executor,
             k8s_gpus=k8s_gpus_from_env(environ),
+            world_size=world_size_from_env(environ),
             data=env(DATA_ENV, DEFAULT_DATA),
             secrets_set=frozenset(name for name in SECRET_ENVS if name in environ),
         )
+
+
+def world_size_from_env(environ: Mapping[str, str] = os.environ) -> int:
+    """``AFMRL_WORLD_SIZE``: a whole number of training processes, at least 1."""
+    size = environ.get(WORLD_SIZE_ENV, "1")
+    if not size.isdigit() or int(size) < 1:
+        raise ValueError(f"{WORLD_SIZE_ENV} must be a whole number of processes, at least 1; got {size!r}")
+    return int(size)
 
 
 def k8s_gpus_from_env(environ: Mapping[str, str] = os.environ) -> int:

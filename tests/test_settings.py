@@ -26,7 +26,7 @@ def test_settings_read_every_variable():
         "AFMRL_TEACHER_URL": "http://gpu:8000/v1", "AFMRL_TEACHER_MODEL": "big", "AFMRL_TEACHER_REVISION": "r2",
         "AFMRL_AUTOMATION": "OFF", "AFMRL_SENSOR_INTERVAL_SECONDS": "60", "AFMRL_EXECUTOR": "K8s", "AFMRL_K8S_GPUS": "2",
         "AFMRL_DATA": "/data", "AWS_ACCESS_KEY_ID": "key", "AFMRL_GENERATOR": "hf-vlm:Qwen/Qwen2.5-VL-3B-Instruct",
-        "AFMRL_IMAGE_ROOTS": " s3://bucket/images, /mnt/photos ,", "AFMRL_CHECKPOINTS": "/mnt/checkpoints",
+        "AFMRL_IMAGE_ROOTS": " s3://bucket/images, /mnt/photos ,", "AFMRL_CHECKPOINTS": "/mnt/checkpoints", "AFMRL_WORLD_SIZE": "4",
     }
     assert Settings.from_env(environ) == Settings(
         store="s3://bucket/afmrl", s3_endpoint_url="http://minio:9000", aws_region="eu-west-1", tracking_uri="http://mlflow:5000",
@@ -34,7 +34,7 @@ def test_settings_read_every_variable():
         image_tower="openai/clip-vit-base-patch32", text_tower="my-text",
         teacher="openai-compatible", teacher_url="http://gpu:8000/v1", teacher_model="big", teacher_revision="r2",
         generator="hf-vlm:Qwen/Qwen2.5-VL-3B-Instruct", automation=False, sensor_interval_seconds=60, executor="k8s", k8s_gpus=2, data="/data",
-        secrets_set=frozenset({"AWS_ACCESS_KEY_ID"}),
+        world_size=4, secrets_set=frozenset({"AWS_ACCESS_KEY_ID"}),
     )
 
 
@@ -43,6 +43,7 @@ def test_settings_read_every_variable():
     ("AFMRL_SENSOR_INTERVAL_SECONDS", "0", "whole number of seconds"),
     ("AFMRL_EXECUTOR", "kubernetes", "'multiprocess' or 'k8s'"),
     ("AFMRL_K8S_GPUS", "one", "whole number of GPUs"),
+    ("AFMRL_WORLD_SIZE", "0", "at least 1"),
     ("AFMRL_GENERATOR", "hf-vlm:", "'compact' or 'hf-vlm:<hub id or local folder>'"),
     ("AFMRL_GENERATOR", "qwen", "'compact' or 'hf-vlm:<hub id or local folder>'"),
     ("AFMRL_TEACHER", "hf-vlm", "needs the model"),

@@ -131,7 +131,7 @@ def train_generator_sft(
                 if ranks is not None:  # this rank's rows of the global batch
                     batch = batch[torch.from_numpy(np.array_split(np.arange(len(batch)), world_size)[rank]).to(device)]
                 target = sequences[batch, :length]
-                logits = (ranks or model)(image_t[batch], mask_t[batch], text_t[batch], inputs[batch, :length])
+                logits = (model if ranks is None else ranks)(image_t[batch], mask_t[batch], text_t[batch], inputs[batch, :length])
                 # Token cross-entropy summed here, over the global batch's tokens: with DDP's mean over
                 # ranks (times the world size) the gradient is the one-process gradient of the batch.
                 summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=PAD_ID, reduction="sum")
@@ -142,7 +142,7 @@ def train_generator_sft(
                 optimizer.step()
                 scheduler.step()
                 real = target != PAD_ID
-                batch_correct = torch.tensor([float(summed.detach()), float(((logits.argmax(-1) == target) & real).sum())])
+                batch_correct = torch.tensor([float(summed.detach()), float(((logits.argmax(-1) == target) & real).sum())], device=device)
                 if ranks is not None:
                     torch.distributed.all_reduce(batch_correct)
                 loss_sum += float(batch_correct[0])
@@ -157,7 +157,7 @@ def train_generator_sft(
                 "skipped_pairs": skipped,
             }
             history.append(record)
-            if checkpoint is not None:
+            if checkpoint is not None and rank == 0:  # one writer; every rank reads it back on resume
                 checkpoint.save(epoch + 1, config.epochs, model, optimizer, history, scheduler, device=device)
             if on_epoch:
                 on_epoch(record)

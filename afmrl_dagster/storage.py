@@ -110,10 +110,19 @@ def _file_digest(path: Path) -> tuple[int, str]:
 
 def _atomic_local_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through ``write`` into a temp file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+    for attempt in range(5):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            handle = open(temp, "wb")
+            break
+        except FileNotFoundError:
+            # Another writer tidying this prefix removed the folder while it was still empty
+            # (it deletes the folders its deletions emptied): make it again.
+            if attempt == 4:
+                raise
     try:
-        with open(temp, "wb") as handle:
+        with handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -390,9 +399,16 @@ class LocalObjectStore(ObjectStore):
         if not versions.is_dir():
             return 0
         removed = 0
-        for folder in versions.iterdir():
+        try:
+            folders = list(versions.iterdir())
+        except FileNotFoundError:  # a concurrent writer's tidying removed it
+            return 0
+        for folder in folders:
             if folder.is_dir() and folder.name < keep:
-                removed += sum(1 for path in folder.rglob(f"*{TEMP_SUFFIX}") if path.is_file())
+                try:
+                    removed += sum(1 for path in folder.rglob(f"*{TEMP_SUFFIX}") if path.is_file())
+                except FileNotFoundError:  # a concurrent writer is removing the same stale folder
+                    pass
                 shutil.rmtree(folder, ignore_errors=True)
         return removed
 

@@ -256,7 +256,8 @@ def test_concurrent_writers_leave_one_complete_version(any_store: ObjectStore, t
         except Exception as error:  # a writer must not fail because another writes
             errors.append(error)
 
-    for round_ in range(3):
+    # Many rounds on the local store: a writer's tidying once removed the other's empty version folder under it.
+    for round_ in range(40 if isinstance(any_store, LocalObjectStore) else 3):
         threads = [threading.Thread(target=write, args=(folder,)) for folder in sources]
         for thread in threads:
             thread.start()

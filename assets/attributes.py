@@ -4,6 +4,7 @@ writes them for every listing, as it would for a query at search time."""
 
 
 import json
+import shutil
 
 import dagster as dg
 import numpy as np
@@ -190,11 +191,13 @@ def attribute_generator(
     VLM reads the photo and the listing text and is fine-tuned with LoRA; the registered folder
     holds the adapter and names the base model. Trained on the listings of training products
     (loss per epoch in MLflow), scored on held-out products against the teacher, registered
-    as ``afmrl-attribute-generator``.
+    as ``afmrl-attribute-generator``. With ``torch_compute``'s ``world_size`` above 1 the SFT runs
+    on that many processes (``torchrun`` through Dagster Pipes, PyTorch DDP), as the encoder's does.
     """
     from afmrl_dagster.features import align
     from afmrl_dagster.registry import GENERATOR_MODEL_NAME
-    from afmrl_dagster.training.generator_backends import CompactSFTSettings, distill_writer, listing_inputs
+    from afmrl_dagster.training.generator_backends import CompactSFTSettings, distill_writer, listing_inputs, load_writer
+    from afmrl_dagster.training.training_job import GeneratorJob, write_generator_job
     from afmrl_dagster.training.generator_sft import attribute_accuracy
 
     store = artifact_store.open()
@@ -218,14 +221,24 @@ def attribute_generator(
     hf = HFDistillationSettings(**{name: settings[name] for name in _HF_FIELDS})
     device = torch_compute.torch_device()
     params = {**settings, "generator": generator_backend.spec, "train_listings": len(train_ids)}
+    inputs = listing_inputs(raw_catalog, listing_features, train_ids, artifact_store.read_uri)
+    checkpoint = LoopCheckpoint(torch_compute.checkpoint_dir("attribute_generator", slot.key), {"loop": "sft"}, config.checkpoint_every)
     with mlflow_tracking.start_run(context, "attribute_generator_sft", params=params) as run:
-        writer, history = distill_writer(
-            generator_backend.spec, listing_inputs(raw_catalog, listing_features, train_ids, artifact_store.read_uri),
-            [targets[lid] for lid in train_ids], compact, hf, device,
-            on_epoch=lambda row: (mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
-                                  context.log.info(f"SFT epoch {row['epoch']}: {row}")),
-            checkpoint=LoopCheckpoint(torch_compute.checkpoint_dir("attribute_generator", slot.key), {"loop": "sft"}, config.checkpoint_every),
-        )
+        def on_epoch(row: dict) -> None:
+            mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            context.log.info(f"SFT epoch {row['epoch']}: {row}")
+
+        if torch_compute.world_size > 1:
+            # torchrun through Dagster Pipes: every rank reads the job, rank 0 reports each epoch back.
+            job = write_generator_job(checkpoint.directory + "-job", GeneratorJob(
+                generator_backend.spec, inputs, [targets[lid] for lid in train_ids], compact, hf, device, checkpoint))
+            folder, history, reported = torch_compute.train_on_ranks(context, str(job))
+            writer = load_writer(folder, device=device)
+            for row in reported:
+                mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        else:
+            writer, history = distill_writer(generator_backend.spec, inputs, [targets[lid] for lid in train_ids], compact, hf, device,
+                                             on_epoch=on_epoch, checkpoint=checkpoint)
         import mlflow
 
         mlflow.log_params({f"generator_{k}": v for k, v in writer.describe().items()})
@@ -252,6 +265,7 @@ def attribute_generator(
             },
         )
     torch_compute.discard_checkpoints("attribute_generator", slot.key)
+    shutil.rmtree(checkpoint.directory + "-job", ignore_errors=True)
     tag_model_version(mlflow_tracking, context, manifest, {"heldout_pair_f1": accuracy["pair_f1"], "heldout_validity_rate": accuracy["validity_rate"]},
                       catalog=raw_catalog)
     mlflow_tracking.client().set_registered_model_alias(GENERATOR_MODEL_NAME, "sft", manifest["model_version"])

@@ -103,7 +103,7 @@ def agcl_encoder(
     import torch
 
     from afmrl_dagster.attributes.format import attributes_to_text
-    from afmrl_dagster.encoders.listing_encoder import ListingInputs
+    from afmrl_dagster.encoders.listing_encoder import ListingInputs, load_encoder
     from afmrl_dagster.features import align, listing_features as features_of
     from afmrl_dagster.plots import curve_png
     from afmrl_dagster.registry import ENCODER_MODEL_NAME
@@ -169,7 +169,8 @@ def agcl_encoder(
             job = write_encoder_job(training.checkpoint_dir + "-job", EncoderJob(
                 backend.spec, options, training, inputs, train_rows["product_id"].to_list(), train_rows["product_line"].to_list(),
                 attribute_texts))
-            encoder, history, reported = torch_compute.train_on_ranks(context, str(job))
+            folder, history, reported = torch_compute.train_on_ranks(context, str(job))
+            encoder = load_encoder(folder)
             for row in reported:
                 mlflow_tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
             result = TrainingResult(head=getattr(encoder, "head", None), history=history, global_step=0, encoder=encoder)

@@ -39,17 +39,18 @@ class TorchCompute(dg.ConfigurableResource):
 
     world_size: int = Field(
         default=1, ge=1,
-        description="Processes an encoder training runs on (one a GPU; gloo CPU processes without one). Above 1 the training asset "
-                    "launches torchrun through Dagster Pipes and trains with PyTorch DDP.",
+        description="Processes an encoder training or a generator's SFT runs on (one a GPU; gloo CPU processes without one). Above 1 "
+                    "the training asset launches torchrun through Dagster Pipes and trains with PyTorch DDP.",
     )
 
-    def train_on_ranks(self, context, job_folder: str):
-        """Run the encoder training job in ``job_folder`` on ``world_size`` processes: ``torchrun``
-        through Dagster Pipes (rank 0's log lines and epochs come back live). Returns the trained
-        encoder, its history and the epochs reported; dg.Failure naming the ranks that stopped otherwise."""
+    def train_on_ranks(self, context, job_folder: str) -> tuple[str, list[dict], list[dict]]:
+        """Run the training job in ``job_folder`` (an encoder training or a generator's SFT) on
+        ``world_size`` processes: ``torchrun`` through Dagster Pipes (rank 0's log lines and epochs
+        come back live). Returns the folder rank 0 saved the model in, its history and the epochs
+        reported; dg.Failure naming the ranks that stopped otherwise."""
+        import os
         import sys
 
-        from afmrl_dagster.encoders.listing_encoder import load_encoder
         from afmrl_dagster.training.training_job import RESULT_DIR, failure_summary, read_history
 
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={self.world_size}",
@@ -63,10 +64,8 @@ class TorchCompute(dg.ConfigurableResource):
                             f"Rematerialise to resume from its last checkpoint.",
                 metadata={"job_folder": job_folder, "launcher_error": str(error)[:2000]},
             ) from error
-        import os
-
         epochs = [message["epoch"] for message in invocation.get_custom_messages() if isinstance(message, dict) and "epoch" in message]
-        return load_encoder(os.path.join(job_folder, RESULT_DIR)), read_history(job_folder), epochs
+        return os.path.join(job_folder, RESULT_DIR), read_history(job_folder), epochs
 
     def checkpoint_dir(self, asset: str, key: str) -> str:
         """The checkpoint folder of one training: ``<checkpoints>/<asset>/<input fingerprint>``, so a rerun

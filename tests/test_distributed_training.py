@@ -1,6 +1,7 @@
-"""Distributed encoder training: two gloo processes started by torchrun through Dagster Pipes train
-what one process trains on the same global batches, and a killed rank fails the run with a
-clear message, the rerun resuming from the last checkpoint."""
+"""Distributed training: two gloo processes started by torchrun through Dagster Pipes train what
+one process trains on the same global batches (the encoder, and the generator's SFT of either
+kind), and a killed rank fails the run with a clear message, the rerun resuming from the last
+checkpoint."""
 
 
 import os
@@ -50,7 +51,7 @@ def job_of(tmp_path: Path, training: EncoderTrainingConfig) -> Path:
 def launch(job: Path, world_size: int):
     @dg.asset
     def distributed_encoder(context: dg.AssetExecutionContext, torch_compute: TorchCompute) -> dg.MaterializeResult:
-        encoder, history, reported = torch_compute.train_on_ranks(context, str(job))
+        _, history, reported = torch_compute.train_on_ranks(context, str(job))
         return dg.MaterializeResult(metadata={"epochs_reported": len(reported), "final_loss": history[-1]["loss"]})
 
     return dg.materialize([distributed_encoder], resources={"torch_compute": TorchCompute(device="cpu", world_size=world_size)},
@@ -189,3 +190,78 @@ def test_generator_sft_on_two_gloo_processes_trains_what_one_process_trains(tmp_
             # differently in each run. The queries' and values' biases are compared; the keys' is not.
             got, tensor = torch.cat([got[:d], got[2 * d:]]), torch.cat([tensor[:d], tensor[2 * d:]])
         torch.testing.assert_close(got, tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _photos(folder: Path, count: int) -> list[str]:
+    import PIL.Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(count):
+        path = folder / f"photo-{i}.png"
+        PIL.Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _generator_job(tmp_path: Path, spec: str, hf_epochs: int = 2):
+    from afmrl_dagster.storage import read_uri_bytes
+    from afmrl_dagster.training.generator_backends import CompactSFTSettings, HFDistillationSettings
+    from afmrl_dagster.training.training_job import GeneratorJob
+
+    sys_path = str(Path(__file__).parent)
+    import sys
+
+    if sys_path not in sys.path:
+        sys.path.insert(0, sys_path)
+    from test_generator import toy_problem
+
+    count = 8 if spec.startswith("hf-vlm") else 64
+    image, mask, text, targets = toy_problem(count, seed=4)
+    image = np.nan_to_num(image)
+    features = ListingFeatures([f"l{i:03d}" for i in range(count)], image, mask, text)
+    inputs = ListingInputs(features.listing_ids, [f"listing {i}" for i in range(count)], image_uris=_photos(tmp_path / "photos", count),
+                           read_bytes=read_uri_bytes, features=features, descriptions=[None] * count)
+    compact = CompactSFTSettings(d_model=32, n_layers=1, constrained_decoding=True, epochs=3, batch_size=16, learning_rate=5e-3, seed=0)
+    hf = HFDistillationSettings(hf_epochs=hf_epochs, hf_batch_size=4, hf_learning_rate=1e-3, hf_max_new_tokens=24, hf_image_size=16)
+    return GeneratorJob(spec, inputs, targets, compact, hf, "cpu")
+
+
+def test_the_compact_generators_sft_runs_on_two_gloo_processes_through_pipes(tmp_path):
+    from afmrl_dagster.training.generator_backends import load_writer
+    from afmrl_dagster.training.training_job import read_job, write_generator_job
+
+    job = _generator_job(tmp_path, "compact")
+    folder = write_generator_job(tmp_path / "job", job)
+    assert read_job(folder).targets == job.targets
+    result = launch(folder, world_size=2)
+    assert result.success
+    metadata = result.asset_materializations_for_node("distributed_encoder")[0].metadata
+    assert metadata["epochs_reported"].value == job.compact.epochs
+    assert rank_states(folder, 2) == {0: "done", 1: "done"}
+    writer = load_writer(folder / RESULT_DIR)
+    assert writer.kind == "compact" and len(writer.write(job.inputs)) == len(job.inputs)
+
+
+def test_the_hf_vlm_generators_lora_sft_on_two_gloo_processes_through_pipes_trains_what_one_process_trains(tmp_path):
+    from afmrl_dagster.training.generator_backends import distill_writer, load_writer
+    from afmrl_dagster.training.training_job import write_generator_job
+    from afmrl_dagster.vlm.tiny_models import build_tiny_qwen2_vl
+
+    model = build_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")
+    job = _generator_job(tmp_path, f"hf-vlm:{model}")
+    folder = write_generator_job(tmp_path / "job", job)
+    result = launch(folder, world_size=2)
+    assert result.success
+    metadata = result.asset_materializations_for_node("distributed_encoder")[0].metadata
+    assert metadata["epochs_reported"].value == job.hf.hf_epochs
+    alone, history = distill_writer(job.generator, job.inputs, job.targets, job.compact, job.hf, "cpu")
+    assert metadata["final_loss"].value == pytest.approx(history[-1]["loss"], rel=1e-4)
+    trained = dict(load_writer(folder / RESULT_DIR).generator.model.named_parameters())
+    adapter = {name: parameter for name, parameter in alone.generator.model.named_parameters() if parameter.requires_grad}
+    assert adapter and all("lora" in name for name in adapter)
+    for name, parameter in adapter.items():
+        torch.testing.assert_close(trained[name], parameter, rtol=1e-4, atol=1e-5, msg=name)
+    # LoRA's B matrices start at zero: the two ranks did train the adapter.
+    assert max(float(trained[name].abs().max()) for name in adapter if "lora_B" in name) > 0

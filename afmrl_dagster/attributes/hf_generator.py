@@ -190,13 +190,14 @@ class HFAttributeGenerator:
         """Log-probabilities ``[R, T]`` of each completion token given its prompt (``batch`` rows
         repeated to R); 0 where ``mask`` is off. ``model`` defaults to this generator's."""
         model = model or self.model
+        config = getattr(model, "module", model).config  # through DDP's wrapper when training on several ranks
         prompt_length = batch["input_ids"].shape[1]
         full = dict(batch)
         full["input_ids"] = torch.cat([batch["input_ids"], completion], dim=1)
         full["attention_mask"] = torch.cat([batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], dim=1)
         if "mm_token_type_ids" in batch:
             full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
-        if getattr(model.config, "model_type", "") not in QWEN_VL_TYPES:
+        if getattr(config, "model_type", "") not in QWEN_VL_TYPES:
             # As generation numbers them: left padding takes no positions (Qwen-VL derives its own).
             full["position_ids"] = (full["attention_mask"].long().cumsum(dim=1) - 1).clamp(min=0)
         logits = model(**full, use_cache=False).logits[:, prompt_length - 1:-1].float() / temperature

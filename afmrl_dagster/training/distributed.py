@@ -95,11 +95,17 @@ class RowEmbedder(nn.Module):
 
 
 def wrap_for_ranks(model: nn.Module, device: torch.device, inputs_are_listings: bool = True) -> nn.Module:
-    """``model`` inside DDP (parameters broadcast from rank 0, gradients averaged over ranks): an
-    encoder as a :class:`RowEmbedder` (``inputs_are_listings``), any other module as it is."""
+    """``model`` inside DDP (trained parameters broadcast from rank 0, their gradients averaged over
+    ranks): an encoder as a :class:`RowEmbedder` (``inputs_are_listings``), any other module as it
+    is. Frozen parameters (a LoRA base model, a tower's frozen blocks) are left out of DDP: every
+    rank loads the same ones, and a base model of billions of weights is not broadcast."""
     device = torch.device(device)
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(RowEmbedder(model) if inputs_are_listings else model, device_ids=ids)
+    module = RowEmbedder(model) if inputs_are_listings else model
+    frozen = [name for name, parameter in module.named_parameters() if not parameter.requires_grad]
+    if frozen:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 def distributed_embeddings(model: nn.Module, inputs, anchors: np.ndarray, positives: np.ndarray, product_codes: np.ndarray,

@@ -43,22 +43,36 @@ def hf_sft_step(
     prompts: Sequence[str],
     targets: Sequence[str],
     max_grad_norm: float = 1.0,
+    ranks: torch.nn.Module | None = None,
+    token_count: int | None = None,
 ) -> float:
     """One distillation step: mean token cross-entropy of the teacher's attribute texts given
-    the prompts (LoRA adapters, or every weight without LoRA); returns the loss."""
+    the prompts (LoRA adapters, or every weight without LoRA); returns the loss.
+
+    Under DDP, ``ranks`` is the generator's model in its DDP wrapper, each rank passes its rows
+    of the global batch and ``token_count`` is the global batch's target tokens: each rank's loss
+    is its share of the global mean, scaled by the world size against DDP's mean over ranks, so
+    the gradient is the one-process gradient of the global batch. The loss returned is then the
+    global batch's."""
     if len(targets) != len(prompts):
         raise ValueError(f"{len(targets)} targets for {len(prompts)} prompts")
+    world_size = torch.distributed.get_world_size() if ranks is not None else 1
     generator.model.train()
     batch = generator.encode_prompts(images, prompts)
     ids, mask = target_ids(generator, targets)
     optimizer.zero_grad(set_to_none=True)
-    log_probs = generator.completion_log_probs(batch, ids, mask)
-    loss = -(log_probs.sum() / mask.sum().clamp(min=1))
-    loss.backward()
+    log_probs = generator.completion_log_probs(batch, ids, mask, model=ranks)
+    summed = -log_probs.sum()
+    loss = summed / (mask.sum().clamp(min=1) if token_count is None else max(token_count, 1))
+    (loss * world_size).backward()
     torch.nn.utils.clip_grad_norm_(generator.trainable_parameters(), max_grad_norm)
     optimizer.step()
     generator.model.eval()
-    return float(loss.detach())
+    if ranks is None:
+        return float(loss.detach())
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    return float(total)
 
 
 def repeat_batch(batch: dict[str, torch.Tensor], times: int, rows: int) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ AUTOMATION_ENV = "AFMRL_AUTOMATION"
 SENSOR_INTERVAL_ENV = "AFMRL_SENSOR_INTERVAL_SECONDS"
 EXECUTOR_ENV = "AFMRL_EXECUTOR"
 K8S_GPUS_ENV = "AFMRL_K8S_GPUS"
-WORLD_SIZE_ENV = "AFMRL_WORLD_SIZE"  # processes an encoder training runs on (torchrun through Dagster Pipes above 1)
+WORLD_SIZE_ENV = "AFMRL_WORLD_SIZE"  # processes the encoder training and the generator SFT run on (torchrun through Dagster Pipes above 1)
 DATA_ENV = "AFMRL_DATA"  # the benchmarks' dataset folder
 SECRET_ENVS = (AWS_ACCESS_KEY_ID_ENV, AWS_SECRET_ACCESS_KEY_ENV)
 
@@ -95,7 +95,7 @@ class Settings:
     sensor_interval_seconds: int = DEFAULT_SENSOR_INTERVAL_SECONDS
     executor: str = DEFAULT_EXECUTOR
     k8s_gpus: int = DEFAULT_K8S_GPUS  # GPUs per torch step's pod under the k8s executor; 0 = none
-    world_size: int = 1  # processes the encoder's training runs on; above 1, torchrun through Dagster Pipes
+    world_size: int = 1  # processes the encoder training and the generator SFT run on; above 1, torchrun through Dagster Pipes
     data: str = DEFAULT_DATA
     secrets_set: frozenset[str] = field(default_factory=frozenset)  # which of SECRET_ENVS are set
 

@@ -274,6 +274,7 @@ def attribute_generator(
         metadata={
             **model_metadata(manifest, mlflow_tracking),
             "generator": writer.kind,
+            "training_processes": torch_compute.world_size,
             "train_listings": len(train_ids),
             "sft_loss_first": manifest["first_loss"],
             "sft_loss_last": manifest["final_loss"],

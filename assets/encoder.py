@@ -214,6 +214,7 @@ def agcl_encoder(
             "resumed_from_step": resumed_from if resumed_from is not None else 0,
             "train_listings": train_rows.height,
             "encoder_backend": backend.spec,
+            "training_processes": torch_compute.world_size,
             "first_loss": float(result.history[0]["loss"]),
             "final_loss": float(result.history[-1]["loss"]),
             "training_curve": png_metadata(curve, "AGCL training: loss, temperature, mean negative weight, masked share per epoch."),

@@ -25,17 +25,17 @@ TINY_CATALOG = "builtin:families=2,siblings=2,listings=3"
 
 def tiny_resources(root: Path, catalog_spec: str = TINY_CATALOG, store: ArtifactStore | None = None, tracking_uri: str | None = None,
                    encoder: str = "dual-tower", teacher: AttributeTeacherBackend | None = None, generator: str = "compact",
-                   image_roots: list[str] | None = None) -> dict:
+                   image_roots: list[str] | None = None, world_size: int = 1) -> dict:
     """Resources of a small run under ``root``; MLflow in ``root/mlflow.db`` unless ``tracking_uri`` names a server;
     ``encoder``, ``teacher`` and ``generator`` are the AFMRL_ENCODER, AFMRL_TEACHER and AFMRL_GENERATOR backends;
-    ``image_roots`` is AFMRL_IMAGE_ROOTS."""
+    ``image_roots`` is AFMRL_IMAGE_ROOTS; ``world_size`` the training processes (AFMRL_WORLD_SIZE)."""
     store = store or ArtifactStore(location=str(root / "store"))
     return {
         "artifact_store": store,
         "io_manager": TableIOManager(store=store),
         "catalog_source": CatalogSource(spec=catalog_spec, store=store, image_roots=image_roots or []),
         "mlflow_tracking": MlflowTracking(tracking_uri=tracking_uri or f"sqlite:///{root / 'mlflow.db'}", experiment_name="afmrl-test"),
-        "torch_compute": TorchCompute(device="cpu", checkpoints=str(root / "checkpoints")),
+        "torch_compute": TorchCompute(device="cpu", checkpoints=str(root / "checkpoints"), world_size=world_size),
         "feature_towers": FeatureTowers(),
         "evaluation_split": EvaluationSplit(holdout_fraction=0.25, validation_fraction=0.34),  # per line: 1 test, 1 validation, 2 training products
         "attribute_teacher": teacher or AttributeTeacherBackend(),

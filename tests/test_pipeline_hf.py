@@ -2,7 +2,9 @@
 weights, built offline) is the teacher that reads the photos, the student that is distilled
 (LoRA SFT) and refined (GRPO), and the VLM2Vec encoder trained with AGCL; the index, the
 promotion, the serving record and ``afmrl search`` serve what they trained. And the same chain
-with the fine-tuned towers as the encoder."""
+with the fine-tuned towers as the encoder. Both chains train on two processes (``world_size``
+2: torchrun through Dagster Pipes, DDP over gloo), so every encoder backend and both student
+kinds train distributed through the real assets."""
 
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def hf_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_pipeline")
     model = build_tiny_qwen2_vl(root / "tiny-qwen2-vl")
     teacher = AttributeTeacherBackend(kind=f"hf-vlm:{model}", batch_size=8, max_new_tokens=32, image_size=IMAGE_SIZE)
-    resources = tiny_resources(root, catalog_spec=CATALOG, encoder=f"vlm2vec:{model}", teacher=teacher, generator=f"hf-vlm:{model}")
+    resources = tiny_resources(root, catalog_spec=CATALOG, encoder=f"vlm2vec:{model}", teacher=teacher, generator=f"hf-vlm:{model}",
+                               world_size=2)
     config = {
         "attribute_generator": AttributeGeneratorConfig(hf_epochs=4, hf_batch_size=4, hf_learning_rate=5e-3, lora_rank=4,
                                                         hf_max_new_tokens=32, hf_image_size=IMAGE_SIZE),
@@ -67,6 +70,7 @@ def test_the_student_vlm_is_distilled_with_lora_and_its_loss_falls(hf_run):
     metadata = metadata_of(instance, "attribute_generator")
     assert metadata["sft_loss_last"] < metadata["sft_loss_first"]
     assert metadata["generator"] == "hf-vlm"
+    assert metadata["training_processes"] == 2
 
 
 def test_one_grpo_run_changes_only_the_adapter(hf_run):
@@ -80,6 +84,7 @@ def test_the_vlm2vec_encoder_serves_through_the_record_and_search_answers(hf_run
     instance, _, root, model = hf_run
     encoder = metadata_of(instance, "agcl_encoder")
     assert encoder["encoder_backend"] == f"vlm2vec:{model}"
+    assert encoder["training_processes"] == 2
     store = open_store(str(root / "store"))
     record = read_serving_record(store)
     assert json.loads(store.read_directory_file(store.key_of(record.encoder_uri), "encoder.json"))["kind"] == "vlm2vec"
@@ -98,7 +103,7 @@ def finetune_run(tmp_path_factory):
     """The chain with ``AFMRL_ENCODER=dual-tower-finetune``: the real pretrained towers' last
     blocks train with the head, from the photos and texts, inside the same assets."""
     root = tmp_path_factory.mktemp("finetune_pipeline")
-    resources = tiny_resources(root, catalog_spec=CATALOG, encoder="dual-tower-finetune")
+    resources = tiny_resources(root, catalog_spec=CATALOG, encoder="dual-tower-finetune", world_size=2)
     config = {
         "attribute_generator": AttributeGeneratorConfig(epochs=30, batch_size=8),
         "agcl_encoder": EncoderTrainingRunConfig(epochs=2, batch_size=4),
@@ -112,7 +117,9 @@ def finetune_run(tmp_path_factory):
 
 def test_fine_tuned_towers_train_index_and_serve_through_the_same_assets(finetune_run):
     instance, outcome, root = finetune_run
-    assert metadata_of(instance, "agcl_encoder")["encoder_backend"] == "dual-tower-finetune"
+    encoder, generator = metadata_of(instance, "agcl_encoder"), metadata_of(instance, "attribute_generator")
+    assert encoder["encoder_backend"] == "dual-tower-finetune"
+    assert (encoder["training_processes"], generator["training_processes"], generator["generator"]) == (2, 2, "compact")
     store = open_store(str(root / "store"))
     record = read_serving_record(store)
     assert json.loads(store.read_directory_file(store.key_of(record.encoder_uri), "encoder.json"))["kind"] == "dual-tower-finetune"

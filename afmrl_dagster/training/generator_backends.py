@@ -301,21 +301,20 @@ class HFVLMWriter:
         # Under torchrun: DDP over the adapter, each rank taking its share of every global batch.
         rank, world_size = distributed_world()
         ranks = wrap_for_ranks(generator.model, device, inputs_are_listings=False) if world_size > 1 else None
-        if ranks is not None and min(hf.hf_batch_size, len(inputs) % hf.hf_batch_size or hf.hf_batch_size) < world_size:
-            raise ValueError(f"hf_batch_size {hf.hf_batch_size} over {len(inputs)} listings leaves a batch smaller than the {world_size} "
-                             "ranks: raise hf_batch_size or lower world_size")
         for epoch in range(done, hf.hf_epochs):
             started, losses = time.perf_counter(), []
             order = rng.permutation(len(inputs))
             for start in range(0, len(order), hf.hf_batch_size):
                 rows = order[start:start + hf.hf_batch_size].tolist()
-                token_count = None
+                token_count, contributes = None, True
                 if ranks is not None:
                     token_count = int(target_ids(generator, [texts[i] for i in rows])[1].sum())
-                    rows = [rows[i] for i in np.array_split(np.arange(len(rows)), world_size)[rank]]
+                    mine = [rows[i] for i in np.array_split(np.arange(len(rows)), world_size)[rank]]
+                    # A last batch smaller than the world: a rank without rows runs one row at weight 0 (DDP needs every rank's backward).
+                    rows, contributes = (mine, True) if mine else (rows[:1], False)
                 part = inputs.subset(rows)
                 losses.append(hf_sft_step(generator, optimizer, part.load_images(), generator.prompt_texts(part.titles, part.descriptions),
-                                          [texts[i] for i in rows], ranks=ranks, token_count=token_count))
+                                          [texts[i] for i in rows], ranks=ranks, token_count=token_count, contributes=contributes))
             row = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - started}
             history.append(row)
             if checkpoint is not None and rank == 0:  # one writer; every rank reads it back on resume

@@ -108,9 +108,6 @@ def train_generator_sft(
     # Under torchrun: DDP, each rank taking its share of every global batch.
     rank, world_size = distributed_world()
     ranks = wrap_for_ranks(model, device, inputs_are_listings=False) if world_size > 1 else None
-    if ranks is not None and min(config.batch_size, len(targets) % config.batch_size or config.batch_size) < world_size:
-        raise ValueError(f"a batch of {min(config.batch_size, len(targets) % config.batch_size)} rows cannot feed {world_size} ranks: "
-                         f"choose batch_size so that every batch of the {len(targets)} targets has at least {world_size} rows")
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(config.seed)
         model.train()
@@ -128,13 +125,17 @@ def train_generator_sft(
                 # Trim the padding columns this batch does not need.
                 length = int((sequences[batch] != PAD_ID).sum(dim=1).max())
                 count = int((sequences[batch, :length] != PAD_ID).sum())  # the global batch's tokens
+                weight = 1.0
                 if ranks is not None:  # this rank's rows of the global batch
-                    batch = batch[torch.from_numpy(np.array_split(np.arange(len(batch)), world_size)[rank]).to(device)]
+                    mine = np.array_split(np.arange(len(batch)), world_size)[rank]
+                    # A last batch smaller than the world: a rank without rows runs one row at weight 0 (DDP needs every rank's backward).
+                    weight, mine = (1.0, mine) if len(mine) else (0.0, np.arange(1))
+                    batch = batch[torch.from_numpy(mine).to(device)]
                 target = sequences[batch, :length]
                 logits = (model if ranks is None else ranks)(image_t[batch], mask_t[batch], text_t[batch], inputs[batch, :length])
                 # Token cross-entropy summed here, over the global batch's tokens: with DDP's mean over
                 # ranks (times the world size) the gradient is the one-process gradient of the batch.
-                summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=PAD_ID, reduction="sum")
+                summed = weight * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=PAD_ID, reduction="sum")
                 loss = summed / count
                 optimizer.zero_grad(set_to_none=True)
                 (loss * world_size).backward()
@@ -142,7 +143,7 @@ def train_generator_sft(
                 optimizer.step()
                 scheduler.step()
                 real = target != PAD_ID
-                batch_correct = torch.tensor([float(summed.detach()), float(((logits.argmax(-1) == target) & real).sum())], device=device)
+                batch_correct = torch.tensor([float(summed.detach()), weight * float(((logits.argmax(-1) == target) & real).sum())], device=device)
                 if ranks is not None:
                     torch.distributed.all_reduce(batch_correct)
                 loss_sum += float(batch_correct[0])

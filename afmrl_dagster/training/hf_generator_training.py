@@ -45,6 +45,7 @@ def hf_sft_step(
     max_grad_norm: float = 1.0,
     ranks: torch.nn.Module | None = None,
     token_count: int | None = None,
+    contributes: bool = True,
 ) -> float:
     """One distillation step: mean token cross-entropy of the teacher's attribute texts given
     the prompts (LoRA adapters, or every weight without LoRA); returns the loss.
@@ -53,7 +54,8 @@ def hf_sft_step(
     of the global batch and ``token_count`` is the global batch's target tokens: each rank's loss
     is its share of the global mean, scaled by the world size against DDP's mean over ranks, so
     the gradient is the one-process gradient of the global batch. The loss returned is then the
-    global batch's."""
+    global batch's. A rank with no rows of a small last batch passes one row with ``contributes``
+    off: it takes part in DDP's reduction with a zero loss."""
     if len(targets) != len(prompts):
         raise ValueError(f"{len(targets)} targets for {len(prompts)} prompts")
     world_size = torch.distributed.get_world_size() if ranks is not None else 1
@@ -64,6 +66,8 @@ def hf_sft_step(
     log_probs = generator.completion_log_probs(batch, ids, mask, model=ranks)
     summed = -log_probs.sum()
     loss = summed / (mask.sum().clamp(min=1) if token_count is None else max(token_count, 1))
+    if not contributes:
+        loss = loss * 0.0
     (loss * world_size).backward()
     torch.nn.utils.clip_grad_norm_(generator.trainable_parameters(), max_grad_norm)
     optimizer.step()

@@ -28,7 +28,7 @@ class ServingRecord:
     encoder_model: str  # registered model name
     encoder_version: str  # registered version under the ``champion`` alias
     encoder_uri: str  # store URI of the encoder folder (head weights + config)
-    index_uri: str  # store URI of the index folder (index.faiss + listings.parquet)
+    index_uri: str  # store URI of the index folder (listings.parquet, and index.faiss or the product lines' shards)
     index_rows: int
     generator_uri: str  # store URI of the generator folder that writes query (and gallery) attributes
     generator_version: str | None  # its registered version, when registered

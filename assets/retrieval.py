@@ -9,6 +9,7 @@ from pydantic import Field
 
 from afmrl_dagster.fingerprint import fingerprint
 from afmrl_dagster.promotion import PROMOTION_CONFIDENCE
+from afmrl_dagster.retrieval.index_config import IndexConfig
 
 from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
@@ -75,8 +76,15 @@ def catalog_embeddings(
 
 
 class RetrievalIndexConfig(dg.Config):
-    kind: str = Field(default="auto", description="'auto' (by catalog size: exact up to 100k listings, HNSW up to 10M, IVF-PQ above), "
-                      "'flat' (exact), 'hnsw', 'ivf' or 'ivfpq' (IVF-PQ re-ranked by 8-bit codes).")
+    """Defaults come from the library's IndexConfig."""
+
+    kind: str = Field(default=IndexConfig.kind, description="'auto' (by catalog size: exact up to 100k listings, HNSW up to 10M, IVF-PQ "
+                      "above), 'flat' (exact), 'hnsw', 'ivf' or 'ivfpq' (IVF-PQ re-ranked by 8-bit codes).")
+    nlist: int = Field(default=IndexConfig.nlist, ge=0, description="IVF / IVF-PQ: coarse lists (0: about 4·sqrt(listings)).")
+    nprobe: int = Field(default=IndexConfig.nprobe, ge=1, description="IVF / IVF-PQ: lists searched per query.")
+    pq_m: int = Field(default=IndexConfig.pq_m, ge=1, description="IVF-PQ: sub-quantizers per vector (must divide the embedding size).")
+    pq_nbits: int = Field(default=IndexConfig.pq_nbits, ge=1, description="IVF-PQ: bits per sub-quantizer code.")
+    hnsw_m: int = Field(default=IndexConfig.hnsw_m, ge=1, description="HNSW: neighbours per node.")
     min_recall_at_10: float = Field(default=0.95, description="Blocking gate: index recall@10 against exact search on a sample.")
 
 
@@ -96,30 +104,43 @@ def retrieval_index(
     attribute_generator: dict,
     artifact_store: ArtifactStore,
 ):
-    """A FAISS inner-product index over every listing, published with its listing order and
-    titles, the encoder version that embedded them and the generator that wrote their attributes."""
+    """A FAISS inner-product index over every listing, one shard per product line, published
+    with its listing order and titles, the encoder version that embedded them and the generator
+    that wrote their attributes. A refresh rebuilds only the shards of lines whose vectors
+    changed; the others are found in the store as they were. IVF and IVF-PQ fill every shard
+    from one template (coarse lists and codebooks) trained on a sample of the catalog and reused
+    by later refreshes of the same encoder until the catalog drifts from it."""
     from afmrl_dagster.features import align
-    from afmrl_dagster.retrieval.index import IndexConfig, build_index, publish_index, recall_against_exact, resolve_kind
+    from afmrl_dagster.retrieval.index import publish_index, recall_against_exact, resolve_kind
+    from afmrl_dagster.retrieval.shards import open_line_shards, publish_line_shards
 
     store = artifact_store.open()
     embeddings = catalog_embeddings["embedding"].to_numpy().astype(np.float32)
-    index_config = IndexConfig(kind=config.kind)
-    kind = resolve_kind(index_config, len(embeddings))  # what 'auto' chose for this catalog's size
-    index = build_index(embeddings, index_config)
-    recall = recall_against_exact(index, embeddings, sample_size=min(200, len(embeddings)), k=min(10, len(embeddings)))
+    listing_ids = catalog_embeddings["listing_id"].to_list()
     # What a served query needs of a listing: its ids, title and photo, and the text the visual reader's fusion matches.
-    listings = align(raw_catalog.select("listing_id", "product_id", "title", "image_uri", "description", "seller_attributes"),
-                     catalog_embeddings["listing_id"].to_list())
-    key = fingerprint("retrieval_index", catalog_embeddings, config.kind)
-    manifest = publish_index(store, f"indexes/{key}", index, listings, {
+    listings = align(raw_catalog.select("listing_id", "product_id", "product_line", "title", "image_uri", "description", "seller_attributes"),
+                     listing_ids)
+    index_config = IndexConfig(kind=config.kind, nlist=config.nlist, nprobe=config.nprobe, pq_m=config.pq_m, pq_nbits=config.pq_nbits,
+                               hnsw_m=config.hnsw_m)
+    plan = publish_line_shards(store, embeddings, listing_ids, listings["product_line"].to_list(), index_config,
+                               family=fingerprint("index-template", agcl_encoder["uri"], index_config))
+    for line in plan.built:
+        context.log.info(f"built the shard of product line {line!r}")
+    context.log.info(f"{len(plan.built)} shards built, {len(plan.reused)} found unchanged in the store; template: {plan.template}")
+    index = open_line_shards(store, plan.shards, listing_ids)  # what serving opens: the stored shards, verified
+    recall = recall_against_exact(index, embeddings, sample_size=min(200, len(embeddings)), k=min(10, len(embeddings)))
+    kind = resolve_kind(index_config, len(embeddings))  # what 'auto' chose for this catalog's size
+    key = fingerprint("retrieval_index", catalog_embeddings, index_config, plan.shards)
+    manifest = publish_index(store, f"indexes/{key}", plan.shards, listings.drop("product_line"), {
         "fingerprint": key, "kind": kind, "recall_at_10_vs_exact": recall,
         "encoder_version": agcl_encoder["model_version"], "encoder_uri": agcl_encoder["uri"],
         "generator_uri": attribute_generator["uri"], "generator_version": attribute_generator["model_version"],
-        "catalog_snapshot": fingerprint("catalog", raw_catalog),
+        "catalog_snapshot": fingerprint("catalog", raw_catalog), "template_uri": plan.template_uri,
     })
     return dg.MaterializeResult(
         value=manifest,
-        metadata={"uri": manifest["uri"], "rows": manifest["rows"], "kind": kind, "encoder_version": manifest["encoder_version"]},
+        metadata={"uri": manifest["uri"], "rows": manifest["rows"], "kind": kind, "encoder_version": manifest["encoder_version"],
+                  **plan.as_metadata()},
         check_results=[dg.AssetCheckResult(check_name="index_recall", passed=recall >= config.min_recall_at_10,
                                            metadata={"recall_at_10_vs_exact": recall, "threshold": config.min_recall_at_10})],
     )

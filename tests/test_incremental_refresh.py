@@ -17,4 +17,5 @@ def test_incremental_refresh_benchmark_writes_its_table(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     text = readme.read_text()
     assert "| tops (new) | 8 |" in text and "| mugs | 8 |" in text
+    assert "(1 shard built, 1 reused) | 16 |" in text  # the new line's shard is built, the unchanged line's found in the store
     assert "n/N = 0.50" in text and "ratio **" in text and "with unchanged inputs" in text

@@ -115,6 +115,50 @@ def test_shards_by_line_search_together_as_one_index_and_a_line_is_replaced_alon
     assert rows[0].tolist()[3:] == [-1, -1] and np.isneginf(scores[0, 3:]).all()
 
 
+def test_stored_shards_rebuild_only_the_refreshed_line_and_reuse_the_template_until_the_catalog_drifts(tmp_path):
+    import polars as pl
+
+    from afmrl_dagster.retrieval.index import open_published_index, publish_index
+    from afmrl_dagster.retrieval.shards import open_line_shards, publish_line_shards
+    from afmrl_dagster.storage import StorageError, open_store
+
+    store = open_store(str(tmp_path / "store"))
+    gallery = clustered(4000, seed=6)
+    lines = [f"line-{i % 4}" for i in range(len(gallery))]
+    ids = [f"l{i:05d}" for i in range(len(gallery))]
+    config = IndexConfig(kind="ivf", nlist=24, nprobe=24)
+    first = publish_line_shards(store, gallery, ids, lines, config, family="encoder-a")
+    assert (sorted(first.built), first.reused, first.template) == ([f"line-{i}" for i in range(4)], [], "trained")
+    sharded = open_line_shards(store, first.shards, ids)
+    exact = build_index(gallery, IndexConfig(kind="flat"))
+    queries = clustered(30, seed=7)
+    np.testing.assert_array_equal(sharded.search(queries, 5)[1], search(exact, queries, 5)[1])  # every list probed: exact
+
+    refreshed = gallery.copy()
+    changed = [i for i, line in enumerate(lines) if line == "line-2"]
+    refreshed[changed] = clustered(len(gallery) + len(changed), seed=6)[len(gallery):]  # line 2 re-embedded: new vectors, same products
+    second = publish_line_shards(store, refreshed, ids, lines, config, family="encoder-a")
+    assert (second.built, sorted(second.reused), second.template) == (["line-2"], ["line-0", "line-1", "line-3"], "reused")
+    assert second.drift < 1.25 and second.template_uri == first.template_uri
+    assert all(second.shards[line] == first.shards[line] for line in second.reused)
+
+    moved = clustered(len(gallery), seed=9, clusters=7, spread=1.5) + 3.0  # a catalog far from the template's sample
+    third = publish_line_shards(store, moved, ids, lines, config, family="encoder-a")
+    assert third.template == "retrained" and third.drift > 1.25 and len(third.built) == 4 and third.template_uri != first.template_uri
+    assert publish_line_shards(store, moved, ids, lines, config, family="encoder-b").template == "trained"  # another encoder, its own
+
+    listings = pl.DataFrame({"listing_id": ids, "title": [f"t{i}" for i in range(len(ids))]})
+    manifest = publish_index(store, "indexes/published", second.shards, listings, {"kind": "ivf"})
+    index, table = open_published_index(store, manifest["uri"])
+    assert manifest["rows"] == index.ntotal == len(ids) and table["listing_id"].to_list() == ids
+    np.testing.assert_array_equal(index.search(queries, 5)[1], search(build_index(refreshed, IndexConfig(kind="flat")), queries, 5)[1])
+    shard = store.key_of(second.shards["line-0"])
+    data = next(key for key in store.list_keys(shard + "/") if key.endswith("index.faiss"))
+    store.put_bytes(data, b"not the index that was published")
+    with pytest.raises(StorageError, match="does not match"):
+        open_published_index(store, manifest["uri"])  # fails closed on a shard whose checksum no longer verifies
+
+
 def test_ann_benchmark_writes_both_tables(tmp_path):
     results = tmp_path / "results.md"
     results.write_text("before\n<!-- ann-benchmark:start -->\nold\n<!-- ann-benchmark:end -->\nafter\n")

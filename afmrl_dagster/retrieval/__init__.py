@@ -8,10 +8,11 @@ Names are imported from their submodule on first use (:mod:`afmrl_dagster.lazy_e
 from ..lazy_exports import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "index": ["IndexConfig", "build_index", "index_bytes", "load_index", "recall_against_exact", "resolve_kind", "save_index", "search"],
+    "index_config": ["IndexConfig", "resolve_kind"],
+    "index": ["build_index", "index_bytes", "load_index", "recall_against_exact", "save_index", "search"],
     "index_template": ["IndexTemplate"],
     "metrics": ["recall_fraction_at_k", "retrieval_metrics", "top_indices"],
     "reward": ["INVALID_REWARD", "RetrievalReward"],
-    "shards": ["ShardedIndex"],
+    "shards": ["ShardedIndex", "open_line_shards", "publish_line_shards"],
     "tasks": ["clustering_scores", "combine_retrieval", "cross_set_retrieval", "knn_classification_accuracy"],
 })

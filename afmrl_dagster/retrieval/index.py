@@ -11,56 +11,16 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-INDEX_KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
-REFINE_KINDS = ("none", "sq8", "flat")  # what re-ranks IVF-PQ's candidates: nothing, 8-bit scalar codes, the vectors
-EXACT_UP_TO = 100_000  # ``auto``: exact search up to this many vectors (it stays fast enough per query)
-HNSW_UP_TO = 10_000_000  # ``auto``: HNSW (full vectors and a graph in memory) up to this many, IVF-PQ (compressed) above
-TRAINING_SAMPLE = 100_000  # IVF and IVF-PQ learn their lists and codebooks on at most this many vectors
+from .index_config import EXACT_UP_TO, HNSW_UP_TO, INDEX_KINDS, REFINE_KINDS, TRAINING_SAMPLE, IndexConfig, resolve_kind
 
-
-@dataclass
-class IndexConfig:
-    """Index type and its knobs; ``use_gpu`` applies only where faiss sees a GPU.
-
-    IVF and IVF-PQ: ``nlist`` coarse lists (0 = about 4·sqrt(N), at most N / 39 so every list
-    has training points); IVF-PQ: ``pq_m`` sub-quantizers of ``pq_nbits`` bits per vector, ``nprobe``
-    lists searched, and the candidates (``refine_factor`` x k) re-ranked by ``refine``."""
-
-    kind: str = "auto"
-    hnsw_m: int = 32
-    nlist: int = 0  # 0: about 4·sqrt(N), at least 39 training vectors a list
-    nprobe: int = 8
-    use_gpu: bool = False
-    hnsw_ef_construction: int = 80
-    hnsw_ef_search: int = 128
-    pq_m: int = 32
-    pq_nbits: int = 8
-    refine: str = "sq8"
-    refine_factor: int = 10
-
-    def __post_init__(self) -> None:
-        if self.kind not in INDEX_KINDS:
-            raise ValueError(f"kind must be one of {INDEX_KINDS}, got {self.kind!r}")
-        if self.refine not in REFINE_KINDS:
-            raise ValueError(f"refine must be one of {REFINE_KINDS}, got {self.refine!r}")
-        for name in ("hnsw_m", "nprobe", "hnsw_ef_construction", "hnsw_ef_search", "pq_m", "pq_nbits", "refine_factor"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.nlist < 0:
-            raise ValueError(f"nlist must be >= 1, or 0 = chosen from the gallery size; got {self.nlist}")
-
-
-def resolve_kind(config: IndexConfig, size: int) -> str:
-    """The index kind ``config`` asks for, ``auto`` resolved by the gallery's ``size``."""
-    if config.kind != "auto":
-        return config.kind
-    return "flat" if size <= EXACT_UP_TO else "hnsw" if size <= HNSW_UP_TO else "ivfpq"
+__all__ = ["EXACT_UP_TO", "HNSW_UP_TO", "INDEX_KINDS", "REFINE_KINDS", "TRAINING_SAMPLE", "IndexConfig", "as_matrix", "build_index",
+           "empty_index", "gpu_available", "index_bytes", "load_index", "open_published_index", "publish_index", "recall_against_exact",
+           "resolve_kind", "save_index", "search", "training_sample"]
 
 
 def gpu_available() -> bool:
@@ -68,7 +28,8 @@ def gpu_available() -> bool:
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
-def _as_matrix(embeddings: np.ndarray) -> np.ndarray:
+def as_matrix(embeddings: np.ndarray) -> np.ndarray:
+    """``embeddings`` as a C-contiguous float32 matrix (what faiss takes); ValueError unless 2-D."""
     matrix = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
     if matrix.ndim != 2:
         raise ValueError(f"embeddings must be 2-D, got shape {matrix.shape}")
@@ -118,15 +79,21 @@ def empty_index(dim: int, kind: str, config: IndexConfig, training: np.ndarray |
     return index
 
 
+def training_sample(matrix: np.ndarray, size: int = TRAINING_SAMPLE, seed: int = 0) -> np.ndarray:
+    """The rows IVF and IVF-PQ learn from: all of ``matrix`` up to ``size``, else ``size`` of them drawn with ``seed`` (in row order)."""
+    if len(matrix) <= size:
+        return matrix
+    return matrix[np.sort(np.random.default_rng(seed).choice(len(matrix), size, replace=False))]
+
+
 def build_index(embeddings: np.ndarray, config: IndexConfig | None = None) -> faiss.Index:
     """An inner-product index over ``embeddings`` [N, D] (rows in order)."""
     config = config or IndexConfig()
-    matrix = _as_matrix(embeddings)
+    matrix = as_matrix(embeddings)
     kind = resolve_kind(config, len(matrix))
     training = None
     if kind in ("ivf", "ivfpq"):
-        training = matrix if len(matrix) <= TRAINING_SAMPLE else matrix[np.sort(
-            np.random.default_rng(0).choice(len(matrix), TRAINING_SAMPLE, replace=False))]
+        training = training_sample(matrix)
     index = empty_index(matrix.shape[1], kind, config, training, len(matrix))
     # HNSW has no GPU implementation; flat and IVF do.
     if config.use_gpu and gpu_available() and kind in ("flat", "ivf"):
@@ -176,12 +143,12 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     if k == 0:
         empty = np.zeros((len(queries), 0))
         return empty.astype(np.float32), empty.astype(np.int64)
-    return index.search(_as_matrix(queries), k)
+    return index.search(as_matrix(queries), k)
 
 
 def recall_against_exact(index: faiss.Index, embeddings: np.ndarray, sample_size: int = 200, k: int = 10, seed: int = 0) -> float:
     """Recall@k of ``index`` against exact search, on a random sample of ``embeddings`` used as queries."""
-    matrix = _as_matrix(embeddings)
+    matrix = as_matrix(embeddings)
     if len(matrix) == 0:
         raise ValueError("no embeddings to sample queries from")
     rows = np.random.default_rng(seed).choice(len(matrix), size=min(sample_size, len(matrix)), replace=False)
@@ -201,20 +168,25 @@ INDEX_FILE = "index.faiss"
 LISTINGS_FILE = "listings.parquet"  # row i of the index is row i of this table (listing_id, product_id, title, image_uri)
 
 
-def publish_index(store, prefix: str, index: faiss.Index, listings, manifest: dict) -> dict:
+def publish_index(store, prefix: str, index: faiss.Index | dict[str, str], listings, manifest: dict) -> dict:
     """Keep ``index`` with its listing table and ``manifest`` under ``prefix`` of ``store``
-    (complete-or-absent; an already complete folder is left as it is). Returns the manifest
-    with the folder's ``uri``; every index the pipeline serves is written here."""
-    if index.ntotal != listings.height:
-        raise ValueError(f"the index holds {index.ntotal} vectors but its listing table {listings.height} rows")
-    manifest = {**manifest, "uri": store.uri(prefix), "rows": int(index.ntotal)}
+    (complete-or-absent; an already complete folder is left as it is). ``index`` is one faiss
+    index (row i: the table's row i) or the product lines' stored shards, line -> URI
+    (:func:`~afmrl_dagster.retrieval.shards.publish_line_shards`), named in the manifest. Returns
+    the manifest with the folder's ``uri``; every index the pipeline serves is written here."""
+    sharded = isinstance(index, dict)
+    rows = listings.height if sharded else int(index.ntotal)
+    if rows != listings.height:
+        raise ValueError(f"the index holds {rows} vectors but its listing table {listings.height} rows")
+    manifest = {**manifest, "uri": store.uri(prefix), "rows": rows, **({"shards": dict(sorted(index.items()))} if sharded else {})}
     if not store.is_complete_directory(prefix):
         import json
 
         with tempfile.TemporaryDirectory(prefix="afmrl-index-") as scratch:
             folder = Path(scratch) / "index"
             folder.mkdir()
-            save_index(index, folder / INDEX_FILE)
+            if not sharded:
+                save_index(index, folder / INDEX_FILE)
             listings.write_parquet(folder / LISTINGS_FILE)
             (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
             store.upload_directory(folder, prefix)
@@ -222,9 +194,19 @@ def publish_index(store, prefix: str, index: faiss.Index, listings, manifest: di
 
 
 def open_published_index(store, uri: str, use_gpu: bool = False):
-    """The index and its listing table published at ``uri`` (checksums verified on download)."""
+    """The index and its listing table published at ``uri`` (checksums verified on download):
+    one faiss index, or a :class:`~afmrl_dagster.retrieval.shards.ShardedIndex` over the product
+    lines' shards; either answers :func:`search` with rows of the table."""
+    import json
+
     import polars as pl
 
     with tempfile.TemporaryDirectory(prefix="afmrl-index-") as scratch:
         folder = store.download_directory(store.key_of(uri), Path(scratch) / "index")
-        return load_index(folder / INDEX_FILE, use_gpu=use_gpu), pl.read_parquet(folder / LISTINGS_FILE)
+        listings = pl.read_parquet(folder / LISTINGS_FILE)
+        shards = json.loads((folder / "manifest.json").read_text()).get("shards")
+        if shards:
+            from .shards import open_line_shards
+
+            return open_line_shards(store, shards, listings["listing_id"].to_list(), use_gpu=use_gpu), listings
+        return load_index(folder / INDEX_FILE, use_gpu=use_gpu), listings

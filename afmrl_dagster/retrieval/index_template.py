@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from .index import IndexConfig, _as_matrix, empty_index, resolve_kind
+from .index import IndexConfig, as_matrix, empty_index, resolve_kind
 
 TRAINED_KINDS = ("ivf", "ivfpq")  # the kinds with something to learn; flat and HNSW templates are empty indexes
 DRIFT_TOLERANCE = 1.25  # retrain when new vectors lie this much farther (squared) from their lists than the sample did
@@ -41,7 +41,7 @@ class IndexTemplate:
     def train(cls, sample: np.ndarray, config: IndexConfig | None = None, size: int | None = None) -> IndexTemplate:
         """Train on ``sample`` for a gallery of ``size`` vectors (``auto`` resolves by it; default the sample's size)."""
         config = config or IndexConfig()
-        matrix = _as_matrix(sample)
+        matrix = as_matrix(sample)
         if len(matrix) == 0:
             raise ValueError("no vectors to train an index template on")
         size = size if size is not None else len(matrix)
@@ -56,7 +56,7 @@ class IndexTemplate:
         """Mean squared distance of ``vectors`` to their nearest coarse centroid."""
         if self.kind not in TRAINED_KINDS:
             return 0.0
-        matrix = _as_matrix(vectors)
+        matrix = as_matrix(vectors)
         quantizer = _coarse_quantizer(self.index)
         centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
         _, nearest = quantizer.search(matrix, 1)
@@ -74,7 +74,7 @@ class IndexTemplate:
     def filled(self, vectors: np.ndarray) -> faiss.Index:
         """A copy of the template holding ``vectors`` (rows in order); the template stays empty."""
         index = faiss.clone_index(self.index)
-        index.add(_as_matrix(vectors))
+        index.add(as_matrix(vectors))
         return index
 
     def to_bytes(self) -> bytes:

@@ -135,7 +135,7 @@ def retrieval_index(
         "fingerprint": key, "kind": kind, "recall_at_10_vs_exact": recall,
         "encoder_version": agcl_encoder["model_version"], "encoder_uri": agcl_encoder["uri"],
         "generator_uri": attribute_generator["uri"], "generator_version": attribute_generator["model_version"],
-        "catalog_snapshot": fingerprint("catalog", raw_catalog), "template_uri": plan.template_uri,
+        "catalog_snapshot": fingerprint("catalog", raw_catalog), "template": plan.template_key,
     })
     return dg.MaterializeResult(
         value=manifest,

@@ -341,6 +341,12 @@ def test_search_and_evaluate_open_artefacts_only_through_the_serving_record(pipe
         target = copy / "relocated" / field / source.name
         shutil.copytree(source, target)
         moved[field] = str(target)
+    # The index names its product lines' shards by their keys in the store (shared with other
+    # index versions): they travel at the same keys.
+    source_store = LocalObjectStore(root / "store")
+    index_manifest = json.loads(source_store.read_directory_file(source_store.key_of(record["index_uri"]), "manifest.json"))
+    for key in index_manifest["shards"].values():
+        shutil.copytree(root / "store" / key, copy / key)
     (copy / "serving").mkdir(parents=True)
     (copy / SERVING_RECORD_KEY).write_text(json.dumps({**record, **moved}))
     assert not (copy / "manifests").exists() and not (copy / "tables").exists() and not (copy / "models").exists()

@@ -171,8 +171,8 @@ LISTINGS_FILE = "listings.parquet"  # row i of the index is row i of this table 
 def publish_index(store, prefix: str, index: faiss.Index | dict[str, str], listings, manifest: dict) -> dict:
     """Keep ``index`` with its listing table and ``manifest`` under ``prefix`` of ``store``
     (complete-or-absent; an already complete folder is left as it is). ``index`` is one faiss
-    index (row i: the table's row i) or the product lines' stored shards, line -> URI
-    (:func:`~afmrl_dagster.retrieval.shards.publish_line_shards`), named in the manifest. Returns
+    index (row i: the table's row i) or the product lines' stored shards, line -> key in
+    ``store`` (:func:`~afmrl_dagster.retrieval.shards.publish_line_shards`), named in the manifest. Returns
     the manifest with the folder's ``uri``; every index the pipeline serves is written here."""
     sharded = isinstance(index, dict)
     rows = listings.height if sharded else int(index.ntotal)

@@ -8,7 +8,9 @@ every shard is exact).
 In the store (:func:`publish_line_shards`), each shard is a folder of its own under
 ``indexes/shards/<key>``, the key a hash of the line's listings and vectors, the index settings
 and the template it was filled from: a refresh that leaves a line's vectors as they were finds
-its shard already there and does not build it again. The template of a trained kind lives
+its shard already there and does not build it again. A published index names its shards by
+these keys, relative to the store (never by absolute URI), so a store copied elsewhere, or an
+index copied with the shards it names, still opens. The template of a trained kind lives
 under ``indexes/templates/<id>``, named by the pointer ``indexes/templates/<family>.json``
 (the family: the encoder and the index settings); it is trained once and reused until the
 catalog's vectors drift away from it (:meth:`IndexTemplate.needs_retraining`).
@@ -85,7 +87,7 @@ class ShardedIndex:
 
 @dataclass
 class ShardPlan:
-    """What :func:`publish_line_shards` did: the shards (line -> store URI), which it built and
+    """What :func:`publish_line_shards` did: the shards (line -> key in the store), which it built and
     which it found already stored, and the template it used (``none`` for an untrained kind;
     ``trained``, ``reused`` or ``retrained``, with the catalog's drift from it)."""
 
@@ -93,7 +95,7 @@ class ShardPlan:
     built: list[str]
     reused: list[str]
     template: str
-    template_uri: str | None = None
+    template_key: str | None = None
     drift: float | None = None
 
     def as_metadata(self) -> dict:
@@ -155,14 +157,14 @@ def publish_line_shards(store, embeddings: np.ndarray, listing_ids: list[str], l
     template, template_id, status, drift = None, None, "none", None
     if kind in TRAINED_KINDS:
         template, template_id, status, drift = current_template(store, family, matrix, config)
-    plan = ShardPlan({}, [], [], status, store.uri(f"{TEMPLATES_ROOT}/{template_id}") if template_id else None, drift)
+    plan = ShardPlan({}, [], [], status, f"{TEMPLATES_ROOT}/{template_id}" if template_id else None, drift)
     line_array = np.asarray(lines, dtype=object)
     for line in sorted(set(lines)):
         rows = np.flatnonzero(line_array == line)
         ids = [listing_ids[i] for i in rows]
         vectors = np.ascontiguousarray(matrix[rows])
         prefix = f"{SHARDS_ROOT}/{_digest('shard', line, settings, template_id, ids, vectors.tobytes())}"
-        plan.shards[line] = store.uri(prefix)
+        plan.shards[line] = prefix
         if store.is_complete_directory(prefix):
             plan.reused.append(line)
             continue
@@ -178,17 +180,17 @@ def publish_line_shards(store, embeddings: np.ndarray, listing_ids: list[str], l
 
 
 def open_line_shards(store, shards: dict[str, str], listing_ids: list[str], use_gpu: bool = False) -> ShardedIndex:
-    """The stored shards (line -> URI; checksums verified on download) as one :class:`ShardedIndex`
+    """The stored shards (line -> key in ``store``; checksums verified on download) as one :class:`ShardedIndex`
     whose rows are positions in ``listing_ids`` (the published listing table's order)."""
     position = {listing_id: row for row, listing_id in enumerate(listing_ids)}
     sharded = ShardedIndex()
     with tempfile.TemporaryDirectory(prefix="afmrl-shards-") as scratch:
-        for number, (line, uri) in enumerate(sorted(shards.items())):
-            folder = store.download_directory(store.key_of(uri), Path(scratch) / str(number))
+        for number, (line, key) in enumerate(sorted(shards.items())):
+            folder = store.download_directory(key, Path(scratch) / str(number))
             ids = json.loads((folder / SHARD_LISTINGS_FILE).read_text())
             missing = [listing_id for listing_id in ids if listing_id not in position]
             if missing:
-                raise ValueError(f"shard {line!r} ({uri}) holds listings the index's listing table lacks: {missing[:5]}")
+                raise ValueError(f"shard {line!r} ({store.uri(key)}) holds listings the index's listing table lacks: {missing[:5]}")
             sharded.put(line, load_index(folder / INDEX_FILE, use_gpu=use_gpu), np.array([position[i] for i in ids], dtype=np.int64))
     if sharded.ntotal != len(listing_ids):
         raise ValueError(f"the shards hold {sharded.ntotal} vectors but the listing table {len(listing_ids)} rows")

@@ -158,9 +158,9 @@ def publish_line_shards(store, embeddings: np.ndarray, listing_ids: list[str], l
     if kind in TRAINED_KINDS:
         template, template_id, status, drift = current_template(store, family, matrix, config)
     plan = ShardPlan({}, [], [], status, f"{TEMPLATES_ROOT}/{template_id}" if template_id else None, drift)
-    line_array = np.asarray(lines, dtype=object)
-    for line in sorted(set(lines)):
-        rows = np.flatnonzero(line_array == line)
+    names, inverse = np.unique(np.asarray(lines, dtype=str), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")  # every line's rows together, in catalog order within a line
+    for line, rows in zip(names.tolist(), np.split(order, np.cumsum(np.bincount(inverse, minlength=len(names)))[:-1])):
         ids = [listing_ids[i] for i in rows]
         vectors = np.ascontiguousarray(matrix[rows])
         prefix = f"{SHARDS_ROOT}/{_digest('shard', line, settings, template_id, ids, vectors.tobytes())}"

@@ -157,6 +157,7 @@ def rar_generator(
                 "reward_first_steps": reward_first,
                 "reward_last_steps": reward_last,
                 **comparison,
+                "reward": config.reward,
                 "reward_k": reward_k,
                 "generator": policy.describe(),
                 "weights": outcome.weights,

@@ -48,6 +48,16 @@ def test_whole_chain_produces_results_for_every_encoder(pipeline_run):
     assert all(n > 0 for n in results["num_queries"])
 
 
+def test_the_demo_report_names_the_reward_rar_trained_with(pipeline_run):
+    from afmrl_dagster.apps.demo import results_report
+
+    _, _, outcome, _ = pipeline_run
+    assert outcome["rar"]["reward"] == "reciprocal_rank"  # the pipeline's default, chosen on validation
+    report = results_report(outcome, 60.0)
+    assert "reward = reciprocal rank of the first true match over training listings only" in report
+    assert "reward = Recall@" not in report
+
+
 def test_evaluation_and_training_metadata_carry_pictures(pipeline_run):
     import base64
     import io

@@ -69,17 +69,19 @@ def results_report(outcome: dict, seconds: float) -> str:
     """The demo's results: the test table (products unseen in training, never used to decide),
     then RAR, CIT and the promotion, each decided on validation products."""
     from ..evaluation.report import results_markdown
+    from ..retrieval.reward import reward_label
 
     results, rar, cit, promotion = outcome["results"], outcome["rar"], outcome["cit"], outcome["promotion"]
     test = results.filter(results["products"] == "unseen (test)")
     validation = results.filter(results["products"] == "unseen (validation)")
+    reward = reward_label(rar["reward"], rar["reward_k"]) if "reward" in rar else "a kind this manifest does not record"
     return (
         f"Test: {test['num_queries'][0]:.0f} queries of products unseen in training (and not used for any decision) "
         f"against the whole catalog; {validation['num_queries'][0]:.0f} validation queries of other unseen products decide "
         f"the gates and the promotion. Pipeline time {seconds / 60:.1f} min (2-core CPU, first run).\n\n"
         + results_markdown(test)
-        + "\n\nRAR (GRPO) on the attribute generator, reward = Recall@"
-        f"{rar['reward_k']} over training listings only: mean reward {rar['reward_first_steps']:.3f} over the first fifth of the "
+        + "\n\nRAR (GRPO) on the attribute generator, reward = "
+        f"{reward} over training listings only: mean reward {rar['reward_first_steps']:.3f} over the first fifth of the "
         f"steps, {rar['reward_last_steps']:.3f} over the last fifth. Test queries with SFT attributes: R@1 "
         f"{rar['test']['sft']['recall@1']:.3f}; with RAR attributes: R@1 {rar['test']['rar']['recall@1']:.3f} "
         f"(valid outputs {rar['test']['rar']['validity_rate']:.1%})."

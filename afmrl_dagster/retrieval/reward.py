@@ -30,6 +30,15 @@ INVALID_REWARD = -0.1  # reward of a generated text that does not parse (the pip
 REWARD_KINDS = ("recall", "reciprocal_rank", "margin")
 
 
+def reward_label(kind: str, k: int) -> str:
+    """How a report names the reward ``kind`` (``k``: Recall@k's cut-off)."""
+    labels = {"recall": f"Recall@{k}", "reciprocal_rank": "reciprocal rank of the first true match",
+              "margin": "margin of the best true match over the best wrong listing"}
+    if kind not in labels:
+        raise ValueError(f"reward must be one of {REWARD_KINDS}, got {kind!r}")
+    return labels[kind]
+
+
 class RetrievalReward:
     """``reward_fn(query_indices, texts) -> float32 [Q, G]`` for GRPO; ``texts[q][g]`` is raw generated text."""
 

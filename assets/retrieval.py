@@ -85,7 +85,8 @@ class RetrievalIndexConfig(dg.Config):
     pq_m: int = Field(default=IndexConfig.pq_m, ge=1, description="IVF-PQ: sub-quantizers per vector (must divide the embedding size).")
     pq_nbits: int = Field(default=IndexConfig.pq_nbits, ge=1, description="IVF-PQ: bits per sub-quantizer code.")
     hnsw_m: int = Field(default=IndexConfig.hnsw_m, ge=1, description="HNSW: neighbours per node.")
-    min_recall_at_10: float = Field(default=0.95, description="Blocking gate: index recall@10 against exact search on a sample.")
+    min_recall_at_10: float = Field(default=0.95, description="Blocking gate: every shard's recall@10 against exact search over its own "
+                                    "vectors (a sample of them as queries, measured when the shard is built).")
 
 
 @dg.asset(
@@ -93,7 +94,7 @@ class RetrievalIndexConfig(dg.Config):
     group_name="retrieval",
     kinds={"faiss"},
     check_specs=[dg.AssetCheckSpec("index_recall", asset="retrieval_index", blocking=True,
-                                   description="Recall@10 of the index against exact search on a sample of listings.")],
+                                   description="Recall@10 of the worst product-line shard against exact search on a sample of its listings.")],
 )
 def retrieval_index(
     context: dg.AssetExecutionContext,
@@ -111,8 +112,8 @@ def retrieval_index(
     from one template (coarse lists and codebooks) trained on a sample of the catalog and reused
     by later refreshes of the same encoder until the catalog drifts from it."""
     from afmrl_dagster.features import align
-    from afmrl_dagster.retrieval.index import publish_index, recall_against_exact, resolve_kind
-    from afmrl_dagster.retrieval.shards import open_line_shards, publish_line_shards
+    from afmrl_dagster.retrieval.index import publish_index, resolve_kind
+    from afmrl_dagster.retrieval.shards import publish_line_shards
 
     store = artifact_store.open()
     embeddings = catalog_embeddings["embedding"].to_numpy().astype(np.float32)
@@ -127,12 +128,13 @@ def retrieval_index(
     for line in plan.built:
         context.log.info(f"built the shard of product line {line!r}")
     context.log.info(f"{len(plan.built)} shards built, {len(plan.reused)} found unchanged in the store; template: {plan.template}")
-    index = open_line_shards(store, plan.shards, listing_ids)  # what serving opens: the stored shards, verified
-    recall = recall_against_exact(index, embeddings, sample_size=min(200, len(embeddings)), k=min(10, len(embeddings)))
+    # Each shard's recall@10 against exact search over its own vectors, measured when it was built:
+    # the gate takes the worst shard, and an unchanged line's shard is not downloaded to check it again.
+    recall = plan.worst_recall
     kind = resolve_kind(index_config, len(embeddings))  # what 'auto' chose for this catalog's size
     key = fingerprint("retrieval_index", catalog_embeddings, index_config, plan.shards)
     manifest = publish_index(store, f"indexes/{key}", plan.shards, listings.drop("product_line"), {
-        "fingerprint": key, "kind": kind, "recall_at_10_vs_exact": recall,
+        "fingerprint": key, "kind": kind, "recall_at_10_vs_exact": recall, "shard_recall_at_10": plan.recall,
         "encoder_version": agcl_encoder["model_version"], "encoder_uri": agcl_encoder["uri"],
         "generator_uri": attribute_generator["uri"], "generator_version": attribute_generator["model_version"],
         "catalog_snapshot": fingerprint("catalog", raw_catalog), "template": plan.template_key,
@@ -142,7 +144,8 @@ def retrieval_index(
         metadata={"uri": manifest["uri"], "rows": manifest["rows"], "kind": kind, "encoder_version": manifest["encoder_version"],
                   **plan.as_metadata()},
         check_results=[dg.AssetCheckResult(check_name="index_recall", passed=recall >= config.min_recall_at_10,
-                                           metadata={"recall_at_10_vs_exact": recall, "threshold": config.min_recall_at_10})],
+                                           metadata={"recall_at_10_vs_exact": recall, "threshold": config.min_recall_at_10,
+                                                     "worst_shard": min(plan.recall, key=plan.recall.get) if plan.recall else "none"})],
     )
 
 

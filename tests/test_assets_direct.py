@@ -112,9 +112,9 @@ def test_retrieval_index_rebuilds_only_a_refreshed_lines_shard_and_reuses_its_iv
     config = RetrievalIndexConfig(kind="ivf", nlist=16, nprobe=16, min_recall_at_10=0.99)
     encoder, generator = {"uri": "encoder-uri", "model_version": "1"}, {"uri": "generator-uri", "model_version": "1"}
 
-    def materialise(embeddings: np.ndarray):
+    def materialise(embeddings: np.ndarray, settings: RetrievalIndexConfig = config):
         with dg.build_asset_context() as context:
-            return retrieval_index(context, config, catalog_rows, embeddings_table(ids, [f"p{p}" for p in products], embeddings),
+            return retrieval_index(context, settings, catalog_rows, embeddings_table(ids, [f"p{p}" for p in products], embeddings),
                                    encoder, generator, store)
 
     first_vectors = vectors(1)
@@ -126,6 +126,13 @@ def test_retrieval_index_rebuilds_only_a_refreshed_lines_shard_and_reuses_its_iv
     second = materialise(refreshed)
     assert (second.metadata["shards_built"], second.metadata["shards_reused"], second.metadata["template"]) == (1, 2, "reused")
     assert second.check_results[0].passed  # every list probed: the shards answer as exact search does
+    # Each shard's recall, measured when it was built, read back for the reused ones without downloading them.
+    assert second.value["shard_recall_at_10"] == {"mugs": 1.0, "shoes": 1.0, "tops": 1.0}
+    spread = np.random.default_rng(5).normal(size=(3000, 16))  # no clusters: a query's neighbours lie in several lists
+    spread = (spread / np.linalg.norm(spread, axis=1, keepdims=True)).astype(np.float32)
+    coarse = materialise(spread, RetrievalIndexConfig(kind="ivf", nlist=16, nprobe=1, min_recall_at_10=0.99))
+    assert coarse.metadata["shards_built"] == 3 and not coarse.check_results[0].passed  # one list of 16 probed: the gate fails
+    assert coarse.check_results[0].metadata["recall_at_10_vs_exact"].value < 0.99
     index, listings = open_published_index(store.open(), second.value["uri"])
     _, rows = index.search(refreshed[tops[:5]], 1)
     assert listings["listing_id"].gather(rows[:, 0]).to_list() == [ids[i] for i in tops[:5]]

@@ -28,13 +28,16 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .index import INDEX_FILE, IndexConfig, as_matrix, build_index, load_index, resolve_kind, save_index, search, training_sample
+from .index import (INDEX_FILE, IndexConfig, as_matrix, build_index, load_index, recall_against_exact, resolve_kind, save_index, search,
+                    training_sample)
 from .index_template import DRIFT_TOLERANCE, TRAINED_KINDS, IndexTemplate
 
 SHARDS_ROOT = "indexes/shards"
 TEMPLATES_ROOT = "indexes/templates"
 SHARD_LISTINGS_FILE = "listing_ids.json"  # vector i of the shard's index is this list's listing i
+SHARD_FILE = "shard.json"  # the shard's line, size, kind and recall@10 against exact search, measured when it was built
 TEMPLATE_FILE = "template.bin"
+RECALL_QUERIES = 200  # a shard's vectors sampled as queries when its recall against exact search is measured
 
 
 class ShardedIndex:
@@ -88,8 +91,9 @@ class ShardedIndex:
 @dataclass
 class ShardPlan:
     """What :func:`publish_line_shards` did: the shards (line -> key in the store), which it built and
-    which it found already stored, and the template it used (``none`` for an untrained kind;
-    ``trained``, ``reused`` or ``retrained``, with the catalog's drift from it)."""
+    which it found already stored, each shard's recall@10 against exact search over its own
+    vectors (measured when it was built, kept in its folder), and the template it used (``none``
+    for an untrained kind; ``trained``, ``reused`` or ``retrained``, with the catalog's drift from it)."""
 
     shards: dict[str, str]
     built: list[str]
@@ -97,6 +101,12 @@ class ShardPlan:
     template: str
     template_key: str | None = None
     drift: float | None = None
+    recall: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def worst_recall(self) -> float:
+        """The lowest shard's recall@10 against exact search (1.0 with no shard)."""
+        return min(self.recall.values(), default=1.0)
 
     def as_metadata(self) -> dict:
         return {"shards": len(self.shards), "shards_built": len(self.built), "shards_reused": len(self.reused),
@@ -148,7 +158,8 @@ def publish_line_shards(store, embeddings: np.ndarray, listing_ids: list[str], l
     ``lines[i]``), each kept in ``store`` as its own complete folder. The kind is chosen by the
     whole catalog's size; a trained kind fills a copy of ``family``'s template
     (:func:`current_template`). A line whose shard is already stored (same listings, vectors,
-    settings and template) is not built again."""
+    settings and template) is not built again, nor downloaded: only its small ``shard.json``
+    (the recall measured when it was built) is read. A refresh's I/O is the changed lines'."""
     matrix = as_matrix(embeddings)
     if not (len(matrix) == len(listing_ids) == len(lines)):
         raise ValueError(f"{len(matrix)} vectors for {len(listing_ids)} listing ids and {len(lines)} lines")
@@ -165,15 +176,19 @@ def publish_line_shards(store, embeddings: np.ndarray, listing_ids: list[str], l
         vectors = np.ascontiguousarray(matrix[rows])
         prefix = f"{SHARDS_ROOT}/{_digest('shard', line, settings, template_id, ids, vectors.tobytes())}"
         plan.shards[line] = prefix
-        if store.is_complete_directory(prefix):
+        if store.is_complete_directory(prefix):  # its recall was measured when it was built; read back, checksum verified
+            plan.recall[line] = float(json.loads(store.read_directory_file(prefix, SHARD_FILE))["recall_at_10_vs_exact"])
             plan.reused.append(line)
             continue
         index = template.filled(vectors) if template is not None else build_index(vectors, IndexConfig(**settings))
+        plan.recall[line] = recall_against_exact(index, vectors, sample_size=min(RECALL_QUERIES, len(vectors)), k=min(10, len(vectors)))
         with tempfile.TemporaryDirectory(prefix="afmrl-shard-") as scratch:
             folder = Path(scratch) / "shard"
             folder.mkdir()
             save_index(index, folder / INDEX_FILE)
             (folder / SHARD_LISTINGS_FILE).write_text(json.dumps(ids))
+            (folder / SHARD_FILE).write_text(json.dumps({"line": line, "listings": len(ids), "kind": kind,
+                                                         "recall_at_10_vs_exact": plan.recall[line]}))
             store.upload_directory(folder, prefix)
         plan.built.append(line)
     return plan

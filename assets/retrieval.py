@@ -15,7 +15,7 @@ from ..resources.compute import GPU_OP_TAGS, GPU_POOL, TorchCompute
 from ..resources.models import EvaluationSplit, FeatureTowers
 from ..resources.storage import ArtifactStore
 from ..resources.tracking import MlflowTracking
-from .conditions import FOLLOWS_INPUTS
+from .conditions import FOLLOWS_EVALUATION, FOLLOWS_INPUTS
 from .partitions import product_lines
 from .publishing import png_metadata, tag_model_version
 
@@ -311,7 +311,7 @@ class PromotionConfig(dg.Config):
 
 
 @dg.asset(
-    automation_condition=FOLLOWS_INPUTS,
+    automation_condition=FOLLOWS_EVALUATION,
     group_name="retrieval",
     kinds={"mlflow"},
     pool=GPU_POOL, op_tags=GPU_OP_TAGS,  # re-scoring a champion from an earlier run runs the towers

@@ -21,7 +21,7 @@ from dagster_server import running_dagster_dev
 from mlflow_server import running_mlflow_server
 from pipeline_fixtures import TINY_CONFIG
 
-LINES = "builtin:families=2,siblings=2,listings=3,lines=mugs+tops"
+LINES = "builtin:families=3,siblings=3,listings=3,lines=mugs+tops"
 
 
 def publish_line(catalog_store, line: str) -> int:
@@ -93,6 +93,10 @@ def test_new_line_in_s3_flows_to_the_index_and_evaluation_without_a_click(s3_ser
                 while instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.QUEUED])):
                     assert time.monotonic() < deadline + 120, "runs still in progress"
                     time.sleep(2)
+                # A run that failed after the loop saw its asset materialised (a blocking check fails the step
+                # after the materialisation is recorded) fails the test too.
+                failed = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
+                assert not failed, f"a run failed: {[run.job_name for run in failed]} (see {tmp_path / 'dagster-dev.log'})"
 
             index = definitions.load_asset_value("retrieval_index", instance=instance)
             assert index["rows"] == first + second  # the served index gained the new line's listings

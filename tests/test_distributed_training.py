@@ -19,7 +19,7 @@ from afmrl_dagster.encoders.dual_tower import ListingFeatures
 from afmrl_dagster.encoders.listing_encoder import ListingInputs, load_encoder
 from afmrl_dagster.training.distributed import product_shards
 from afmrl_dagster.training.encoder_training import EncoderTrainingConfig, train_encoder
-from afmrl_dagster.training.training_job import RESULT_DIR, EncoderJob, read_encoder_job, rank_states, write_encoder_job
+from afmrl_dagster.training.training_job import RESULT_DIR, EncoderJob, rank_states, read_job, write_encoder_job
 from afmrl_dagster.resources.compute import TorchCompute
 
 
@@ -77,7 +77,8 @@ def test_product_shards_keep_a_product_on_one_rank_and_balance_the_pairs():
 
 def test_a_job_reads_back_as_written(tmp_path):
     training = config(tmp_path)
-    job = read_encoder_job(job_of(tmp_path, training))
+    job = read_job(job_of(tmp_path, training))
+    assert isinstance(job, EncoderJob)
     features, product_ids, lines, texts = catalog()
     assert job.config == training and job.product_ids == product_ids and job.attribute_texts == texts and job.backend == "dual-tower"
     np.testing.assert_array_equal(job.inputs.features.image, features.image.astype(job.inputs.features.image.dtype))

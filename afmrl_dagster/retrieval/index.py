@@ -174,11 +174,10 @@ def publish_index(store, prefix: str, index: faiss.Index | dict[str, str], listi
     index (row i: the table's row i) or the product lines' stored shards, line -> key in
     ``store`` (:func:`~afmrl_dagster.retrieval.shards.publish_line_shards`), named in the manifest. Returns
     the manifest with the folder's ``uri``; every index the pipeline serves is written here."""
-    sharded = isinstance(index, dict)
-    rows = listings.height if sharded else int(index.ntotal)
-    if rows != listings.height:
-        raise ValueError(f"the index holds {rows} vectors but its listing table {listings.height} rows")
-    manifest = {**manifest, "uri": store.uri(prefix), "rows": rows, **({"shards": dict(sorted(index.items()))} if sharded else {})}
+    sharded = isinstance(index, dict)  # the shards' sizes are checked against the table when they are opened
+    if not sharded and index.ntotal != listings.height:
+        raise ValueError(f"the index holds {index.ntotal} vectors but its listing table {listings.height} rows")
+    manifest = {**manifest, "uri": store.uri(prefix), "rows": listings.height, **({"shards": dict(sorted(index.items()))} if sharded else {})}
     if not store.is_complete_directory(prefix):
         import json
 

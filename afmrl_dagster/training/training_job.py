@@ -140,14 +140,6 @@ def read_job(folder: str | Path, read_bytes=None) -> EncoderJob | GeneratorJob:
     raise ValueError(f"{folder / JOB_FILE} names task {task!r}; this code runs 'encoder' and 'generator' jobs")
 
 
-def read_encoder_job(folder: str | Path, read_bytes=None) -> EncoderJob:
-    """The encoder training job in ``folder``."""
-    job = read_job(folder, read_bytes)
-    if not isinstance(job, EncoderJob):
-        raise ValueError(f"{folder} holds a generator job, not an encoder training")
-    return job
-
-
 def status_path(folder: str | Path, rank: int) -> Path:
     return Path(folder) / f"rank-{rank}.status"
 
